@@ -1,0 +1,983 @@
+//! Reading what users bring: prompts (JSONL, JSON, Parquet; a file, a directory or a glob; a
+//! prompt or messages column; HH-RLHF transcripts) and candidates made elsewhere (long format,
+//! Parquet or JSONL). Every data error names the file and the line or row to fix.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{CoreError, Result};
+use crate::messages::{Message, canonical, is_messages_type, read_messages};
+use crate::schema::{EMBEDDING, LOGPROB, NUM_TOKENS, PROMPT, PROMPT_ID, RESPONSE, REWARD_PREFIX, SAMPLE_IDX};
+use crate::seed::sha256_hex;
+
+fn default_shard_size() -> u64 {
+    32
+}
+
+/// How prompts are laid out in the input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputFormat {
+    /// A prompt column (text or messages) or a messages column.
+    #[default]
+    Auto,
+    /// Anthropic HH-RLHF transcripts (`\n\nHuman: … \n\nAssistant: …`); the prompt is every turn
+    /// before the last `Assistant:`.
+    HhRlhf,
+}
+
+/// The `input` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// Prompts: a `.jsonl`, `.jsonl.gz`, `.json` or `.parquet` file, a directory of them, or a
+    /// glob. Relative paths are taken from the working directory.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Column holding the prompt: text (one user turn) or a list of `{role, content}` messages.
+    /// Default: `prompt` (`chosen` for `format: hh-rlhf`).
+    #[serde(default)]
+    pub prompt_column: Option<String>,
+    /// Column holding a list of `{role, content}` messages; the alternative to `prompt_column`.
+    #[serde(default)]
+    pub messages_column: Option<String>,
+    /// Column holding a stable prompt id. Default: SHA-256 of the canonical prompt.
+    #[serde(default)]
+    pub id_column: Option<String>,
+    /// `auto` or `hh-rlhf`.
+    #[serde(default)]
+    pub format: InputFormat,
+    /// Use only the first K prompts.
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Prompts per shard, the unit of work, resume and distribution.
+    #[serde(default = "default_shard_size")]
+    pub shard_size: u64,
+    /// Candidates made elsewhere (long format, Parquet or JSONL): start at selection.
+    #[serde(default)]
+    pub candidates: Option<String>,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            prompt_column: None,
+            messages_column: None,
+            id_column: None,
+            format: InputFormat::Auto,
+            limit: None,
+            shard_size: default_shard_size(),
+            candidates: None,
+        }
+    }
+}
+
+/// The file kinds we read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Jsonl,
+    Json,
+    Parquet,
+}
+
+/// The kind of an input file from its name (`.gz` allowed on JSON and JSONL).
+pub fn file_kind(path: &Path) -> Option<FileKind> {
+    let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
+    let name = name.strip_suffix(".gz").unwrap_or(&name);
+    if name.ends_with(".jsonl") || name.ends_with(".ndjson") {
+        Some(FileKind::Jsonl)
+    } else if name.ends_with(".json") {
+        Some(FileKind::Json)
+    } else if name.ends_with(".parquet") {
+        Some(FileKind::Parquet)
+    } else {
+        None
+    }
+}
+
+/// Expands an input path: a file, every supported file in a directory (sorted), or a glob's
+/// matches (sorted). No file is an error.
+pub fn resolve_files(spec: &str) -> std::result::Result<Vec<PathBuf>, String> {
+    let p = Path::new(spec);
+    let mut files = if p.is_file() {
+        return Ok(vec![p.to_owned()]);
+    } else if p.is_dir() {
+        let rd = std::fs::read_dir(p).map_err(|e| format!("cannot list directory {spec}: {e}"))?;
+        rd.filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.is_file() && file_kind(f).is_some())
+            .collect::<Vec<_>>()
+    } else if spec.contains(['*', '?', '[']) {
+        glob::glob(spec)
+            .map_err(|e| format!("bad glob pattern {spec:?}: {e}"))?
+            .filter_map(|e| e.ok())
+            .filter(|f| f.is_file())
+            .collect()
+    } else {
+        return Err(format!("no such file or directory: {spec}"));
+    };
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("{spec} matches no .jsonl, .json or .parquet file"));
+    }
+    if let Some(bad) = files.iter().find(|f| file_kind(f).is_none()) {
+        return Err(format!("{} is not a .jsonl, .json or .parquet file", bad.display()));
+    }
+    Ok(files)
+}
+
+fn open_text(path: &Path) -> Result<Box<dyn BufRead>> {
+    let f = File::open(path).map_err(|e| CoreError::io(path, e))?;
+    let gz = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    Ok(if gz { Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(f))) } else { Box::new(BufReader::new(f)) })
+}
+
+/// Reads JSON objects from a JSONL file, or a JSON file holding an array of objects (a `.json`
+/// file that does not start with `[` is read as JSON lines, as `datasets` writes them). Calls
+/// `f(location, object)` per record.
+fn for_each_json(path: &Path, mut f: impl FnMut(String, serde_json::Map<String, Value>) -> Result<bool>) -> Result<()> {
+    let kind = file_kind(path);
+    let mut reader = open_text(path)?;
+    let shown = path.display().to_string();
+    if kind == Some(FileKind::Json) {
+        let mut text = String::new();
+        reader.read_to_string(&mut text).map_err(|e| CoreError::io(path, e))?;
+        if text.trim_start().starts_with('[') {
+            let rows: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
+                CoreError::data(format!("{shown}:{}:{}", e.line(), e.column()), format!("invalid JSON: {e}"))
+            })?;
+            for (i, v) in rows.into_iter().enumerate() {
+                let loc = format!("{shown}: record {i}");
+                let Value::Object(m) = v else {
+                    return Err(CoreError::data(loc, "expected a JSON object"));
+                };
+                if !f(loc, m)? {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+        return for_each_line(&shown, text.as_bytes(), f);
+    }
+    for_each_line(&shown, reader, f)
+}
+
+fn for_each_line(
+    shown: &str,
+    reader: impl BufRead,
+    mut f: impl FnMut(String, serde_json::Map<String, Value>) -> Result<bool>,
+) -> Result<()> {
+    for (i, line) in reader.lines().enumerate() {
+        let loc = format!("{shown}:{}", i + 1);
+        let line = line.map_err(|e| CoreError::data(&loc, format!("cannot read: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line).map_err(|e| CoreError::data(&loc, format!("invalid JSON: {e}")))?;
+        let Value::Object(m) = v else {
+            return Err(CoreError::data(loc, "expected a JSON object on each line"));
+        };
+        if !f(loc, m)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn read_parquet_file(path: &Path) -> Result<Vec<RecordBatch>> {
+    crate::shard::read_parquet(path)
+}
+
+fn json_messages(v: &Value) -> Option<Vec<Message>> {
+    let arr = v.as_array()?;
+    arr.iter()
+        .map(|m| {
+            let o = m.as_object()?;
+            // Both OpenAI (`role`/`content`) and ShareGPT (`from`/`value`) spellings.
+            let role = o.get("role").or_else(|| o.get("from"))?.as_str()?;
+            let content = o.get("content").or_else(|| o.get("value"))?.as_str()?;
+            let role = match role {
+                "human" => "user",
+                "gpt" => "assistant",
+                r => r,
+            };
+            Some(Message::new(role, content))
+        })
+        .collect()
+}
+
+/// Splits an HH-RLHF transcript into turns and keeps every turn before the last `Assistant:`.
+pub fn hh_rlhf_prompt(transcript: &str) -> Option<Vec<Message>> {
+    let mut turns: Vec<Message> = Vec::new();
+    let mut rest = transcript;
+    const H: &str = "\n\nHuman:";
+    const A: &str = "\n\nAssistant:";
+    loop {
+        let next_h = rest.find(H);
+        let next_a = rest.find(A);
+        let (pos, role, tag) = match (next_h, next_a) {
+            (Some(h), Some(a)) if h < a => (h, "user", H),
+            (Some(h), None) => (h, "user", H),
+            (_, Some(a)) => (a, "assistant", A),
+            (None, None) => break,
+        };
+        if let Some(last) = turns.last_mut() {
+            last.content = rest[..pos].trim().to_owned();
+        } else if !rest[..pos].trim().is_empty() {
+            return None;
+        }
+        turns.push(Message::new(role, ""));
+        rest = &rest[pos + tag.len()..];
+    }
+    let last = turns.last_mut()?;
+    last.content = rest.trim().to_owned();
+    let cut = turns.iter().rposition(|m| m.role == "assistant")?;
+    turns.truncate(cut);
+    (!turns.is_empty() && turns.last().is_some_and(|m| m.role == "user")).then_some(turns)
+}
+
+/// One prompt read from the input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptRow {
+    pub prompt_id: String,
+    pub messages: Vec<Message>,
+    /// File and line/row it came from, for error messages.
+    pub location: String,
+}
+
+/// The default id of a prompt: SHA-256 of its canonical form.
+pub fn prompt_id_of(messages: &[Message]) -> String {
+    sha256_hex(canonical(messages).as_bytes())
+}
+
+fn value_to_id(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads prompts as `InputConfig` describes them. Duplicate ids are an error naming both rows.
+pub fn read_prompts(cfg: &InputConfig) -> Result<Vec<PromptRow>> {
+    let spec = cfg.path.as_deref().ok_or_else(|| CoreError::data("input.path", "no prompt input configured"))?;
+    let files = resolve_files(spec).map_err(|m| CoreError::data("input.path", m))?;
+    let limit = cfg.limit.map(|l| l as usize).unwrap_or(usize::MAX);
+    let (column, messages_only) = match (&cfg.messages_column, &cfg.prompt_column, cfg.format) {
+        (Some(m), _, _) => (m.clone(), true),
+        (None, Some(p), _) => (p.clone(), false),
+        (None, None, InputFormat::HhRlhf) => ("chosen".to_owned(), false),
+        (None, None, InputFormat::Auto) => (PROMPT.to_owned(), false),
+    };
+    let mut out: Vec<PromptRow> = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut push = |row: PromptRow, out: &mut Vec<PromptRow>| -> Result<bool> {
+        if let Some(&first) = seen.get(&row.prompt_id) {
+            return Err(CoreError::data(
+                &row.location,
+                format!(
+                    "duplicate prompt id {:?}: also at {} (give each prompt a distinct id, or drop the repeat)",
+                    row.prompt_id, out[first].location
+                ),
+            ));
+        }
+        seen.insert(row.prompt_id.clone(), out.len());
+        out.push(row);
+        Ok(out.len() < limit)
+    };
+    let to_messages = |loc: &str, text: Option<&str>, msgs: Option<Vec<Message>>| -> Result<Vec<Message>> {
+        let m = match (cfg.format, text, msgs) {
+            (InputFormat::HhRlhf, Some(t), _) => hh_rlhf_prompt(t).ok_or_else(|| {
+                CoreError::data(
+                    loc,
+                    format!("column `{column}` is not an HH-RLHF transcript (\\n\\nHuman: … \\n\\nAssistant: …)"),
+                )
+            })?,
+            (InputFormat::Auto, Some(t), _) if !messages_only => vec![Message::user(t)],
+            (_, _, Some(m)) => m,
+            _ => {
+                let want = if messages_only {
+                    "a list of {role, content} messages"
+                } else {
+                    "text or a list of {role, content} messages"
+                };
+                return Err(CoreError::data(loc, format!("column `{column}` must hold {want}")));
+            }
+        };
+        if m.is_empty() {
+            return Err(CoreError::data(loc, format!("column `{column}` holds an empty conversation")));
+        }
+        Ok(m)
+    };
+    'files: for file in &files {
+        if out.len() >= limit {
+            break;
+        }
+        match file_kind(file) {
+            Some(FileKind::Parquet) => {
+                let shown = file.display();
+                let mut row0 = 0usize;
+                for batch in read_parquet_file(file)? {
+                    let col = batch.column_by_name(&column).ok_or_else(|| {
+                        CoreError::data(
+                            shown.to_string(),
+                            format!("no column `{column}`; columns: {}", columns_of(&batch)),
+                        )
+                    })?;
+                    let text = match col.data_type() {
+                        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Some(
+                            arrow_cast::cast(col, &DataType::Utf8)
+                                .map_err(|e| CoreError::data(shown.to_string(), e.to_string()))?,
+                        ),
+                        t if is_messages_type(t) => None,
+                        t => {
+                            return Err(CoreError::data(
+                                shown.to_string(),
+                                format!("column `{column}` has type {t}; expected text or list<struct<role, content>>"),
+                            ));
+                        }
+                    };
+                    let ids = match &cfg.id_column {
+                        Some(c) => Some(id_column(&batch, c, &shown.to_string())?),
+                        None => None,
+                    };
+                    for r in 0..batch.num_rows() {
+                        let loc = format!("{shown}: row {}", row0 + r);
+                        let msgs = match &text {
+                            Some(t) => {
+                                let t = t.as_string::<i32>();
+                                to_messages(&loc, t.is_valid(r).then(|| t.value(r)), None)?
+                            }
+                            None => to_messages(&loc, None, read_messages(col.as_ref(), r))?,
+                        };
+                        let prompt_id = match &ids {
+                            Some(ids) => {
+                                let ids = ids.as_string::<i32>();
+                                if ids.is_null(r) {
+                                    return Err(CoreError::data(loc, "the id column is null"));
+                                }
+                                ids.value(r).to_owned()
+                            }
+                            None => prompt_id_of(&msgs),
+                        };
+                        if !push(PromptRow { prompt_id, messages: msgs, location: loc }, &mut out)? {
+                            break 'files;
+                        }
+                    }
+                    row0 += batch.num_rows();
+                }
+            }
+            _ => {
+                let mut stop = false;
+                for_each_json(file, |loc, obj| {
+                    let v = obj.get(&column).ok_or_else(|| {
+                        CoreError::data(
+                            &loc,
+                            format!(
+                                "no field `{column}`; fields: {}",
+                                obj.keys().cloned().collect::<Vec<_>>().join(", ")
+                            ),
+                        )
+                    })?;
+                    let msgs = to_messages(&loc, v.as_str(), json_messages(v))?;
+                    let prompt_id = match &cfg.id_column {
+                        Some(c) => obj.get(c).and_then(value_to_id).ok_or_else(|| {
+                            CoreError::data(&loc, format!("id field `{c}` is missing or not a string/number"))
+                        })?,
+                        None => prompt_id_of(&msgs),
+                    };
+                    let more = push(PromptRow { prompt_id, messages: msgs, location: loc }, &mut out)?;
+                    stop = !more;
+                    Ok(more)
+                })?;
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(CoreError::data(spec, "the input holds no prompts"));
+    }
+    Ok(out)
+}
+
+fn columns_of(batch: &RecordBatch) -> String {
+    batch.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn id_column(batch: &RecordBatch, name: &str, shown: &str) -> Result<ArrayRef> {
+    let col = batch
+        .column_by_name(name)
+        .ok_or_else(|| CoreError::data(shown, format!("no id column `{name}`; columns: {}", columns_of(batch))))?;
+    arrow_cast::cast(col, &DataType::Utf8)
+        .map_err(|e| CoreError::data(shown, format!("id column `{name}` cannot be read as text: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Candidates
+
+/// One candidate response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CandidateSample {
+    pub sample_idx: u32,
+    pub response: String,
+    /// One per [`Candidates::rewards`] name.
+    pub rewards: Vec<f64>,
+    pub logprob: Option<f64>,
+    pub num_tokens: Option<u32>,
+    pub embedding: Option<Vec<f32>>,
+    pub location: String,
+}
+
+/// One prompt with its candidates, sorted by `sample_idx`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CandidateGroup {
+    pub prompt_id: String,
+    pub messages: Vec<Message>,
+    pub samples: Vec<CandidateSample>,
+}
+
+/// A candidates file, grouped by prompt in order of first appearance.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Candidates {
+    /// Reward model names (`reward_<name>` columns), in file order.
+    pub rewards: Vec<String>,
+    pub has_logprob: bool,
+    pub has_num_tokens: bool,
+    pub embedding_dim: Option<usize>,
+    pub groups: Vec<CandidateGroup>,
+}
+
+/// What a candidates file offers, read from its schema or first record only.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CandidatesHeader {
+    pub rewards: Vec<String>,
+    pub has_logprob: bool,
+    pub has_num_tokens: bool,
+    pub has_embedding: bool,
+}
+
+const CANDIDATE_REQUIRED: [&str; 4] = [PROMPT_ID, PROMPT, SAMPLE_IDX, RESPONSE];
+
+fn header_from_names<'a>(names: impl Iterator<Item = &'a str>) -> (CandidatesHeader, Vec<String>) {
+    let mut h = CandidatesHeader::default();
+    let mut all = Vec::new();
+    for n in names {
+        all.push(n.to_owned());
+        if let Some(r) = n.strip_prefix(REWARD_PREFIX) {
+            h.rewards.push(r.to_owned());
+        }
+        h.has_logprob |= n == LOGPROB;
+        h.has_num_tokens |= n == NUM_TOKENS;
+        h.has_embedding |= n == EMBEDDING;
+    }
+    (h, all)
+}
+
+/// Reads only the columns of a candidates file (for validation without loading it).
+pub fn candidates_header(path: &Path) -> Result<CandidatesHeader> {
+    let shown = path.display().to_string();
+    let (h, names) = match file_kind(path) {
+        Some(FileKind::Parquet) => {
+            let f = File::open(path).map_err(|e| CoreError::io(path, e))?;
+            let b = ParquetRecordBatchReaderBuilder::try_new(f)
+                .map_err(|source| CoreError::Parquet { path: path.to_owned(), source })?;
+            let schema = b.schema().clone();
+            header_from_names(schema.fields().iter().map(|f| f.name().as_str()))
+        }
+        Some(_) => {
+            let mut first = None;
+            for_each_json(path, |_, m| {
+                first = Some(m);
+                Ok(false)
+            })?;
+            let first = first.ok_or_else(|| CoreError::data(&shown, "the file holds no candidates"))?;
+            header_from_names(first.keys().map(String::as_str))
+        }
+        None => return Err(CoreError::data(&shown, "candidates must be a .parquet, .jsonl or .json file")),
+    };
+    for req in CANDIDATE_REQUIRED {
+        if !names.iter().any(|n| n == req) {
+            return Err(CoreError::data(
+                &shown,
+                format!(
+                    "missing column `{req}` (candidates need {}; found {})",
+                    CANDIDATE_REQUIRED.join(", "),
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+    if h.rewards.is_empty() {
+        return Err(CoreError::data(&shown, format!("no `reward_<name>` column (found {})", names.join(", "))));
+    }
+    Ok(h)
+}
+
+struct Grouper {
+    header: CandidatesHeader,
+    embedding_dim: Option<usize>,
+    groups: Vec<CandidateGroup>,
+    index: HashMap<String, usize>,
+    prompt_loc: Vec<String>,
+    limit: usize,
+}
+
+impl Grouper {
+    /// Adds one sample; returns false once `limit` prompts are complete and a new one appears.
+    fn add(&mut self, prompt_id: String, messages: Vec<Message>, s: CandidateSample) -> Result<bool> {
+        if let Some(dim) = s.embedding.as_ref().map(Vec::len) {
+            match self.embedding_dim {
+                None => self.embedding_dim = Some(dim),
+                Some(d) if d != dim => {
+                    return Err(CoreError::data(
+                        &s.location,
+                        format!("embedding has {dim} values, earlier rows have {d}"),
+                    ));
+                }
+                _ => {}
+            }
+            if dim == 0 {
+                return Err(CoreError::data(&s.location, "embedding is empty"));
+            }
+        }
+        let gi = match self.index.get(&prompt_id) {
+            Some(&gi) => {
+                if self.groups[gi].messages != messages {
+                    return Err(CoreError::data(
+                        &s.location,
+                        format!(
+                            "prompt differs from the one at {} for the same prompt_id {prompt_id:?}",
+                            self.prompt_loc[gi]
+                        ),
+                    ));
+                }
+                gi
+            }
+            None => {
+                if self.groups.len() >= self.limit {
+                    return Ok(false);
+                }
+                self.index.insert(prompt_id.clone(), self.groups.len());
+                self.prompt_loc.push(s.location.clone());
+                self.groups.push(CandidateGroup { prompt_id, messages, samples: Vec::new() });
+                self.groups.len() - 1
+            }
+        };
+        if let Some(prev) = self.groups[gi].samples.iter().find(|p| p.sample_idx == s.sample_idx) {
+            return Err(CoreError::data(
+                &s.location,
+                format!(
+                    "duplicate sample_idx {} for prompt_id {:?}: also at {}",
+                    s.sample_idx, self.groups[gi].prompt_id, prev.location
+                ),
+            ));
+        }
+        self.groups[gi].samples.push(s);
+        Ok(true)
+    }
+
+    fn finish(mut self) -> Candidates {
+        for g in &mut self.groups {
+            g.samples.sort_by_key(|s| s.sample_idx);
+        }
+        Candidates {
+            rewards: self.header.rewards,
+            has_logprob: self.header.has_logprob,
+            has_num_tokens: self.header.has_num_tokens,
+            embedding_dim: self.embedding_dim,
+            groups: self.groups,
+        }
+    }
+}
+
+fn finite(loc: &str, col: &str, v: Option<f64>) -> Result<f64> {
+    match v {
+        Some(x) if x.is_finite() => Ok(x),
+        Some(x) => Err(CoreError::data(loc, format!("`{col}` is {x}; it must be a finite number"))),
+        None => Err(CoreError::data(loc, format!("`{col}` is null or not a number"))),
+    }
+}
+
+/// Reads a candidates file (DESIGN §7), keeping the first `limit` prompts.
+pub fn read_candidates(path: &Path, limit: Option<u64>) -> Result<Candidates> {
+    let header = candidates_header(path)?;
+    let mut g = Grouper {
+        header: header.clone(),
+        embedding_dim: None,
+        groups: Vec::new(),
+        index: HashMap::new(),
+        prompt_loc: Vec::new(),
+        limit: limit.map(|l| l as usize).unwrap_or(usize::MAX),
+    };
+    let shown = path.display().to_string();
+    if file_kind(path) == Some(FileKind::Parquet) {
+        let mut row0 = 0usize;
+        'batches: for batch in read_parquet_file(path)? {
+            let cols = ParquetColumns::new(&batch, &header, &shown)?;
+            for r in 0..batch.num_rows() {
+                let loc = format!("{shown}: row {}", row0 + r);
+                let (pid, msgs, s) = cols.row(r, loc)?;
+                if !g.add(pid, msgs, s)? {
+                    break 'batches;
+                }
+            }
+            row0 += batch.num_rows();
+        }
+    } else {
+        for_each_json(path, |loc, obj| {
+            let (pid, msgs, s) = json_candidate(&loc, &obj, &header)?;
+            g.add(pid, msgs, s)
+        })?;
+    }
+    if g.groups.is_empty() {
+        return Err(CoreError::data(&shown, "the file holds no candidates"));
+    }
+    Ok(g.finish())
+}
+
+fn json_candidate(
+    loc: &str,
+    obj: &serde_json::Map<String, Value>,
+    h: &CandidatesHeader,
+) -> Result<(String, Vec<Message>, CandidateSample)> {
+    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let missing = |k: &str| CoreError::data(loc, format!("`{k}` is missing or null"));
+    let pid = get(PROMPT_ID)
+        .ok_or_else(|| missing(PROMPT_ID))
+        .and_then(|v| value_to_id(v).ok_or_else(|| CoreError::data(loc, "`prompt_id` must be a string or a number")))?;
+    let pv = get(PROMPT).ok_or_else(|| missing(PROMPT))?;
+    let msgs = match pv.as_str() {
+        Some(t) => vec![Message::user(t)],
+        None => json_messages(pv).filter(|m| !m.is_empty()).ok_or_else(|| {
+            CoreError::data(loc, "`prompt` must be text or a non-empty list of {role, content} messages")
+        })?,
+    };
+    let sample_idx = get(SAMPLE_IDX)
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| CoreError::data(loc, "`sample_idx` must be a non-negative integer below 2^32"))?;
+    let response = get(RESPONSE)
+        .and_then(Value::as_str)
+        .ok_or_else(|| CoreError::data(loc, "`response` must be text"))?
+        .to_owned();
+    let rewards = h
+        .rewards
+        .iter()
+        .map(|r| {
+            let col = format!("{REWARD_PREFIX}{r}");
+            finite(loc, &col, get(&col).and_then(Value::as_f64))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let logprob = if h.has_logprob { Some(finite(loc, LOGPROB, get(LOGPROB).and_then(Value::as_f64))?) } else { None };
+    let num_tokens = if h.has_num_tokens {
+        Some(
+            get(NUM_TOKENS)
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| CoreError::data(loc, "`num_tokens` must be a non-negative integer"))?,
+        )
+    } else {
+        None
+    };
+    let embedding = if h.has_embedding {
+        let arr = get(EMBEDDING)
+            .and_then(Value::as_array)
+            .ok_or_else(|| CoreError::data(loc, "`embedding` must be a list of numbers"))?;
+        let v = arr
+            .iter()
+            .map(|x| x.as_f64().filter(|f| f.is_finite()).map(|f| f as f32))
+            .collect::<Option<Vec<f32>>>()
+            .ok_or_else(|| CoreError::data(loc, "`embedding` must hold finite numbers only"))?;
+        Some(v)
+    } else {
+        None
+    };
+    Ok((
+        pid,
+        msgs,
+        CandidateSample { sample_idx, response, rewards, logprob, num_tokens, embedding, location: loc.to_owned() },
+    ))
+}
+
+/// The columns of one Parquet batch of candidates, cast to the types we use.
+struct ParquetColumns {
+    prompt_id: ArrayRef,
+    prompt: ArrayRef,
+    prompt_is_text: bool,
+    sample_idx: ArrayRef,
+    response: ArrayRef,
+    rewards: Vec<(String, ArrayRef)>,
+    logprob: Option<ArrayRef>,
+    num_tokens: Option<ArrayRef>,
+    embedding: Option<ArrayRef>,
+}
+
+impl ParquetColumns {
+    fn new(batch: &RecordBatch, h: &CandidatesHeader, shown: &str) -> Result<Self> {
+        let col = |name: &str| {
+            batch
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| CoreError::data(shown, format!("missing column `{name}`")))
+        };
+        let cast = |name: &str, t: &DataType| -> Result<ArrayRef> {
+            let c = col(name)?;
+            arrow_cast::cast(&c, t).map_err(|e| {
+                CoreError::data(
+                    shown,
+                    format!("column `{name}` has type {}, which cannot be read as {t}: {e}", c.data_type()),
+                )
+            })
+        };
+        let prompt = col(PROMPT)?;
+        let prompt_is_text = matches!(prompt.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+        if !prompt_is_text && !is_messages_type(prompt.data_type()) {
+            return Err(CoreError::data(
+                shown,
+                format!(
+                    "column `prompt` has type {}; expected text or list<struct<role, content>>",
+                    prompt.data_type()
+                ),
+            ));
+        }
+        let prompt = if prompt_is_text { cast(PROMPT, &DataType::Utf8)? } else { prompt };
+        let embedding = if h.has_embedding {
+            let list_f32 =
+                DataType::List(std::sync::Arc::new(arrow_schema::Field::new("item", DataType::Float32, true)));
+            Some(cast(EMBEDDING, &list_f32)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            prompt_id: cast(PROMPT_ID, &DataType::Utf8)?,
+            prompt,
+            prompt_is_text,
+            sample_idx: cast(SAMPLE_IDX, &DataType::Int64)?,
+            response: cast(RESPONSE, &DataType::Utf8)?,
+            rewards: h
+                .rewards
+                .iter()
+                .map(|r| {
+                    let name = format!("{REWARD_PREFIX}{r}");
+                    Ok((name.clone(), cast(&name, &DataType::Float64)?))
+                })
+                .collect::<Result<_>>()?,
+            logprob: if h.has_logprob { Some(cast(LOGPROB, &DataType::Float64)?) } else { None },
+            num_tokens: if h.has_num_tokens { Some(cast(NUM_TOKENS, &DataType::Int64)?) } else { None },
+            embedding,
+        })
+    }
+
+    fn row(&self, r: usize, loc: String) -> Result<(String, Vec<Message>, CandidateSample)> {
+        let null = |name: &str| CoreError::data(&loc, format!("`{name}` is null"));
+        let f64_at = |a: &ArrayRef, name: &str| -> Result<f64> {
+            let a = a.as_primitive::<arrow_array::types::Float64Type>();
+            finite(&loc, name, a.is_valid(r).then(|| a.value(r)))
+        };
+        let pid = self.prompt_id.as_string::<i32>();
+        if pid.is_null(r) {
+            return Err(null(PROMPT_ID));
+        }
+        let msgs = if self.prompt_is_text {
+            let p = self.prompt.as_string::<i32>();
+            if p.is_null(r) {
+                return Err(null(PROMPT));
+            }
+            vec![Message::user(p.value(r))]
+        } else {
+            read_messages(self.prompt.as_ref(), r)
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| CoreError::data(&loc, "`prompt` is null, empty or has null role/content"))?
+        };
+        let si = self.sample_idx.as_primitive::<arrow_array::types::Int64Type>();
+        let sample_idx = si
+            .is_valid(r)
+            .then(|| si.value(r))
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| CoreError::data(&loc, "`sample_idx` must be a non-negative integer below 2^32"))?;
+        let resp = self.response.as_string::<i32>();
+        if resp.is_null(r) {
+            return Err(null(RESPONSE));
+        }
+        let rewards = self.rewards.iter().map(|(n, a)| f64_at(a, n)).collect::<Result<Vec<_>>>()?;
+        let logprob = self.logprob.as_ref().map(|a| f64_at(a, LOGPROB)).transpose()?;
+        let num_tokens = match &self.num_tokens {
+            Some(a) => {
+                let a = a.as_primitive::<arrow_array::types::Int64Type>();
+                Some(
+                    a.is_valid(r)
+                        .then(|| a.value(r))
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| CoreError::data(&loc, "`num_tokens` must be a non-negative integer"))?,
+                )
+            }
+            None => None,
+        };
+        let embedding = match &self.embedding {
+            Some(a) => {
+                let l = a.as_list::<i32>();
+                if l.is_null(r) {
+                    return Err(null(EMBEDDING));
+                }
+                let v = l.value(r);
+                let v = v.as_primitive::<arrow_array::types::Float32Type>();
+                if v.null_count() > 0 || v.values().iter().any(|x| !x.is_finite()) {
+                    return Err(CoreError::data(&loc, "`embedding` must hold finite numbers only"));
+                }
+                Some(v.values().to_vec())
+            }
+            None => None,
+        };
+        Ok((
+            pid.value(r).to_owned(),
+            msgs,
+            CandidateSample {
+                sample_idx,
+                response: resp.value(r).to_owned(),
+                rewards,
+                logprob,
+                num_tokens,
+                embedding,
+                location: loc,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn hh_rlhf_transcripts() {
+        let t = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine";
+        assert_eq!(
+            hh_rlhf_prompt(t).unwrap(),
+            vec![Message::user("hi there"), Message::assistant("hello"), Message::user("how are you?")]
+        );
+        assert_eq!(hh_rlhf_prompt("no turns here"), None);
+    }
+
+    #[test]
+    fn jsonl_prompts_with_ids_limit_and_duplicates() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "a.jsonl",
+            "{\"id\": 1, \"q\": \"one\"}\n\n{\"id\": 2, \"q\": \"two\"}\n{\"id\": 3, \"q\": \"three\"}\n",
+        );
+        let mut cfg = InputConfig {
+            path: Some(p.display().to_string()),
+            prompt_column: Some("q".into()),
+            id_column: Some("id".into()),
+            ..Default::default()
+        };
+        let rows = read_prompts(&cfg).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[1].prompt_id, "2");
+        assert_eq!(rows[1].messages, vec![Message::user("two")]);
+        assert!(rows[2].location.ends_with("a.jsonl:4"), "{}", rows[2].location);
+        cfg.limit = Some(2);
+        assert_eq!(read_prompts(&cfg).unwrap().len(), 2);
+
+        let dup = write(d.path(), "dup.jsonl", "{\"q\": \"same\"}\n{\"q\": \"other\"}\n{\"q\": \"same\"}\n");
+        let cfg = InputConfig {
+            path: Some(dup.display().to_string()),
+            prompt_column: Some("q".into()),
+            ..Default::default()
+        };
+        let e = read_prompts(&cfg).unwrap_err().to_string();
+        assert!(e.contains("dup.jsonl:3") && e.contains("also at") && e.contains("dup.jsonl:1"), "{e}");
+    }
+
+    #[test]
+    fn json_array_messages_gz_and_glob() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "x.json",
+            r#"[{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}]"#,
+        );
+        let gz = d.path().join("y.jsonl.gz");
+        let mut enc = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::default());
+        enc.write_all(b"{\"messages\": [{\"from\": \"human\", \"value\": \"v\"}]}\n").unwrap();
+        enc.finish().unwrap();
+        let cfg = InputConfig {
+            path: Some(format!("{}/*", d.path().display())),
+            messages_column: Some("messages".into()),
+            ..Default::default()
+        };
+        let rows = read_prompts(&cfg).unwrap();
+        assert_eq!(rows[0].messages, vec![Message::new("system", "s"), Message::user("u")]);
+        assert_eq!(rows[1].messages, vec![Message::user("v")]);
+        assert_eq!(rows[0].prompt_id, prompt_id_of(&rows[0].messages));
+        // A directory reads the same files.
+        let cfg = InputConfig { path: Some(d.path().display().to_string()), ..cfg };
+        assert_eq!(read_prompts(&cfg).unwrap(), rows);
+    }
+
+    #[test]
+    fn shared_hh_rlhf_if_present() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/hh-rlhf/harmless-base/test.jsonl.gz");
+        if !p.exists() {
+            eprintln!("skipping: {} is absent", p.display());
+            return;
+        }
+        let cfg = InputConfig {
+            path: Some(p.display().to_string()),
+            format: InputFormat::HhRlhf,
+            limit: Some(50),
+            ..Default::default()
+        };
+        let rows = read_prompts(&cfg).unwrap();
+        assert_eq!(rows.len(), 50);
+        assert!(rows.iter().all(|r| r.messages.last().unwrap().role == "user"));
+        assert!(rows.iter().all(|r| r.messages.iter().all(|m| !m.content.contains("\n\nHuman:"))));
+    }
+
+    #[test]
+    fn candidates_jsonl_errors_name_the_line() {
+        let d = tempfile::tempdir().unwrap();
+        let ok =
+            "{\"prompt_id\": \"a\", \"prompt\": \"p\", \"sample_idx\": 0, \"response\": \"r\", \"reward_x\": 1.0}\n";
+        let p = write(
+            d.path(),
+            "c.jsonl",
+            &format!("{ok}{}", ok.replace("\"sample_idx\": 0", "\"sample_idx\": 1").replace("1.0", "NaN")),
+        );
+        let e = read_candidates(&p, None).unwrap_err().to_string();
+        assert!(e.contains("c.jsonl:2") && e.contains("invalid JSON"), "{e}");
+        let p = write(d.path(), "c2.jsonl", &format!("{ok}{ok}"));
+        let e = read_candidates(&p, None).unwrap_err().to_string();
+        assert!(e.contains("c2.jsonl:2: duplicate sample_idx 0") && e.contains("c2.jsonl:1"), "{e}");
+        let p = write(d.path(), "c3.jsonl", &ok.replace("\"reward_x\": 1.0", "\"score\": 1.0"));
+        let e = read_candidates(&p, None).unwrap_err().to_string();
+        assert!(e.contains("no `reward_<name>` column"), "{e}");
+        let p = write(
+            d.path(),
+            "c4.jsonl",
+            &format!("{ok}{}", ok.replace("\"sample_idx\": 0", "\"sample_idx\": 1").replace("\"p\"", "\"q\"")),
+        );
+        let e = read_candidates(&p, None).unwrap_err().to_string();
+        assert!(e.contains("c4.jsonl:2: prompt differs"), "{e}");
+    }
+}

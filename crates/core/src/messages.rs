@@ -1,0 +1,105 @@
+//! Chat messages and their Arrow form, `list<struct<role, content>>`.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{ListBuilder, StringBuilder, StructBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, GenericListArray, OffsetSizeTrait, StructArray};
+use arrow_schema::{DataType, Field};
+use serde::{Deserialize, Serialize};
+
+use crate::schema::{CONTENT, ROLE, message_fields};
+
+/// One chat turn.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+/// The canonical text of a conversation, hashed for default prompt ids: compact JSON of
+/// `[{"role": .., "content": ..}, ..]` with keys in that order.
+pub fn canonical(messages: &[Message]) -> String {
+    serde_json::to_string(messages).unwrap_or_default()
+}
+
+/// Builds a `list<struct<role, content>>` column, one conversation per row.
+pub fn messages_array<'a>(rows: impl IntoIterator<Item = &'a [Message]>) -> ArrayRef {
+    let fields = message_fields();
+    let sb = StructBuilder::new(fields.clone(), vec![Box::new(StringBuilder::new()), Box::new(StringBuilder::new())]);
+    let mut lb = ListBuilder::new(sb).with_field(Arc::new(Field::new("item", DataType::Struct(fields), false)));
+    for row in rows {
+        let sb = lb.values();
+        for m in row {
+            sb.field_builder::<StringBuilder>(0).map(|b| b.append_value(&m.role));
+            sb.field_builder::<StringBuilder>(1).map(|b| b.append_value(&m.content));
+            sb.append(true);
+        }
+        lb.append(true);
+    }
+    Arc::new(lb.finish())
+}
+
+/// Reads conversation `row` of a messages column (list or large list of struct<role, content>,
+/// string fields of any width). `None` when the column has another type or the row is null.
+pub fn read_messages(col: &dyn Array, row: usize) -> Option<Vec<Message>> {
+    if col.is_null(row) {
+        return None;
+    }
+    match col.data_type() {
+        DataType::List(_) => from_list(col.as_list::<i32>(), row),
+        DataType::LargeList(_) => from_list(col.as_list::<i64>(), row),
+        _ => None,
+    }
+}
+
+fn from_list<O: OffsetSizeTrait>(list: &GenericListArray<O>, row: usize) -> Option<Vec<Message>> {
+    let values = list.value(row);
+    let st: &StructArray = values.as_struct_opt()?;
+    let role = arrow_cast::cast(st.column_by_name(ROLE)?, &DataType::Utf8).ok()?;
+    let content = arrow_cast::cast(st.column_by_name(CONTENT)?, &DataType::Utf8).ok()?;
+    let (role, content) = (role.as_string::<i32>(), content.as_string::<i32>());
+    (0..st.len())
+        .map(|i| (role.is_valid(i) && content.is_valid(i)).then(|| Message::new(role.value(i), content.value(i))))
+        .collect()
+}
+
+/// Whether a column type can hold conversations.
+pub fn is_messages_type(t: &DataType) -> bool {
+    match t {
+        DataType::List(f) | DataType::LargeList(f) => match f.data_type() {
+            DataType::Struct(fs) => fs.find(ROLE).is_some() && fs.find(CONTENT).is_some(),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let a = vec![Message::new("system", "s"), Message::user("hi")];
+        let b = vec![Message::user("yo")];
+        let arr = messages_array([a.as_slice(), b.as_slice()]);
+        assert_eq!(arr.data_type(), &crate::schema::messages_type());
+        assert_eq!(read_messages(arr.as_ref(), 0), Some(a.clone()));
+        assert_eq!(read_messages(arr.as_ref(), 1), Some(b));
+        assert_eq!(canonical(&a), r#"[{"role":"system","content":"s"},{"role":"user","content":"hi"}]"#);
+    }
+}

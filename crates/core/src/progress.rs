@@ -1,0 +1,45 @@
+//! Progress events. Libraries never print: they report through [`Progress`], and the CLI draws
+//! the events (bars, logs) or drops them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Something a stage reports while it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A stage begins: `total` shards, of which `skipped` were already done and are reused.
+    StageStarted { stage: String, total: usize, skipped: usize },
+    /// One shard was written.
+    ShardDone { stage: String, shard: usize, rows: usize },
+    /// A stage finished; `counters` sums every shard's counters (reused ones included).
+    StageFinished { stage: String, counters: BTreeMap<String, u64>, elapsed: Duration },
+    /// A stage's earlier output was discarded because its configuration or inputs changed.
+    Invalidated { stage: String, reason: String },
+    /// A file was written outside the shard stages (exports, cards).
+    Wrote { path: std::path::PathBuf },
+}
+
+/// Receives progress events; must be cheap and must not block for long.
+pub trait Progress: Send + Sync {
+    fn event(&self, event: Event);
+}
+
+/// Discards every event.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn event(&self, _: Event) {}
+}
+
+/// Collects events, for tests.
+#[derive(Debug, Default)]
+pub struct Recorder(pub std::sync::Mutex<Vec<Event>>);
+
+impl Progress for Recorder {
+    fn event(&self, event: Event) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(event);
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The run directory (DESIGN §3): a frozen copy of the config, `manifest.json`, one directory of
+//! shards per stage and the exports. The shards are the source of truth; the manifest is a
+//! summary for people and for `rbon status`, rewritten atomically after every change.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{CoreError, Result};
+use crate::seed::hex;
+use crate::shard::{self, ShardMeta};
+
+/// The stages that own a directory in the run directory, in pipeline order.
+pub const STAGE_DIRS: [&str; 5] = ["prompts", "samples", "scores", "selections", "pairs"];
+/// Other entries rbon writes there.
+pub const OWNED_FILES: [&str; 3] = ["pipeline.yaml", "manifest.json", "report"];
+
+/// Hash of a stage's own configuration and its inputs' fingerprints. Configs serialize with a
+/// fixed field order (no hash maps), so equal configs give equal fingerprints.
+pub fn fingerprint<T: Serialize>(stage: &str, config: &T, upstream: &[&str]) -> String {
+    let mut h = Sha256::new();
+    h.update(stage.as_bytes());
+    h.update([0]);
+    h.update(serde_json::to_vec(config).unwrap_or_default());
+    for u in upstream {
+        h.update([0]);
+        h.update(u.as_bytes());
+    }
+    hex(&h.finalize()[..16])
+}
+
+/// Per-stage state in the manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageState {
+    pub fingerprint: String,
+    /// Shards the stage has in all.
+    pub shards: usize,
+    /// Shards written so far.
+    pub done: usize,
+    pub complete: bool,
+    /// Sums of the shards' counters.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub rbon_version: String,
+    pub name: String,
+    pub stages: BTreeMap<String, StageState>,
+}
+
+/// A run directory on disk.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// Opens (creating if needed) the run directory at `root`.
+    pub fn create(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root).map_err(|e| CoreError::io(root, e))?;
+        Ok(Self { root: root.to_owned() })
+    }
+
+    /// Opens an existing run directory.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.join("manifest.json").is_file() {
+            return Err(CoreError::RunDir {
+                path: root.to_owned(),
+                message: "not a run directory (no manifest.json)".into(),
+            });
+        }
+        Ok(Self { root: root.to_owned() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn stage_dir(&self, stage: &str) -> PathBuf {
+        self.root.join(stage)
+    }
+
+    /// `<stage>/shard-00042.parquet`.
+    pub fn shard_path(&self, stage: &str, shard: usize) -> PathBuf {
+        self.stage_dir(stage).join(format!("shard-{shard:05}.parquet"))
+    }
+
+    /// The metadata of a finished shard made with `fingerprint`, or `None` when the shard must
+    /// be (re)made: missing, unreadable, or made under another configuration.
+    pub fn finished_shard(&self, stage: &str, shard: usize, fingerprint: &str) -> Option<ShardMeta> {
+        let p = self.shard_path(stage, shard);
+        if !p.is_file() {
+            return None;
+        }
+        match shard::read_meta(&p) {
+            Ok(Some(m)) if m.fingerprint == fingerprint => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Deletes a stage's directory (its configuration or inputs changed).
+    pub fn clear_stage(&self, stage: &str) -> Result<()> {
+        let d = self.stage_dir(stage);
+        if d.exists() {
+            fs::remove_dir_all(&d).map_err(|e| CoreError::io(&d, e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes everything rbon owns in the directory, leaving files users put there.
+    pub fn clear_all(&self) -> Result<()> {
+        for name in STAGE_DIRS.iter().chain(OWNED_FILES.iter()) {
+            let p = self.root.join(name);
+            let res = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else if p.exists() {
+                fs::remove_file(&p)
+            } else {
+                Ok(())
+            };
+            res.map_err(|e| CoreError::io(&p, e))?;
+        }
+        Ok(())
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.root.join("manifest.json")
+    }
+
+    /// The manifest, or an empty one for a new directory.
+    pub fn read_manifest(&self) -> Result<Manifest> {
+        let p = self.manifest_path();
+        match fs::read(&p) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| CoreError::RunDir { path: p.clone(), message: format!("unreadable manifest: {e}") }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
+            Err(e) => Err(CoreError::io(&p, e)),
+        }
+    }
+
+    pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(m).unwrap_or_default();
+        bytes.push(b'\n');
+        shard::write_atomic(&self.manifest_path(), &bytes)
+    }
+
+    /// Freezes the config text that produced the run.
+    pub fn freeze_config(&self, text: &str) -> Result<()> {
+        shard::write_atomic(&self.root.join("pipeline.yaml"), text.as_bytes())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_follow_config_and_upstream() {
+        let a = fingerprint("s", &vec![1, 2], &["u"]);
+        assert_eq!(a, fingerprint("s", &vec![1, 2], &["u"]));
+        assert_ne!(a, fingerprint("s", &vec![1, 3], &["u"]));
+        assert_ne!(a, fingerprint("s", &vec![1, 2], &["v"]));
+        assert_ne!(a, fingerprint("t", &vec![1, 2], &["u"]));
+    }
+
+    #[test]
+    fn clear_all_keeps_foreign_files() {
+        let d = tempfile::tempdir().unwrap();
+        let run = RunDir::create(d.path()).unwrap();
+        fs::create_dir_all(run.stage_dir("pairs")).unwrap();
+        run.write_manifest(&Manifest::default()).unwrap();
+        fs::write(d.path().join("notes.txt"), "mine").unwrap();
+        run.clear_all().unwrap();
+        let left: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("notes.txt")]);
+    }
+}
