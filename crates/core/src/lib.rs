@@ -12,6 +12,7 @@ pub mod rundir;
 pub mod schema;
 pub mod seed;
 pub mod shard;
+pub mod tables;
 
 pub use config::{ConfigDoc, Diagnostic, Diagnostics};
 pub use error::{CoreError, Result};

@@ -43,8 +43,12 @@ pub fn messages_array<'a>(rows: impl IntoIterator<Item = &'a [Message]>) -> Arra
     for row in rows {
         let sb = lb.values();
         for m in row {
-            sb.field_builder::<StringBuilder>(0).map(|b| b.append_value(&m.role));
-            sb.field_builder::<StringBuilder>(1).map(|b| b.append_value(&m.content));
+            if let Some(b) = sb.field_builder::<StringBuilder>(0) {
+                b.append_value(&m.role);
+            }
+            if let Some(b) = sb.field_builder::<StringBuilder>(1) {
+                b.append_value(&m.content);
+            }
             sb.append(true);
         }
         lb.append(true);

@@ -31,6 +31,9 @@ pub struct ShardMeta {
     pub fingerprint: String,
     /// Stage counters for this shard (rows, drops by reason, ...).
     pub counters: BTreeMap<String, u64>,
+    /// Counters broken down by a stage-defined key (e.g. per exported method and β).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 fn temp_path(path: &Path) -> PathBuf {
@@ -74,28 +77,72 @@ fn writer_properties(meta: &ShardMeta) -> WriterProperties {
         .build()
 }
 
+/// A Parquet file being written under a temporary name; [`ParquetSink::finish`] fsyncs it and
+/// renames it into place. Dropping it unfinished removes the temporary file.
+#[derive(Debug)]
+pub struct ParquetSink {
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: Option<ArrowWriter<File>>,
+    rows: usize,
+}
+
+impl ParquetSink {
+    /// Starts a file; `row_group_rows` bounds the rows buffered in memory (None: the default).
+    pub fn create(path: &Path, schema: &SchemaRef, meta: &ShardMeta, row_group_rows: Option<usize>) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+        let tmp = temp_path(path);
+        let file = File::create(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+        let mut props = writer_properties(meta);
+        if let Some(n) = row_group_rows {
+            props = props.into_builder().set_max_row_group_row_count(Some(n)).build();
+        }
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
+            .map_err(|source| CoreError::Parquet { path: path.to_owned(), source })?;
+        Ok(Self { path: path.to_owned(), tmp, writer: Some(writer), rows: 0 })
+    }
+
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        if let Some(w) = self.writer.as_mut() {
+            w.write(batch).map_err(|source| CoreError::Parquet { path: self.path.clone(), source })?;
+            self.rows += batch.num_rows();
+        }
+        Ok(())
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Closes, fsyncs and renames the file into place.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        let Some(w) = self.writer.take() else { return Ok(self.path.clone()) };
+        let file = w.into_inner().map_err(|source| CoreError::Parquet { path: self.path.clone(), source })?;
+        file.sync_all().map_err(|e| CoreError::io(&self.tmp, e))?;
+        fs::rename(&self.tmp, &self.path).map_err(|e| CoreError::io(&self.path, e))?;
+        sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for ParquetSink {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// Writes record batches as one Parquet file, atomically. The same batches and metadata always
 /// give the same bytes.
 pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], meta: &ShardMeta) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
-    let tmp = temp_path(path);
-    let res = (|| -> Result<()> {
-        let file = File::create(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
-        let pq = |source| CoreError::Parquet { path: path.to_owned(), source };
-        let mut w = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(meta))).map_err(pq)?;
-        for b in batches {
-            w.write(b).map_err(pq)?;
-        }
-        let file = w.into_inner().map_err(pq)?;
-        file.sync_all().map_err(|e| CoreError::io(&tmp, e))
-    })();
-    if let Err(e) = res {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
+    let mut sink = ParquetSink::create(path, schema, meta, None)?;
+    for b in batches {
+        sink.write(b)?;
     }
-    fs::rename(&tmp, path).map_err(|e| CoreError::io(path, e))?;
-    sync_dir(dir)
+    sink.finish().map(|_| ())
 }
 
 /// Reads a whole Parquet file.
@@ -154,7 +201,7 @@ mod tests {
             vec![Arc::new(StringArray::from(vec!["x", "y"])), Arc::new(UInt32Array::from(vec![1, 2]))],
         )
         .unwrap();
-        let meta = ShardMeta { fingerprint: "f".into(), counters: [("rows".to_owned(), 2)].into() };
+        let meta = ShardMeta { fingerprint: "f".into(), counters: [("rows".to_owned(), 2)].into(), ..Default::default() };
         let p1 = dir.path().join("s/one.parquet");
         let p2 = dir.path().join("s/two.parquet");
         write_parquet(&p1, &schema, std::slice::from_ref(&batch), &meta).unwrap();

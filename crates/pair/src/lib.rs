@@ -1,1 +1,11 @@
-//! placeholder
+//! Chosen/rejected pairs for DPO from the selections (DESIGN §1 "Pairs for DPO"): the rejected
+//! rule, drops counted by reason, TRL-native conversational rows and the per-(method, β) exports
+//! with their dataset cards. No model code lives here.
+
+pub mod config;
+pub mod export;
+pub mod stage;
+
+pub use config::{PairConfig, RejectedRule};
+pub use export::{CardContext, Export, write_exports};
+pub use stage::{DropReason, PairError, PairRow, ShardPairs, export_key, pair_shard, pairs_batch};

@@ -1,7 +1,12 @@
 //! The selection rules of Regularized Best-of-N (DESIGN §1): BoN, RBoN_KL, RBoN_WD (MBR-BoN), MBR,
 //! RBoN_len and the report-only oracle and random baselines. Pure functions over one prompt's N
-//! candidates, plus the stage that applies them to shards. No model code lives here.
+//! candidates ([`method`]), the `select` config section ([`config`]) and the stage that applies
+//! the rules to a shard ([`stage`]). No model code lives here.
 
+pub mod config;
 pub mod method;
+pub mod stage;
 
+pub use config::{Available, PAPER_BETAS, SelectConfig};
 pub use method::*;
+pub use stage::{SelectError, SelectionRow, select_shard, selections_batch, sweep};
