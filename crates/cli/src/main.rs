@@ -1,1 +1,184 @@
-fn main() {}
+//! `rbon`: builds DPO preference datasets with Regularized Best-of-N.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use rbon_core::{Event, Progress};
+use rbon_runtime::{RunOptions, RunReport};
+
+/// Exit code for a configuration error (sysexits EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+/// Exit code for bad input data (sysexits EX_DATAERR).
+const EXIT_DATA: u8 = 65;
+
+#[derive(Parser)]
+#[command(name = "rbon", version, about = "Regularized Best-of-N preference datasets for DPO")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run (or resume) a pipeline: finished shards are reused, changed stages redone.
+    Run {
+        /// The pipeline YAML.
+        file: PathBuf,
+        /// Discard the run directory's earlier output and start over.
+        #[arg(long)]
+        force: bool,
+        /// Print only errors and the final summary.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check a pipeline YAML and its inputs without running anything; reports every problem.
+    Validate {
+        /// The pipeline YAML.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { file } => match rbon_runtime::load(&file) {
+            Ok(p) => {
+                println!("{}: ok ({} → {})", file.display(), p.config.name, p.config.output.display());
+                ExitCode::SUCCESS
+            }
+            Err(d) => config_failure(&d),
+        },
+        Command::Run { file, force, quiet } => {
+            let pipeline = match rbon_runtime::load(&file) {
+                Ok(p) => p,
+                Err(d) => return config_failure(&d),
+            };
+            let ui = Ui::new(quiet);
+            let res = rbon_runtime::run(&pipeline, RunOptions { force }, &ui);
+            ui.clear();
+            match res {
+                Ok(report) => {
+                    print_summary(&report);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(if e.is_data() { EXIT_DATA } else { 1 })
+                }
+            }
+        }
+    }
+}
+
+fn config_failure(d: &rbon_core::Diagnostics) -> ExitCode {
+    for diag in d.iter() {
+        eprintln!("error: {diag}");
+    }
+    let n = d.len();
+    eprintln!("{n} problem{} found", if n == 1 { "" } else { "s" });
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// Draws progress events: bars on a terminal, plain lines otherwise.
+struct Ui {
+    quiet: bool,
+    tty: bool,
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl Ui {
+    fn new(quiet: bool) -> Self {
+        Self { quiet, tty: std::io::stderr().is_terminal(), bar: Mutex::new(None) }
+    }
+    fn clear(&self) {
+        if let Ok(mut b) = self.bar.lock()
+            && let Some(b) = b.take()
+        {
+            b.finish_and_clear();
+        }
+    }
+    fn line(&self, s: String) {
+        if self.quiet {
+            return;
+        }
+        match self.bar.lock().ok().as_ref().and_then(|b| b.as_ref()) {
+            Some(b) => b.println(s),
+            None => eprintln!("{s}"),
+        }
+    }
+}
+
+impl Progress for Ui {
+    fn event(&self, e: Event) {
+        match e {
+            Event::Invalidated { stage, reason } => self.line(format!("{stage}: earlier output discarded ({reason})")),
+            Event::StageStarted { stage, total, skipped } => {
+                if skipped == total {
+                    self.line(format!("{stage}: all {total} shards already done, skipped"));
+                    return;
+                }
+                if skipped > 0 {
+                    self.line(format!("{stage}: {skipped} of {total} shards already done, skipped"));
+                }
+                if self.tty && !self.quiet {
+                    let bar = ProgressBar::new(total as u64).with_position(skipped as u64);
+                    bar.set_style(
+                        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} shards {per_sec} eta {eta}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar())
+                            .progress_chars("=> "),
+                    );
+                    bar.set_prefix(stage);
+                    bar.enable_steady_tick(Duration::from_millis(200));
+                    if let Ok(mut b) = self.bar.lock() {
+                        *b = Some(bar);
+                    }
+                }
+            }
+            Event::ShardDone { .. } => {
+                if let Ok(b) = self.bar.lock()
+                    && let Some(b) = b.as_ref()
+                {
+                    b.inc(1);
+                }
+            }
+            Event::StageFinished { stage, counters, elapsed } => {
+                self.clear();
+                let parts: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                self.line(format!("{stage}: done in {:.2?} ({})", elapsed, parts.join(", ")));
+            }
+            Event::Wrote { .. } => {}
+        }
+    }
+}
+
+fn print_summary(r: &RunReport) {
+    let get = |stage: &str, k: &str| {
+        r.stages.iter().find(|s| s.stage == stage).and_then(|s| s.counters.get(k)).copied().unwrap_or(0)
+    };
+    println!("run: {}", r.run_dir.display());
+    println!(
+        "  prompts {}, samples {}, selections {}",
+        get("samples", "prompts"),
+        get("samples", "samples"),
+        get("selections", "selections")
+    );
+    println!(
+        "  pairs written {}; dropped: same index {}, identical text {}, below min_margin {}",
+        get("pairs", "pairs"),
+        get("pairs", "dropped_same_index"),
+        get("pairs", "dropped_identical_text"),
+        get("pairs", "dropped_below_margin")
+    );
+    let files: usize = r.exports.iter().map(|e| e.files.len()).sum();
+    let state = if r.exports_reused { "up to date" } else { "written" };
+    println!(
+        "  exports {state}: {} (method, β) folders, {files} files under {}/pairs/",
+        r.exports.len(),
+        r.run_dir.display()
+    );
+}

@@ -303,6 +303,21 @@ impl ConfigDoc {
         }
     }
 
+    /// Deserializes the top-level scalar or list at `key`; `None` when absent or invalid (the
+    /// problem is recorded).
+    pub fn value<T: DeserializeOwned>(&self, key: &str, diags: &mut Diagnostics) -> Option<T> {
+        let v = self.root.get(key)?;
+        match serde_path_to_error::deserialize::<_, T>(v) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let rel = render_path(e.path());
+                let full = if rel.is_empty() { key.to_owned() } else { join(key, &rel) };
+                diags.push(self.diag(&full, e.inner().to_string()));
+                None
+            }
+        }
+    }
+
     /// Deserializes the top-level `key` into `T`, collecting every error serde reports.
     /// An absent section deserializes from an empty mapping when `T` allows it; when it does
     /// not, the section is reported as missing.

@@ -201,7 +201,8 @@ mod tests {
             vec![Arc::new(StringArray::from(vec!["x", "y"])), Arc::new(UInt32Array::from(vec![1, 2]))],
         )
         .unwrap();
-        let meta = ShardMeta { fingerprint: "f".into(), counters: [("rows".to_owned(), 2)].into(), ..Default::default() };
+        let meta =
+            ShardMeta { fingerprint: "f".into(), counters: [("rows".to_owned(), 2)].into(), ..Default::default() };
         let p1 = dir.path().join("s/one.parquet");
         let p2 = dir.path().join("s/two.parquet");
         write_parquet(&p1, &schema, std::slice::from_ref(&batch), &meta).unwrap();

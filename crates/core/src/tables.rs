@@ -34,7 +34,8 @@ pub fn samples_batch(groups: &[CandidateGroup]) -> Result<RecordBatch> {
     let ids = StringArray::from_iter_values(rows().map(|(g, _)| g.prompt_id.as_str()));
     let idx = UInt32Array::from_iter_values(rows().map(|(_, s)| s.sample_idx));
     let resp = StringArray::from_iter_values(rows().map(|(_, s)| s.response.as_str()));
-    let mut tok = ListBuilder::new(UInt32Builder::new()).with_field(Arc::new(Field::new("item", DataType::UInt32, false)));
+    let mut tok =
+        ListBuilder::new(UInt32Builder::new()).with_field(Arc::new(Field::new("item", DataType::UInt32, false)));
     for _ in 0..n {
         tok.append_null();
     }
@@ -56,7 +57,11 @@ pub fn samples_batch(groups: &[CandidateGroup]) -> Result<RecordBatch> {
 }
 
 /// The scores table of imported candidates.
-pub fn scores_batch(groups: &[CandidateGroup], rewards: &[String], embedding_dim: Option<usize>) -> Result<RecordBatch> {
+pub fn scores_batch(
+    groups: &[CandidateGroup],
+    rewards: &[String],
+    embedding_dim: Option<usize>,
+) -> Result<RecordBatch> {
     let rows = || groups.iter().flat_map(|g| g.samples.iter().map(move |s| (g, s)));
     let mut cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(rows().map(|(g, _)| g.prompt_id.as_str()))),
@@ -70,8 +75,11 @@ pub fn scores_batch(groups: &[CandidateGroup], rewards: &[String], embedding_dim
         None => None,
     };
     if let Some(d) = dim {
-        let mut b = FixedSizeListBuilder::new(Float32Builder::new(), d)
-            .with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+        let mut b = FixedSizeListBuilder::new(Float32Builder::new(), d).with_field(Arc::new(Field::new(
+            "item",
+            DataType::Float32,
+            false,
+        )));
         for (_, s) in rows() {
             let e = s.embedding.as_deref().ok_or_else(|| CoreError::data(&s.location, "`embedding` is missing"))?;
             b.values().append_slice(e);

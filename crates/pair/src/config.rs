@@ -72,7 +72,9 @@ impl PairConfig {
     /// Every problem with this section (`select` is `None` when it did not parse).
     pub fn check(&self, doc: &ConfigDoc, select: Option<&SelectConfig>, diags: &mut Diagnostics) {
         if !self.min_margin.is_finite() {
-            diags.push(doc.diag("pair.min_margin", format!("{} is not allowed: must be a finite number", self.min_margin)));
+            diags.push(
+                doc.diag("pair.min_margin", format!("{} is not allowed: must be a finite number", self.min_margin)),
+            );
         }
         let Some(select) = select else { return };
         if let Some(ms) = &self.methods {

@@ -148,10 +148,19 @@ fn arrow_select_filter(batch: &RecordBatch, mask: &BooleanArray) -> Result<Recor
 }
 
 /// The README.md of one export: Hub front matter, what the rows are, counts, and the config.
-pub fn dataset_card(card: &CardContext, method: Method, beta: f64, counts: &BTreeMap<String, u64>, files: usize) -> String {
+pub fn dataset_card(
+    card: &CardContext,
+    method: Method,
+    beta: f64,
+    counts: &BTreeMap<String, u64>,
+    files: usize,
+) -> String {
     let get = |k: &str| counts.get(k).copied().unwrap_or(0);
     let mut s = String::new();
-    let _ = writeln!(s, "---\ntags:\n- trl\n- dpo\n- rbon\n- preference\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.parquet\"\n---\n");
+    let _ = writeln!(
+        s,
+        "---\ntags:\n- trl\n- dpo\n- rbon\n- preference\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.parquet\"\n---\n"
+    );
     let beta_text = if method.uses_beta() { format!(", β = {beta}") } else { String::new() };
     let _ = writeln!(s, "# {}: `{}`{} preference pairs\n", card.run_name, method, beta_text);
     let _ = writeln!(
@@ -172,7 +181,11 @@ pub fn dataset_card(card: &CardContext, method: Method, beta: f64, counts: &BTre
         Method::RbonLen => format!("R_p(x, y) − {beta} / |y|"),
         Method::Oracle | Method::Random => String::new(),
     };
-    let _ = writeln!(s, "Selection objective (argmax over the N samples, ties to the lowest index): `{objective}`, with proxy reward `{}`.\n", card.select.proxy);
+    let _ = writeln!(
+        s,
+        "Selection objective (argmax over the N samples, ties to the lowest index): `{objective}`, with proxy reward `{}`.\n",
+        card.select.proxy
+    );
     let _ = writeln!(s, "## Counts\n\n| | rows |\n|---|---|");
     let _ = writeln!(s, "| pairs written | {} |", get("pairs"));
     for d in DropReason::ALL {

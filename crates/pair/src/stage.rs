@@ -87,7 +87,9 @@ pub fn pair_shard(
     data: &SampleScores,
     selections: &[RecordBatch],
 ) -> Result<ShardPairs, PairError> {
-    let proxy = data.reward_index(&select.proxy).ok_or_else(|| CoreError::data("scores", format!("no `reward_{}` column", select.proxy)))?;
+    let proxy = data
+        .reward_index(&select.proxy)
+        .ok_or_else(|| CoreError::data("scores", format!("no `reward_{}` column", select.proxy)))?;
     let prompt_of: HashMap<&str, &[Message]> = prompts.iter().map(|(id, m)| (id.as_str(), m.as_slice())).collect();
     let group_of: HashMap<&str, usize> =
         data.groups.iter().enumerate().map(|(gi, g)| (data.prompt_ids[g.start].as_str(), gi)).collect();
@@ -158,7 +160,11 @@ pub fn pair_shard(
             let counter = drop.map_or("pairs", DropReason::counter);
             *out.counters.entry(counter.to_owned()).or_default() += 1;
             let detail = out.details.entry(key).or_insert_with(|| {
-                ["pairs".to_owned()].into_iter().chain(DropReason::ALL.map(|d| d.counter().to_owned())).map(|k| (k, 0)).collect()
+                ["pairs".to_owned()]
+                    .into_iter()
+                    .chain(DropReason::ALL.map(|d| d.counter().to_owned()))
+                    .map(|k| (k, 0))
+                    .collect()
             });
             *detail.entry(counter.to_owned()).or_default() += 1;
             if drop.is_some() {

@@ -29,24 +29,11 @@ pub enum Method {
 
 impl Method {
     /// Every method, in declaration order.
-    pub const ALL: [Method; 7] = [
-        Method::Bon,
-        Method::RbonKl,
-        Method::RbonWd,
-        Method::Mbr,
-        Method::RbonLen,
-        Method::Oracle,
-        Method::Random,
-    ];
+    pub const ALL: [Method; 7] =
+        [Method::Bon, Method::RbonKl, Method::RbonWd, Method::Mbr, Method::RbonLen, Method::Oracle, Method::Random];
 
     /// The methods users select with and export pairs for.
-    pub const SELECTION: [Method; 5] = [
-        Method::Bon,
-        Method::RbonKl,
-        Method::RbonWd,
-        Method::Mbr,
-        Method::RbonLen,
-    ];
+    pub const SELECTION: [Method; 5] = [Method::Bon, Method::RbonKl, Method::RbonWd, Method::Mbr, Method::RbonLen];
 
     /// The snake_case name, as in configs and file paths.
     pub fn as_str(self) -> &'static str {
@@ -95,9 +82,7 @@ impl fmt::Display for Method {
 
 /// An unknown method name was given to [`Method::from_str`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown method `{name}` (expected one of: bon, rbon_kl, rbon_wd, mbr, rbon_len, oracle, random)"
-)]
+#[error("unknown method `{name}` (expected one of: bon, rbon_kl, rbon_wd, mbr, rbon_len, oracle, random)")]
 pub struct ParseMethodError {
     /// The name that did not match.
     pub name: String,
@@ -107,10 +92,7 @@ impl FromStr for Method {
     type Err = ParseMethodError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| ParseMethodError { name: s.to_owned() })
+        Method::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| ParseMethodError { name: s.to_owned() })
     }
 }
 
@@ -130,12 +112,7 @@ pub struct Candidates<'a> {
 impl<'a> Candidates<'a> {
     /// Candidates with proxy rewards only; set the other fields as the method needs.
     pub fn new(proxy: &'a [f64]) -> Self {
-        Candidates {
-            proxy,
-            logprob: None,
-            num_tokens: None,
-            wd: None,
-        }
+        Candidates { proxy, logprob: None, num_tokens: None, wd: None }
     }
 
     /// N.
@@ -161,11 +138,7 @@ pub enum RegularizeError {
     #[error("rbon_len needs response token counts, but none were given")]
     MissingNumTokens,
     #[error("{what} has {got} values, expected {expected} (one per candidate)")]
-    LengthMismatch {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    LengthMismatch { what: &'static str, expected: usize, got: usize },
     #[error("candidate {index} has 0 tokens; rbon_len divides by the length")]
     ZeroTokens { index: usize },
     #[error("embedding of candidate {index} is the zero vector and has no direction")]
@@ -173,11 +146,7 @@ pub enum RegularizeError {
     #[error("embedding dimension must be at least 1")]
     ZeroDimension,
     #[error("embedding of candidate {index} has {got} dimensions, expected {expected}")]
-    DimensionMismatch {
-        index: usize,
-        expected: usize,
-        got: usize,
-    },
+    DimensionMismatch { index: usize, expected: usize, got: usize },
     #[error("{what} of candidate {index} is not finite")]
     NonFinite { what: &'static str, index: usize },
     #[error("beta must be finite and >= 0, got {beta}")]
@@ -197,11 +166,7 @@ pub fn wasserstein(embeddings: &[f32], dim: usize) -> Result<Vec<f64>, Regulariz
     }
     let rem = embeddings.len() % dim;
     if rem != 0 {
-        return Err(RegularizeError::DimensionMismatch {
-            index: embeddings.len() / dim,
-            expected: dim,
-            got: rem,
-        });
+        return Err(RegularizeError::DimensionMismatch { index: embeddings.len() / dim, expected: dim, got: rem });
     }
     let rows: Vec<&[f32]> = embeddings.chunks_exact(dim).collect();
     wasserstein_rows(&rows)
@@ -221,23 +186,12 @@ pub fn wasserstein_rows<R: AsRef<[f32]>>(rows: &[R]) -> Result<Vec<f64>, Regular
     for (index, row) in rows.iter().enumerate() {
         let row = row.as_ref();
         if row.len() != dim {
-            return Err(RegularizeError::DimensionMismatch {
-                index,
-                expected: dim,
-                got: row.len(),
-            });
+            return Err(RegularizeError::DimensionMismatch { index, expected: dim, got: row.len() });
         }
         if row.iter().any(|x| !x.is_finite()) {
-            return Err(RegularizeError::NonFinite {
-                what: "embedding",
-                index,
-            });
+            return Err(RegularizeError::NonFinite { what: "embedding", index });
         }
-        let norm = row
-            .iter()
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt();
+        let norm = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
         if norm == 0.0 || !norm.is_finite() {
             return Err(RegularizeError::ZeroEmbedding { index });
         }
@@ -263,15 +217,7 @@ pub fn wasserstein_rows<R: AsRef<[f32]>>(rows: &[R]) -> Result<Vec<f64>, Regular
 }
 
 fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), RegularizeError> {
-    if got == expected {
-        Ok(())
-    } else {
-        Err(RegularizeError::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
-    }
+    if got == expected { Ok(()) } else { Err(RegularizeError::LengthMismatch { what, expected, got }) }
 }
 
 fn check_finite(what: &'static str, values: &[f64]) -> Result<(), RegularizeError> {
@@ -335,11 +281,7 @@ pub fn objectives(method: Method, beta: f64, c: &Candidates) -> Result<Vec<f64>,
             if let Some(index) = t.iter().position(|&t| t == 0) {
                 return Err(RegularizeError::ZeroTokens { index });
             }
-            c.proxy
-                .iter()
-                .zip(t)
-                .map(|(r, &t)| r - beta / f64::from(t))
-                .collect()
+            c.proxy.iter().zip(t).map(|(r, &t)| r - beta / f64::from(t)).collect()
         }
         Method::Oracle | Method::Random => return Err(RegularizeError::ReportOnly { method }),
     };
@@ -349,11 +291,7 @@ pub fn objectives(method: Method, beta: f64, c: &Candidates) -> Result<Vec<f64>,
 }
 
 /// Index of the best value under `better`, skipping `skip`; ties keep the lowest index.
-fn best_by(
-    values: &[f64],
-    skip: Option<usize>,
-    better: impl Fn(f64, f64) -> bool,
-) -> Option<usize> {
+fn best_by(values: &[f64], skip: Option<usize>, better: impl Fn(f64, f64) -> bool) -> Option<usize> {
     let mut best: Option<usize> = None;
     for (i, &v) in values.iter().enumerate() {
         if Some(i) == skip {
@@ -390,26 +328,15 @@ pub struct Pick {
 pub fn select(method: Method, beta: f64, c: &Candidates) -> Result<Pick, RegularizeError> {
     let values = objectives(method, beta, c)?;
     let index = argmax(&values).ok_or(RegularizeError::NoCandidates)?;
-    Ok(Pick {
-        index,
-        objective: values[index],
-    })
+    Ok(Pick { index, objective: values[index] })
 }
 
 /// The runner-up under the same objective: the best index other than `pick` (ties → lowest
 /// index); None if N < 2.
-pub fn second(
-    method: Method,
-    beta: f64,
-    c: &Candidates,
-    pick: usize,
-) -> Result<Option<usize>, RegularizeError> {
+pub fn second(method: Method, beta: f64, c: &Candidates, pick: usize) -> Result<Option<usize>, RegularizeError> {
     let values = objectives(method, beta, c)?;
     if pick >= values.len() {
-        return Err(RegularizeError::PickOutOfRange {
-            index: pick,
-            n: values.len(),
-        });
+        return Err(RegularizeError::PickOutOfRange { index: pick, n: values.len() });
     }
     Ok(best_by(&values, Some(pick), |v, b| v > b))
 }
@@ -424,10 +351,7 @@ mod tests {
 
     fn assert_pick(p: Pick, index: usize, objective: f64) {
         assert_eq!(p.index, index, "{p:?}");
-        assert!(
-            (p.objective - objective).abs() < EPS,
-            "{p:?}, expected objective {objective}"
-        );
+        assert!((p.objective - objective).abs() < EPS, "{p:?}, expected objective {objective}");
     }
 
     // ---- Method ----
@@ -455,10 +379,7 @@ mod tests {
         assert!(Method::Oracle.is_report_only() && Method::Random.is_report_only());
         let beta: Vec<_> = Method::ALL.into_iter().filter(|m| m.uses_beta()).collect();
         assert_eq!(beta, [Method::RbonKl, Method::RbonWd, Method::RbonLen]);
-        let emb: Vec<_> = Method::ALL
-            .into_iter()
-            .filter(|m| m.needs_embedding())
-            .collect();
+        let emb: Vec<_> = Method::ALL.into_iter().filter(|m| m.needs_embedding()).collect();
         assert_eq!(emb, [Method::RbonWd, Method::Mbr]);
         assert!(Method::RbonKl.needs_logprob() && !Method::Bon.needs_logprob());
         assert!(Method::RbonLen.needs_num_tokens() && !Method::RbonKl.needs_num_tokens());
@@ -484,10 +405,7 @@ mod tests {
         // 0: 1.0 − 0.5 = 0.5; 1: 1.5 − 1.5 = 0.0; 2: 0.2 − 0.25 = −0.05; 3: 1.4 − 0.6 = 0.8
         let proxy = [1.0, 1.5, 0.2, 1.4];
         let lp = [-10.0, -30.0, -5.0, -12.0];
-        let c = Candidates {
-            logprob: Some(&lp),
-            ..Candidates::new(&proxy)
-        };
+        let c = Candidates { logprob: Some(&lp), ..Candidates::new(&proxy) };
         assert_pick(select(Method::Bon, 0.05, &c).unwrap(), 1, 1.5);
         assert_pick(select(Method::RbonKl, 0.05, &c).unwrap(), 3, 0.8);
         let obj = objectives(Method::RbonKl, 0.05, &c).unwrap();
@@ -503,10 +421,7 @@ mod tests {
         // 0: 1 − 1 = 0; 1: 2 − 2 = 0; 2: 0 − 0.5 = −0.5; 3: 1.5 − 1.5 = 0 → tie {0, 1, 3} → 0.
         let proxy = [1.0, 2.0, 0.0, 1.5];
         let lp = [-2.0, -4.0, -1.0, -3.0];
-        let c = Candidates {
-            logprob: Some(&lp),
-            ..Candidates::new(&proxy)
-        };
+        let c = Candidates { logprob: Some(&lp), ..Candidates::new(&proxy) };
         assert_pick(select(Method::RbonKl, 0.5, &c).unwrap(), 0, 0.0);
         assert_eq!(second(Method::RbonKl, 0.5, &c, 0).unwrap(), Some(1));
     }
@@ -517,10 +432,7 @@ mod tests {
         // 0: 2.8; 1: 2.6; 2: 1.9; 3: 2.9 → 3 (BoN picks 1).
         let proxy = [3.0, 3.5, 2.0, 3.2];
         let wd = [0.2, 0.9, 0.1, 0.3];
-        let c = Candidates {
-            wd: Some(&wd),
-            ..Candidates::new(&proxy)
-        };
+        let c = Candidates { wd: Some(&wd), ..Candidates::new(&proxy) };
         assert_eq!(select(Method::Bon, 1.0, &c).unwrap().index, 1);
         assert_pick(select(Method::RbonWd, 1.0, &c).unwrap(), 3, 2.9);
 
@@ -528,10 +440,7 @@ mod tests {
         // 0: 2.75; 1: 2.75; 2: 1.875; 3: 2.75 → 0.
         let proxy = [3.0, 3.5, 2.0, 3.25];
         let wd = [0.25, 0.75, 0.125, 0.5];
-        let c = Candidates {
-            wd: Some(&wd),
-            ..Candidates::new(&proxy)
-        };
+        let c = Candidates { wd: Some(&wd), ..Candidates::new(&proxy) };
         assert_pick(select(Method::RbonWd, 1.0, &c).unwrap(), 0, 2.75);
     }
 
@@ -540,10 +449,7 @@ mod tests {
         // −WD = [−0.4, −0.2, −0.2, −0.6] → max −0.2 at 1 and 2 → 1. R_p is ignored.
         let proxy = [9.0, 0.0, 5.0, 1.0];
         let wd = [0.4, 0.2, 0.2, 0.6];
-        let c = Candidates {
-            wd: Some(&wd),
-            ..Candidates::new(&proxy)
-        };
+        let c = Candidates { wd: Some(&wd), ..Candidates::new(&proxy) };
         assert_pick(select(Method::Mbr, 123.0, &c).unwrap(), 1, -0.2);
         assert_eq!(second(Method::Mbr, 0.0, &c, 1).unwrap(), Some(2));
     }
@@ -554,10 +460,7 @@ mod tests {
         // 0: 1.0 − 0.1 = 0.9; 1: 1.1 − 0.5 = 0.6; 2: 0.9 − 0.02 = 0.88; 3: 1.05 − 0.2 = 0.85 → 0.
         let proxy = [1.0, 1.1, 0.9, 1.05];
         let toks = [10, 2, 50, 5];
-        let c = Candidates {
-            num_tokens: Some(&toks),
-            ..Candidates::new(&proxy)
-        };
+        let c = Candidates { num_tokens: Some(&toks), ..Candidates::new(&proxy) };
         assert_eq!(select(Method::Bon, 1.0, &c).unwrap().index, 1);
         assert_pick(select(Method::RbonLen, 1.0, &c).unwrap(), 0, 0.9);
 
@@ -565,10 +468,7 @@ mod tests {
         // 0: 1 − 0.5 = 0.5; 1: 1.25 − 0.25 = 1.0; 2: 0.5 − 1 = −0.5; 3: 1.5 − 0.5 = 1.0 → {1, 3} → 1.
         let proxy = [1.0, 1.25, 0.5, 1.5];
         let toks = [2, 4, 1, 2];
-        let c = Candidates {
-            num_tokens: Some(&toks),
-            ..Candidates::new(&proxy)
-        };
+        let c = Candidates { num_tokens: Some(&toks), ..Candidates::new(&proxy) };
         assert_pick(select(Method::RbonLen, 1.0, &c).unwrap(), 1, 1.0);
     }
 
@@ -579,17 +479,10 @@ mod tests {
         let emb = [1.0, 0.0, 1.0, 1.0, 0.0, 5.0];
         let wd = wasserstein(&emb, 2).unwrap();
         let proxy = [1.0, 0.9, 1.1];
-        let c = Candidates {
-            wd: Some(&wd),
-            ..Candidates::new(&proxy)
-        };
+        let c = Candidates { wd: Some(&wd), ..Candidates::new(&proxy) };
         let s = std::f64::consts::FRAC_1_SQRT_2;
         assert_eq!(select(Method::Bon, 1.0, &c).unwrap().index, 2);
-        assert_pick(
-            select(Method::RbonWd, 1.0, &c).unwrap(),
-            1,
-            0.9 - 2.0 * (1.0 - s) / 3.0,
-        );
+        assert_pick(select(Method::RbonWd, 1.0, &c).unwrap(), 1, 0.9 - 2.0 * (1.0 - s) / 3.0);
         assert_eq!(select(Method::Mbr, 1.0, &c).unwrap().index, 1);
     }
 
@@ -599,112 +492,48 @@ mod tests {
     fn input_errors() {
         let proxy = [1.0, 2.0, 3.0, 4.0];
         let c = Candidates::new(&proxy);
-        assert_eq!(
-            select(Method::Bon, 0.0, &Candidates::new(&[])),
-            Err(RegularizeError::NoCandidates)
-        );
-        assert_eq!(
-            select(Method::RbonKl, 0.1, &c),
-            Err(RegularizeError::MissingLogprob)
-        );
-        assert_eq!(
-            select(Method::RbonWd, 0.1, &c),
-            Err(RegularizeError::MissingEmbedding)
-        );
-        assert_eq!(
-            select(Method::Mbr, 0.1, &c),
-            Err(RegularizeError::MissingEmbedding)
-        );
-        assert_eq!(
-            select(Method::RbonLen, 0.1, &c),
-            Err(RegularizeError::MissingNumTokens)
-        );
+        assert_eq!(select(Method::Bon, 0.0, &Candidates::new(&[])), Err(RegularizeError::NoCandidates));
+        assert_eq!(select(Method::RbonKl, 0.1, &c), Err(RegularizeError::MissingLogprob));
+        assert_eq!(select(Method::RbonWd, 0.1, &c), Err(RegularizeError::MissingEmbedding));
+        assert_eq!(select(Method::Mbr, 0.1, &c), Err(RegularizeError::MissingEmbedding));
+        assert_eq!(select(Method::RbonLen, 0.1, &c), Err(RegularizeError::MissingNumTokens));
         for m in [Method::Oracle, Method::Random] {
-            assert_eq!(
-                select(m, 0.1, &c),
-                Err(RegularizeError::ReportOnly { method: m })
-            );
+            assert_eq!(select(m, 0.1, &c), Err(RegularizeError::ReportOnly { method: m }));
         }
 
         let short = [-1.0, -2.0, -3.0];
-        let bad = Candidates {
-            logprob: Some(&short),
-            ..c
-        };
+        let bad = Candidates { logprob: Some(&short), ..c };
         // A present input of the wrong length is refused even if the method does not use it.
         assert_eq!(
             select(Method::Bon, 0.1, &bad),
-            Err(RegularizeError::LengthMismatch {
-                what: "logprob",
-                expected: 4,
-                got: 3
-            })
+            Err(RegularizeError::LengthMismatch { what: "logprob", expected: 4, got: 3 })
         );
 
         let toks = [3, 0, 2, 0];
-        let zero = Candidates {
-            num_tokens: Some(&toks),
-            ..c
-        };
-        assert_eq!(
-            select(Method::RbonLen, 0.1, &zero),
-            Err(RegularizeError::ZeroTokens { index: 1 })
-        );
+        let zero = Candidates { num_tokens: Some(&toks), ..c };
+        assert_eq!(select(Method::RbonLen, 0.1, &zero), Err(RegularizeError::ZeroTokens { index: 1 }));
 
         let nan = [1.0, f64::NAN, 3.0, 4.0];
         assert_eq!(
             select(Method::Bon, 0.0, &Candidates::new(&nan)),
-            Err(RegularizeError::NonFinite {
-                what: "proxy reward",
-                index: 1
-            })
+            Err(RegularizeError::NonFinite { what: "proxy reward", index: 1 })
         );
         let lp = [-1.0, -2.0, f64::NEG_INFINITY, -4.0];
-        let inf = Candidates {
-            logprob: Some(&lp),
-            ..c
-        };
-        assert_eq!(
-            select(Method::RbonKl, 0.1, &inf),
-            Err(RegularizeError::NonFinite {
-                what: "logprob",
-                index: 2
-            })
-        );
-        assert!(matches!(
-            select(Method::RbonKl, -0.1, &inf),
-            Err(RegularizeError::InvalidBeta { .. })
-        ));
+        let inf = Candidates { logprob: Some(&lp), ..c };
+        assert_eq!(select(Method::RbonKl, 0.1, &inf), Err(RegularizeError::NonFinite { what: "logprob", index: 2 }));
+        assert!(matches!(select(Method::RbonKl, -0.1, &inf), Err(RegularizeError::InvalidBeta { .. })));
         let lp = [-1.0, -2.0, -3.0, -4.0];
-        let ok = Candidates {
-            logprob: Some(&lp),
-            ..c
-        };
-        assert!(matches!(
-            select(Method::RbonKl, f64::NAN, &ok),
-            Err(RegularizeError::InvalidBeta { .. })
-        ));
-        assert_eq!(
-            select(Method::RbonKl, 1e308, &ok),
-            Err(RegularizeError::NonFinite {
-                what: "objective",
-                index: 1
-            })
-        );
+        let ok = Candidates { logprob: Some(&lp), ..c };
+        assert!(matches!(select(Method::RbonKl, f64::NAN, &ok), Err(RegularizeError::InvalidBeta { .. })));
+        assert_eq!(select(Method::RbonKl, 1e308, &ok), Err(RegularizeError::NonFinite { what: "objective", index: 1 }));
     }
 
     #[test]
     fn second_edge_cases() {
         let one = [1.0];
-        assert_eq!(
-            second(Method::Bon, 0.0, &Candidates::new(&one), 0),
-            Ok(None)
-        );
+        assert_eq!(second(Method::Bon, 0.0, &Candidates::new(&one), 0), Ok(None));
         let two = [1.0, 2.0];
-        assert_eq!(
-            second(Method::Bon, 0.0, &Candidates::new(&two), 1),
-            Ok(Some(0))
-        );
+        assert_eq!(second(Method::Bon, 0.0, &Candidates::new(&two), 1), Ok(Some(0)));
         assert_eq!(
             second(Method::Bon, 0.0, &Candidates::new(&two), 2),
             Err(RegularizeError::PickOutOfRange { index: 2, n: 2 })
@@ -735,33 +564,16 @@ mod tests {
 
     #[test]
     fn wasserstein_errors() {
-        assert_eq!(
-            wasserstein(&[1.0, 0.0, 0.0, 0.0, 0.0, 1.0], 2),
-            Err(RegularizeError::ZeroEmbedding { index: 1 })
-        );
+        assert_eq!(wasserstein(&[1.0, 0.0, 0.0, 0.0, 0.0, 1.0], 2), Err(RegularizeError::ZeroEmbedding { index: 1 }));
         assert_eq!(
             wasserstein(&[1.0, 0.0, 0.0, 1.0, 1.0], 2),
-            Err(RegularizeError::DimensionMismatch {
-                index: 2,
-                expected: 2,
-                got: 1
-            })
+            Err(RegularizeError::DimensionMismatch { index: 2, expected: 2, got: 1 })
         );
         let rows: Vec<Vec<f32>> = vec![vec![1.0, 0.0], vec![0.0, 1.0, 0.0]];
-        assert_eq!(
-            wasserstein_rows(&rows),
-            Err(RegularizeError::DimensionMismatch {
-                index: 1,
-                expected: 2,
-                got: 3
-            })
-        );
+        assert_eq!(wasserstein_rows(&rows), Err(RegularizeError::DimensionMismatch { index: 1, expected: 2, got: 3 }));
         assert_eq!(
             wasserstein(&[1.0, 0.0, f32::NAN, 1.0], 2),
-            Err(RegularizeError::NonFinite {
-                what: "embedding",
-                index: 1
-            })
+            Err(RegularizeError::NonFinite { what: "embedding", index: 1 })
         );
         assert_eq!(wasserstein(&[], 0), Err(RegularizeError::ZeroDimension));
         assert_eq!(wasserstein(&[], 3), Err(RegularizeError::NoCandidates));
@@ -771,10 +583,7 @@ mod tests {
 
     /// Distinct integers in random order; scaled, they give values separated by a known gap.
     fn distinct(n: std::ops::RangeInclusive<usize>, lo: i32, hi: i32) -> BoxedStrategy<Vec<i32>> {
-        prop::collection::btree_set(lo..hi, n)
-            .prop_map(|s| s.into_iter().collect::<Vec<_>>())
-            .prop_shuffle()
-            .boxed()
+        prop::collection::btree_set(lo..hi, n).prop_map(|s| s.into_iter().collect::<Vec<_>>()).prop_shuffle().boxed()
     }
 
     fn naive_argmax(v: &[f64]) -> Option<usize> {
@@ -793,9 +602,8 @@ mod tests {
             (
                 Just(dim),
                 prop::collection::vec(
-                    prop::collection::vec(-1.0f32..1.0, dim).prop_filter("nonzero row", |r| {
-                        r.iter().map(|x| x * x).sum::<f32>() > 1e-4
-                    }),
+                    prop::collection::vec(-1.0f32..1.0, dim)
+                        .prop_filter("nonzero row", |r| r.iter().map(|x| x * x).sum::<f32>() > 1e-4),
                     n,
                 )
                 .prop_map(|rows| rows.concat()),

@@ -118,8 +118,5 @@ pub fn selections_batch(rows: &[SelectionRow], reward_names: &[String]) -> Resul
 
 /// Counters a selection shard reports.
 pub fn counters(data: &SampleScores, rows: &[SelectionRow]) -> BTreeMap<String, u64> {
-    BTreeMap::from([
-        ("prompts".to_owned(), data.groups.len() as u64),
-        ("selections".to_owned(), rows.len() as u64),
-    ])
+    BTreeMap::from([("prompts".to_owned(), data.groups.len() as u64), ("selections".to_owned(), rows.len() as u64)])
 }

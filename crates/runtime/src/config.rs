@@ -1,0 +1,217 @@
+//! The pipeline YAML (DESIGN §7): the sections of every stage, composed and checked together.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use rbon_core::input::{InputConfig, candidates_header, file_kind, resolve_files};
+use rbon_core::{ConfigDoc, Diagnostics};
+use rbon_pair::PairConfig;
+use rbon_regularize::{Available, SelectConfig};
+
+/// The top-level sections a pipeline may have.
+pub const SECTIONS: [&str; 7] = ["name", "output", "seed", "input", "select", "pair", "runtime"];
+
+fn default_devices() -> Vec<String> {
+    vec!["cpu".to_owned()]
+}
+
+fn default_batch_tokens() -> u64 {
+    8192
+}
+
+/// The `runtime` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Devices that run model workers: `cpu`, `cuda:N`, `cuda:*` or `metal`.
+    #[serde(default = "default_devices")]
+    pub devices: Vec<String>,
+    /// Token budget of one model batch.
+    #[serde(default = "default_batch_tokens")]
+    pub batch_tokens: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { devices: default_devices(), batch_tokens: default_batch_tokens() }
+    }
+}
+
+/// A whole pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineConfig {
+    /// Run name, used in dataset cards.
+    pub name: String,
+    /// The run directory.
+    pub output: PathBuf,
+    /// Seed for every random choice (per prompt and sample, never per process).
+    pub seed: u64,
+    pub input: InputConfig,
+    pub select: SelectConfig,
+    pub pair: PairConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// A parsed pipeline with the document it came from (for positions and freezing).
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub config: PipelineConfig,
+    pub doc: ConfigDoc,
+    /// What the candidates file offers, read from its header.
+    pub available: Option<Available>,
+}
+
+/// Parses and checks a pipeline file. Every problem is reported at once; no model is loaded
+/// and nothing is written.
+pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
+    let doc = ConfigDoc::load(path)?;
+    let mut d = Diagnostics::default();
+    doc.check_top_level(&SECTIONS, &mut d);
+    let name: Option<String> = doc.value("name", &mut d);
+    let output: Option<String> = doc.value("output", &mut d);
+    let seed: Option<u64> = doc.value("seed", &mut d);
+    let input: Option<InputConfig> = doc.section("input", &mut d);
+    let select: Option<SelectConfig> = doc.section("select", &mut d);
+    let pair: Option<PairConfig> = doc.section("pair", &mut d);
+    let runtime: Option<RuntimeConfig> = doc.section("runtime", &mut d);
+
+    let name = name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    if name.trim().is_empty() {
+        d.push(doc.diag("name", "must not be empty"));
+    }
+    match &output {
+        None if doc.get("output").is_none() => {
+            d.push(doc.diag("output", "missing `output`: the run directory to write (e.g. `output: runs/demo`)"))
+        }
+        Some(o) if o.trim().is_empty() => d.push(doc.diag("output", "must not be empty")),
+        Some(o) if Path::new(o).is_file() => {
+            d.push(doc.diag("output", format!("{o} is a file; `output` must be a directory")))
+        }
+        _ => {}
+    }
+    let available = input.as_ref().and_then(|i| check_input(&doc, i, &mut d));
+    if let Some(s) = &select {
+        s.check(&doc, available.as_ref(), &mut d);
+    }
+    if let Some(p) = &pair {
+        p.check(&doc, select.as_ref(), &mut d);
+    }
+    if let Some(r) = &runtime {
+        check_runtime(&doc, r, &mut d);
+    }
+    d.sort();
+    match (d.is_empty(), output, input, select, pair, runtime) {
+        (true, Some(output), Some(input), Some(select), Some(pair), Some(runtime)) => Ok(Pipeline {
+            config: PipelineConfig {
+                name,
+                output: PathBuf::from(output),
+                seed: seed.unwrap_or(0),
+                input,
+                select,
+                pair,
+                runtime,
+            },
+            doc,
+            available,
+        }),
+        _ => {
+            if d.is_empty() {
+                d.push(doc.diag("", "the pipeline is incomplete"));
+            }
+            Err(d)
+        }
+    }
+}
+
+fn check_input(doc: &ConfigDoc, i: &InputConfig, d: &mut Diagnostics) -> Option<Available> {
+    if i.shard_size == 0 {
+        d.push(doc.diag("input.shard_size", "0 is not allowed: must be at least 1"));
+    }
+    if i.limit == Some(0) {
+        d.push(doc.diag("input.limit", "0 is not allowed: must be at least 1, or null for all prompts"));
+    }
+    if i.prompt_column.is_some() && i.messages_column.is_some() {
+        d.push(doc.diag("input.messages_column", "set either `prompt_column` or `messages_column`, not both"));
+    }
+    match (&i.path, &i.candidates) {
+        (None, None) => {
+            d.push(doc.diag(
+                "input",
+                "set `input.candidates` (responses with rewards made elsewhere) or `input.path` (prompts)",
+            ));
+            None
+        }
+        (Some(_), Some(_)) => {
+            d.push(doc.diag("input.candidates", "set either `input.path` or `input.candidates`, not both"));
+            None
+        }
+        (Some(p), None) => {
+            if let Err(m) = resolve_files(p) {
+                d.push(doc.diag("input.path", m));
+            }
+            d.push(doc.diag(
+                "input.path",
+                "generating responses from prompts needs the sample and score stages, which this build of rbon \
+                 does not include yet; use `input.candidates` with responses and rewards made elsewhere",
+            ));
+            None
+        }
+        (None, Some(c)) => {
+            let p = Path::new(c);
+            if !p.is_file() {
+                d.push(doc.diag("input.candidates", format!("no such file: {c}")));
+                return None;
+            }
+            if file_kind(p).is_none() {
+                d.push(
+                    doc.diag("input.candidates", format!("{c}: candidates must be a .parquet, .jsonl or .json file")),
+                );
+                return None;
+            }
+            match candidates_header(p) {
+                Ok(h) => Some(Available {
+                    rewards: h.rewards,
+                    logprob: h.has_logprob,
+                    num_tokens: h.has_num_tokens,
+                    embedding: h.has_embedding,
+                    source: format!("the candidates file {c}"),
+                }),
+                Err(e) => {
+                    d.push(doc.diag("input.candidates", e.to_string()));
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Whether a device string is well formed, and whether this build can use it.
+pub fn check_device(dev: &str) -> Result<(), String> {
+    let ok_form = dev == "cpu"
+        || dev == "metal"
+        || dev == "cuda:*"
+        || dev.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if !ok_form {
+        return Err(format!("unknown device `{dev}`; expected cpu, cuda:N, cuda:* or metal"));
+    }
+    // Selection and pairing run on the CPU; GPU devices arrive with the model stages.
+    if dev != "cpu" {
+        return Err(format!("`{dev}` is not supported by this build of rbon, which runs on cpu only"));
+    }
+    Ok(())
+}
+
+fn check_runtime(doc: &ConfigDoc, r: &RuntimeConfig, d: &mut Diagnostics) {
+    if r.devices.is_empty() {
+        d.push(doc.diag("runtime.devices", "must name at least one device (e.g. [cpu])"));
+    }
+    for (i, dev) in r.devices.iter().enumerate() {
+        if let Err(m) = check_device(dev) {
+            d.push(doc.diag(&format!("runtime.devices[{i}]"), m));
+        }
+    }
+    if r.batch_tokens == 0 {
+        d.push(doc.diag("runtime.batch_tokens", "0 is not allowed: must be at least 1"));
+    }
+}

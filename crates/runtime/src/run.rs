@@ -1,0 +1,346 @@
+//! Running a pipeline over its run directory, stage by stage, shard by shard. A stage whose
+//! fingerprint (its config plus its inputs' fingerprints) changed is discarded and redone; a
+//! shard that already exists with the current fingerprint is reused.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use rbon_core::input::{CandidateGroup, InputConfig, read_candidates};
+use rbon_core::rundir::fingerprint;
+use rbon_core::schema;
+use rbon_core::seed::sha256_hex;
+use rbon_core::shard::{self, ShardMeta};
+use rbon_core::tables::{self, SampleScores};
+use rbon_core::{CoreError, Event, Manifest, Progress, RunDir, StageState};
+use rbon_pair::{CardContext, Export, PairError, export_key, pair_shard, pairs_batch, write_exports};
+use rbon_regularize::{SelectError, select_shard, selections_batch, sweep};
+
+use crate::config::Pipeline;
+
+/// rbon's version, recorded in manifests and cards.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Errors of a run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    #[error(transparent)]
+    Pair(#[from] PairError),
+}
+
+impl RunError {
+    /// True when the user's data, not the environment, is at fault.
+    pub fn is_data(&self) -> bool {
+        match self {
+            Self::Core(e) => e.is_data(),
+            Self::Select(SelectError::Core(e)) | Self::Pair(PairError::Core(e)) => e.is_data(),
+            Self::Select(_) | Self::Pair(_) => true,
+        }
+    }
+}
+
+/// Options of `rbon run`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Discard everything in the run directory first.
+    pub force: bool,
+}
+
+/// What one stage did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageReport {
+    pub stage: String,
+    pub shards: usize,
+    pub reused: usize,
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub run_dir: PathBuf,
+    pub stages: Vec<StageReport>,
+    pub exports: Vec<Export>,
+    /// True when the exports were already up to date and left alone.
+    pub exports_reused: bool,
+}
+
+#[derive(Serialize)]
+struct ImportFingerprint<'a> {
+    input: &'a InputConfig,
+    file_sha256: String,
+}
+
+#[derive(Serialize)]
+struct PairFingerprint<'a> {
+    pair: &'a rbon_pair::PairConfig,
+    seed: u64,
+}
+
+#[derive(Serialize)]
+struct ExportFingerprint<'a> {
+    name: &'a str,
+    config_text: &'a str,
+}
+
+/// Runs (or resumes) a pipeline.
+pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<RunReport, RunError> {
+    let cfg = &p.config;
+    let Some(cand_path) = cfg.input.candidates.as_deref().map(PathBuf::from) else {
+        return Err(CoreError::data("input", "this build of rbon starts from `input.candidates`").into());
+    };
+    // Read and check the whole input before touching the run directory: bad data leaves nothing behind.
+    let bytes = std::fs::read(&cand_path).map_err(|e| CoreError::io(&cand_path, e))?;
+    let file_sha256 = sha256_hex(&bytes);
+    drop(bytes);
+    let cands = read_candidates(&cand_path, cfg.input.limit)?;
+    let shard_size = cfg.input.shard_size.max(1) as usize;
+    let chunks: Vec<&[CandidateGroup]> = cands.groups.chunks(shard_size).collect();
+    let n_shards = chunks.len();
+
+    let run = RunDir::create(&cfg.output)?;
+    if opts.force {
+        run.clear_all()?;
+    }
+    let mut manifest = run.read_manifest()?;
+    manifest.rbon_version = VERSION.to_owned();
+    manifest.name = cfg.name.clone();
+    run.freeze_config(p.doc.text())?;
+
+    let fp_import = fingerprint("import", &ImportFingerprint { input: &cfg.input, file_sha256 }, &[]);
+    let fp_select = fingerprint("selections", &cfg.select, &[&fp_import]);
+    let fp_pairs = fingerprint("pairs", &PairFingerprint { pair: &cfg.pair, seed: cfg.seed }, &[&fp_select]);
+    let fp_export =
+        fingerprint("export", &ExportFingerprint { name: &cfg.name, config_text: p.doc.text() }, &[&fp_pairs]);
+
+    let mut reports = Vec::new();
+
+    // Import: prompts, samples and scores shards from the candidates file.
+    for stage in ["prompts", "samples", "scores"] {
+        invalidate(&run, &mut manifest, stage, &fp_import, progress)?;
+    }
+    let rewards = cands.rewards.clone();
+    let r = run_stage(&run, &mut manifest, "samples", &fp_import, n_shards, progress, |i| {
+        let groups = chunks[i];
+        let samples: usize = groups.iter().map(|g| g.samples.len()).sum();
+        let counters =
+            BTreeMap::from([("prompts".to_owned(), groups.len() as u64), ("samples".to_owned(), samples as u64)]);
+        let meta = ShardMeta { fingerprint: fp_import.clone(), counters: counters.clone(), ..Default::default() };
+        // The samples shard is written last: its presence marks the import of shard i complete.
+        shard::write_parquet(
+            &run.shard_path("prompts", i),
+            &schema::prompts_schema(),
+            &[tables::prompts_batch(groups)?],
+            &meta,
+        )?;
+        let scores = tables::scores_batch(groups, &rewards, cands.embedding_dim)?;
+        shard::write_parquet(&run.shard_path("scores", i), &scores.schema(), &[scores], &meta)?;
+        shard::write_parquet(
+            &run.shard_path("samples", i),
+            &schema::samples_schema(),
+            &[tables::samples_batch(groups)?],
+            &meta,
+        )?;
+        Ok((meta, samples))
+    })?;
+    for stage in ["prompts", "scores"] {
+        let mut st = manifest.stages.get("samples").cloned().unwrap_or_default();
+        st.counters.retain(|k, _| (stage == "prompts") == (k == "prompts"));
+        manifest.stages.insert(stage.to_owned(), st);
+    }
+    run.write_manifest(&manifest)?;
+    reports.push(r);
+
+    // Selection.
+    invalidate(&run, &mut manifest, "selections", &fp_select, progress)?;
+    let r = run_stage(&run, &mut manifest, "selections", &fp_select, n_shards, progress, |i| {
+        let data = read_sample_scores(&run, i)?;
+        let rows = select_shard(&cfg.select, &data)?;
+        let batch = selections_batch(&rows, &data.reward_names)?;
+        let meta = ShardMeta {
+            fingerprint: fp_select.clone(),
+            counters: rbon_regularize::stage::counters(&data, &rows),
+            ..Default::default()
+        };
+        shard::write_parquet(&run.shard_path("selections", i), &batch.schema(), &[batch], &meta)?;
+        Ok((meta, rows.len()))
+    })?;
+    reports.push(r);
+
+    // Pairs.
+    invalidate(&run, &mut manifest, "pairs", &fp_pairs, progress)?;
+    let r = run_stage(&run, &mut manifest, "pairs", &fp_pairs, n_shards, progress, |i| {
+        let data = read_sample_scores(&run, i)?;
+        let prompts = tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
+        let selections = shard::read_parquet(&run.shard_path("selections", i))?;
+        let sp = pair_shard(&cfg.pair, &cfg.select, cfg.seed, &prompts, &data, &selections)?;
+        let meta = ShardMeta { fingerprint: fp_pairs.clone(), counters: sp.counters, details: sp.details };
+        shard::write_parquet(&run.shard_path("pairs", i), &schema::pairs_schema(), &[pairs_batch(&sp.rows)?], &meta)?;
+        Ok((meta, sp.rows.len()))
+    })?;
+    reports.push(r);
+
+    // Exports, merged from every pair shard.
+    let exports: Vec<_> =
+        sweep(&cfg.select).into_iter().filter(|&(m, b)| cfg.pair.exports(&cfg.select, m, b)).collect();
+    let mut details: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for i in 0..n_shards {
+        let meta = shard::read_meta(&run.shard_path("pairs", i))?.unwrap_or_default();
+        for (k, c) in meta.details {
+            let e = details.entry(k).or_default();
+            for (ck, v) in c {
+                *e.entry(ck).or_default() += v;
+            }
+        }
+    }
+    let export_done = manifest.stages.get("export").is_some_and(|s| s.complete && s.fingerprint == fp_export)
+        && exports.iter().all(|&(m, b)| run.stage_dir("pairs").join(export_key(m, b)).join("README.md").is_file());
+    let written = if export_done {
+        Vec::new()
+    } else {
+        manifest.stages.insert("export".into(), StageState { fingerprint: fp_export.clone(), ..Default::default() });
+        run.write_manifest(&manifest)?;
+        let card = CardContext {
+            run_name: &cfg.name,
+            version: VERSION,
+            select: &cfg.select,
+            pair: &cfg.pair,
+            config_text: p.doc.text(),
+        };
+        let written = write_exports(&run, n_shards, &exports, &details, &card)?;
+        for e in &written {
+            for f in &e.files {
+                progress.event(Event::Wrote { path: f.clone() });
+            }
+        }
+        let files: usize = written.iter().map(|e| e.files.len()).sum();
+        manifest.stages.insert(
+            "export".into(),
+            StageState {
+                fingerprint: fp_export,
+                shards: files,
+                done: files,
+                complete: true,
+                counters: BTreeMap::from([
+                    ("exports".to_owned(), written.len() as u64),
+                    ("files".to_owned(), files as u64),
+                ]),
+            },
+        );
+        run.write_manifest(&manifest)?;
+        written
+    };
+    let exports_list = if export_done {
+        exports
+            .iter()
+            .map(|&(m, b)| {
+                let dir = run.stage_dir("pairs").join(export_key(m, b));
+                let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                    .map(|rd| {
+                        rd.flatten()
+                            .map(|e| e.path())
+                            .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                files.sort();
+                Export {
+                    method: m,
+                    beta: b,
+                    dir,
+                    files,
+                    counts: details.get(&export_key(m, b)).cloned().unwrap_or_default(),
+                }
+            })
+            .collect()
+    } else {
+        written
+    };
+    Ok(RunReport { run_dir: cfg.output.clone(), stages: reports, exports: exports_list, exports_reused: export_done })
+}
+
+fn read_sample_scores(run: &RunDir, i: usize) -> Result<SampleScores, CoreError> {
+    let samples = shard::read_parquet(&run.shard_path("samples", i))?;
+    let scores = shard::read_parquet(&run.shard_path("scores", i))?;
+    SampleScores::from_batches(&samples, &scores, &format!("shard {i}"))
+}
+
+/// Discards a stage's output when it was made under another fingerprint.
+fn invalidate(run: &RunDir, m: &mut Manifest, stage: &str, fp: &str, progress: &dyn Progress) -> Result<(), CoreError> {
+    let stale = match m.stages.get(stage) {
+        Some(s) => s.fingerprint != fp,
+        // No record: keep only shards whose own fingerprint matches (checked per shard).
+        None => false,
+    };
+    if stale {
+        run.clear_stage(stage)?;
+        m.stages.remove(stage);
+        progress.event(Event::Invalidated {
+            stage: stage.to_owned(),
+            reason: "its configuration or inputs changed".into(),
+        });
+    }
+    shard::remove_stale_temps(&run.stage_dir(stage))
+}
+
+/// Runs `work` for every shard that is not finished, reusing the others.
+fn run_stage(
+    run: &RunDir,
+    m: &mut Manifest,
+    stage: &str,
+    fp: &str,
+    n_shards: usize,
+    progress: &dyn Progress,
+    mut work: impl FnMut(usize) -> Result<(ShardMeta, usize), RunError>,
+) -> Result<StageReport, RunError> {
+    let started = Instant::now();
+    let done: Vec<Option<ShardMeta>> = (0..n_shards).map(|i| run.finished_shard(stage, i, fp)).collect();
+    let reused = done.iter().filter(|d| d.is_some()).count();
+    m.stages.insert(
+        stage.to_owned(),
+        StageState {
+            fingerprint: fp.to_owned(),
+            shards: n_shards,
+            done: reused,
+            complete: false,
+            counters: BTreeMap::new(),
+        },
+    );
+    run.write_manifest(m)?;
+    progress.event(Event::StageStarted { stage: stage.to_owned(), total: n_shards, skipped: reused });
+    let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+    for (i, d) in done.into_iter().enumerate() {
+        let meta = match d {
+            Some(meta) => meta,
+            None => {
+                let (meta, rows) = work(i)?;
+                progress.event(Event::ShardDone { stage: stage.to_owned(), shard: i, rows });
+                meta
+            }
+        };
+        for (k, v) in meta.counters {
+            *counters.entry(k).or_default() += v;
+        }
+    }
+    let st = StageState {
+        fingerprint: fp.to_owned(),
+        shards: n_shards,
+        done: n_shards,
+        complete: true,
+        counters: counters.clone(),
+    };
+    m.stages.insert(stage.to_owned(), st);
+    run.write_manifest(m)?;
+    progress.event(Event::StageFinished {
+        stage: stage.to_owned(),
+        counters: counters.clone(),
+        elapsed: started.elapsed(),
+    });
+    Ok(StageReport { stage: stage.to_owned(), shards: n_shards, reused, counters })
+}
