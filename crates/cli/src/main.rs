@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -89,11 +90,13 @@ struct Ui {
     quiet: bool,
     tty: bool,
     bar: Mutex<Option<ProgressBar>>,
+    /// The current stage reused every shard: its summary line would repeat the skip line.
+    all_skipped: AtomicBool,
 }
 
 impl Ui {
     fn new(quiet: bool) -> Self {
-        Self { quiet, tty: std::io::stderr().is_terminal(), bar: Mutex::new(None) }
+        Self { quiet, tty: std::io::stderr().is_terminal(), bar: Mutex::new(None), all_skipped: AtomicBool::new(false) }
     }
     fn clear(&self) {
         if let Ok(mut b) = self.bar.lock()
@@ -118,6 +121,7 @@ impl Progress for Ui {
         match e {
             Event::Invalidated { stage, reason } => self.line(format!("{stage}: earlier output discarded ({reason})")),
             Event::StageStarted { stage, total, skipped } => {
+                self.all_skipped.store(skipped == total, Ordering::Relaxed);
                 if skipped == total {
                     self.line(format!("{stage}: all {total} shards already done, skipped"));
                     return;
@@ -148,6 +152,9 @@ impl Progress for Ui {
             }
             Event::StageFinished { stage, counters, elapsed } => {
                 self.clear();
+                if self.all_skipped.load(Ordering::Relaxed) {
+                    return;
+                }
                 let parts: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
                 self.line(format!("{stage}: done in {:.2?} ({})", elapsed, parts.join(", ")));
             }

@@ -231,7 +231,14 @@ impl ConfigDoc {
         let node: Spanned<Node> = serde_saphyr::from_str(text).map_err(|e| {
             let position = e.location().map(|l| loc(&l)).filter(|&(l, _)| l > 0);
             let message = e.to_string();
-            let message = message.lines().next().unwrap_or("invalid YAML").to_owned();
+            let mut message = message.lines().next().unwrap_or("invalid YAML");
+            // The position is shown in front already.
+            message = message.strip_prefix("error: ").unwrap_or(message);
+            if message.starts_with("line ")
+                && let Some(i) = message.find(": ")
+            {
+                message = &message[i + 2..];
+            }
             Diagnostics(vec![Diagnostic {
                 file: file.to_owned(),
                 position,

@@ -1,0 +1,500 @@
+//! End-to-end tests that run the `rbon` binary on files in a temporary directory.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, RecordBatch};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+fn rbon(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rbon")).args(args).current_dir(cwd).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A small candidates file: `prompts` prompts of `n` samples, deterministic.
+fn candidates(prompts: usize, n: usize, with_logprob: bool, with_embedding: bool) -> String {
+    let mut s = String::new();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut rnd = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    for p in 0..prompts {
+        for k in 0..n {
+            let words = 1 + (rnd() * 12.0) as usize;
+            let response = (0..words).map(|w| format!("w{}", (w * 7 + k + p) % 13)).collect::<Vec<_>>().join(" ");
+            let mut row = format!(
+                r#"{{"prompt_id": "p{p:05}", "prompt": "Question number {p}?", "sample_idx": {k}, "response": "{response}", "reward_proxy": {:.6}, "reward_gold": {:.6}, "num_tokens": {}"#,
+                rnd() * 4.0 - 2.0,
+                rnd() * 4.0 - 2.0,
+                words + 1
+            );
+            if with_logprob {
+                write!(row, r#", "logprob": {:.6}"#, -(words as f64) * (1.0 + rnd())).unwrap();
+            }
+            if with_embedding {
+                let e: Vec<String> = (0..8).map(|_| format!("{:.5}", rnd() - 0.3)).collect();
+                write!(row, r#", "embedding": [{}]"#, e.join(", ")).unwrap();
+            }
+            s.push_str(&row);
+            s.push_str("}\n");
+        }
+    }
+    s
+}
+
+const BETAS: &str = "[0.001, 0.01, 0.1, 1.0]";
+
+fn pipeline(cands: &str, output: &str, shard_size: usize, betas: &str) -> String {
+    format!(
+        "name: t\noutput: {output}\nseed: 3\ninput:\n  candidates: {cands}\n  shard_size: {shard_size}\n\
+         select:\n  proxy: proxy\n  gold: [gold]\n  methods: [bon, rbon_kl, rbon_wd, mbr, rbon_len]\n  betas: {betas}\n\
+         pair:\n  rejected: worst\n"
+    )
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(prompts: usize, n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("c.jsonl"), candidates(prompts, n, true, true)).unwrap();
+        Self { dir }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        fs::write(&p, text).unwrap();
+        p
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        rbon(args, self.path())
+    }
+}
+
+fn read(path: &Path) -> RecordBatch {
+    let f = fs::File::open(path).unwrap();
+    let r = ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
+    let batches: Vec<RecordBatch> = r.map(|b| b.unwrap()).collect();
+    arrow_select_concat(&batches)
+}
+
+fn arrow_select_concat(batches: &[RecordBatch]) -> RecordBatch {
+    assert!(!batches.is_empty());
+    let schema = batches[0].schema();
+    let cols = (0..schema.fields().len())
+        .map(|i| {
+            let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(i).as_ref()).collect();
+            arrow_select::concat::concat(&arrays).unwrap()
+        })
+        .collect();
+    RecordBatch::try_new(schema, cols).unwrap()
+}
+
+/// Every export file under `pairs/`, relative path → bytes.
+fn export_files(run: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let pairs = run.join("pairs");
+    for m in fs::read_dir(&pairs).unwrap().flatten().filter(|e| e.path().is_dir()) {
+        for b in fs::read_dir(m.path()).unwrap().flatten() {
+            for f in fs::read_dir(b.path()).unwrap().flatten() {
+                let p = f.path();
+                out.push((p.strip_prefix(run).unwrap().to_owned(), fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn byo_pipeline_from_the_repository_runs() {
+    let out = tempfile::tempdir().unwrap();
+    let yaml = fs::read_to_string(repo().join("pipelines/byo.yaml")).unwrap();
+    let yaml = yaml.replace("output: runs/byo", &format!("output: {}", out.path().join("byo").display()));
+    let cfg = out.path().join("byo.yaml");
+    fs::write(&cfg, yaml).unwrap();
+    let o = rbon(&["run", cfg.to_str().unwrap()], &repo());
+    assert!(o.status.success(), "{}", text(&o));
+    let p = out.path().join("byo/pairs/rbon_wd/beta=0.1/train-00000-of-00001.parquet");
+    assert!(p.is_file(), "{}", text(&o));
+}
+
+#[test]
+fn run_writes_pairs_then_rerun_skips_everything() {
+    let f = Fixture::new(20, 6);
+    f.write("p.yaml", &pipeline("c.jsonl", "out", 7, BETAS));
+    let o = f.run(&["run", "p.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = f.path().join("out");
+    for d in [
+        "pipeline.yaml",
+        "manifest.json",
+        "prompts/shard-00002.parquet",
+        "samples/shard-00000.parquet",
+        "scores/shard-00001.parquet",
+        "selections/shard-00002.parquet",
+        "pairs/shard-00002.parquet",
+    ] {
+        assert!(run.join(d).exists(), "{d} missing");
+    }
+    assert!(!run.join("prompts/shard-00003.parquet").exists());
+
+    // Every export: the columns of DESIGN §8, no pair with chosen == rejected.
+    let exports = export_files(&run);
+    let parquet: Vec<_> = exports.iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "parquet")).collect();
+    assert_eq!(parquet.len(), 2 + 3 * 4, "{:?}", exports.iter().map(|e| &e.0).collect::<Vec<_>>());
+    for (p, _) in &parquet {
+        let b = read(&run.join(p));
+        let schema = b.schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "prompt_id",
+                "method",
+                "beta",
+                "prompt",
+                "chosen",
+                "rejected",
+                "chosen_index",
+                "rejected_index",
+                "score_chosen",
+                "score_rejected",
+                "margin"
+            ]
+        );
+        let content = |col: &str, r: usize| {
+            let l = b.column_by_name(col).unwrap().as_list::<i32>().value(r);
+            let s = l.as_struct().column_by_name("content").unwrap().as_string::<i32>().value(0).to_owned();
+            let role = l.as_struct().column_by_name("role").unwrap().as_string::<i32>().value(0).to_owned();
+            (role, s)
+        };
+        for r in 0..b.num_rows() {
+            let (rc, c) = content("chosen", r);
+            let (rr, j) = content("rejected", r);
+            assert_eq!((rc.as_str(), rr.as_str()), ("assistant", "assistant"));
+            assert_ne!(c, j, "{} row {r}", p.display());
+        }
+        assert!(run.join(p.parent().unwrap()).join("README.md").is_file(), "{} has no card", p.display());
+    }
+    let card = fs::read_to_string(run.join("pairs/rbon_kl/beta=0.01/README.md")).unwrap();
+    assert!(card.contains("pairs written") && card.contains("rbon_kl"), "{card}");
+
+    let before = export_files(&run);
+    let o = f.run(&["run", "p.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    for stage in ["samples", "selections", "pairs"] {
+        assert!(t.contains(&format!("{stage}: all 3 shards already done, skipped")), "{t}");
+    }
+    assert!(t.contains("exports up to date"), "{t}");
+    assert_eq!(before, export_files(&run));
+}
+
+#[test]
+fn changing_betas_reruns_only_selection_and_pairs() {
+    let f = Fixture::new(12, 5);
+    f.write("p.yaml", &pipeline("c.jsonl", "out", 5, BETAS));
+    assert!(f.run(&["run", "p.yaml"]).status.success());
+    let run = f.path().join("out");
+    let mtime = |p: &str| fs::metadata(run.join(p)).unwrap().modified().unwrap();
+    let samples_before = mtime("samples/shard-00000.parquet");
+    let selections_before = fs::read(run.join("selections/shard-00000.parquet")).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+
+    f.write("p.yaml", &pipeline("c.jsonl", "out", 5, "[0.01, 0.5]"));
+    let o = f.run(&["run", "p.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("samples: all 3 shards already done, skipped"), "{t}");
+    assert!(t.contains("selections: earlier output discarded"), "{t}");
+    assert!(t.contains("pairs: earlier output discarded"), "{t}");
+    assert!(!t.contains("selections: all 3 shards already done"), "{t}");
+    assert_eq!(samples_before, mtime("samples/shard-00000.parquet"));
+    assert_ne!(selections_before, fs::read(run.join("selections/shard-00000.parquet")).unwrap());
+    // Old β exports are gone with the old pairs; the new ones are there.
+    assert!(!run.join("pairs/rbon_kl/beta=0.001").exists());
+    assert!(run.join("pairs/rbon_kl/beta=0.5/train-00000-of-00001.parquet").is_file());
+
+    // --force starts over.
+    let o = f.run(&["run", "p.yaml", "--force"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("already done"), "{}", text(&o));
+}
+
+#[test]
+fn pair_rows_do_not_depend_on_shard_size() {
+    let f = Fixture::new(15, 4);
+    f.write("a.yaml", &pipeline("c.jsonl", "a", 4, BETAS));
+    f.write("b.yaml", &pipeline("c.jsonl", "b", 15, BETAS));
+    assert!(f.run(&["run", "a.yaml"]).status.success());
+    assert!(f.run(&["run", "b.yaml"]).status.success());
+    let a = export_files(&f.path().join("a"));
+    let b = export_files(&f.path().join("b"));
+    assert_eq!(a.len(), b.len());
+    for ((pa, ba), (pb, bb)) in a.iter().zip(&b) {
+        assert_eq!(pa, pb);
+        if pa.extension().is_some_and(|e| e == "parquet") {
+            assert_eq!(read(&f.path().join("a").join(pa)), read(&f.path().join("b").join(pb)), "{}", pa.display());
+            // One file per export either way, written from the same rows: the same bytes.
+            assert_eq!(ba, bb, "{}", pa.display());
+        }
+    }
+}
+
+/// (name, extra files, pipeline text, expected message fragments).
+fn bad_configs() -> Vec<(&'static str, String, Vec<&'static str>)> {
+    let good = pipeline("c.jsonl", "out", 4, BETAS);
+    vec![
+        ("unknown section", good.replace("pair:", "pairs:"), vec!["p.yaml:12:1: pairs: unknown section `pairs`"]),
+        (
+            "unknown key",
+            good.replace("  proxy: proxy", "  proxi: proxy"),
+            vec!["select.proxi: unknown field `proxi`, expected one of `proxy`, `gold`, `methods`, `betas`"],
+        ),
+        (
+            "bad method",
+            good.replace("mbr, rbon_len", "mbr, rbon_lenn"),
+            vec!["select.methods[4]: unknown variant `rbon_lenn`, expected one of"],
+        ),
+        (
+            "negative beta",
+            good.replace(BETAS, "[0.1, -0.5]"),
+            vec!["p.yaml:11:16: select.betas[1]: β = -0.5 is not allowed: β must be a finite number ≥ 0"],
+        ),
+        ("duplicate beta", good.replace(BETAS, "[0.1, 0.1]"), vec!["select.betas[1]: β = 0.1 is listed twice"]),
+        (
+            "unknown proxy",
+            good.replace("proxy: proxy", "proxy: helpful"),
+            vec!["select.proxy: no reward model `helpful` in the candidates file c.jsonl (available: gold, proxy)"],
+        ),
+        (
+            "unknown gold",
+            good.replace("gold: [gold]", "gold: [gold, harmless]"),
+            vec!["select.gold[1]: no reward model `harmless`"],
+        ),
+        (
+            "kl without logprob",
+            good.replace("c.jsonl", "nolp.jsonl"),
+            vec![
+                "select.methods[1]: `rbon_kl` needs log-probs, but the candidates file nolp.jsonl has no `logprob` column",
+            ],
+        ),
+        (
+            "wd without embedding",
+            good.replace("c.jsonl", "noemb.jsonl"),
+            vec!["select.methods[2]: `rbon_wd` needs embeddings", "select.methods[3]: `mbr` needs embeddings"],
+        ),
+        ("zero shard size", good.replace("shard_size: 4", "shard_size: 0"), vec!["input.shard_size: 0 is not allowed"]),
+        (
+            "negative shard size",
+            good.replace("shard_size: 4", "shard_size: -3"),
+            vec!["input.shard_size: invalid value: integer `-3`, expected u64"],
+        ),
+        (
+            "missing candidates",
+            good.replace("c.jsonl", "nope.jsonl"),
+            vec!["input.candidates: no such file: nope.jsonl"],
+        ),
+        ("syntax error", good.replace("betas: [", "betas: [[").to_owned(), vec!["p.yaml:", "invalid YAML"]),
+        ("missing output", good.replace("output: out\n", ""), vec!["missing `output`"]),
+        (
+            "bad seed",
+            good.replace("seed: 3", "seed: three"),
+            vec!["p.yaml:3:7: seed: invalid type: string \"three\", expected u64"],
+        ),
+        (
+            "bad rejected rule",
+            good.replace("rejected: worst", "rejected: best"),
+            vec!["pair.rejected: unknown variant `best`, expected one of `worst`, `random`, `second`"],
+        ),
+        (
+            "nan margin",
+            format!("{good}  min_margin: .nan\n"),
+            vec!["p.yaml:14:15: invalid YAML: non-finite float `.nan`"],
+        ),
+        (
+            "pair method not selected",
+            good.replace("methods: [bon, rbon_kl, rbon_wd, mbr, rbon_len]", "methods: [bon]")
+                + "  methods: [rbon_wd]\n",
+            vec!["pair.methods[0]: `rbon_wd` is not in select.methods (bon)"],
+        ),
+        (
+            "gpu device",
+            format!("{good}runtime:\n  devices: [cuda:0, tpu]\n"),
+            vec![
+                "runtime.devices[0]: `cuda:0` is not supported by this build",
+                "runtime.devices[1]: unknown device `tpu`",
+            ],
+        ),
+        (
+            "both inputs",
+            good.replace("  shard_size: 4", "  shard_size: 4\n  path: c.jsonl"),
+            vec!["input.candidates: set either `input.path` or `input.candidates`, not both"],
+        ),
+        (
+            "bad candidates columns",
+            good.replace("c.jsonl", "nocol.jsonl"),
+            vec!["input.candidates: nocol.jsonl: missing column `response`"],
+        ),
+    ]
+}
+
+#[test]
+fn malformed_configs_each_give_their_message() {
+    let f = Fixture::new(3, 3);
+    f.write("nolp.jsonl", &candidates(3, 3, false, true));
+    f.write("noemb.jsonl", &candidates(3, 3, true, false));
+    f.write("nocol.jsonl", &candidates(3, 3, true, true).replace("\"response\"", "\"text\""));
+    for (name, yaml, expected) in bad_configs() {
+        f.write("p.yaml", &yaml);
+        for cmd in ["validate", "run"] {
+            let o = f.run(&[cmd, "p.yaml"]);
+            let t = text(&o);
+            assert_eq!(o.status.code(), Some(78), "{name} ({cmd}): {t}");
+            for e in &expected {
+                assert!(t.contains(e), "{name} ({cmd}): expected {e:?} in:\n{t}");
+            }
+            assert!(!f.path().join("out").exists(), "{name}: {cmd} wrote output");
+        }
+    }
+}
+
+#[test]
+fn validate_reports_every_problem_at_once() {
+    let f = Fixture::new(3, 3);
+    let yaml = pipeline("c.jsonl", "out", 4, "[0.1, -1.0]")
+        .replace("proxy: proxy", "proxy: nope")
+        .replace("rejected: worst", "rejected: best\n  colour: red")
+        .replace("seed: 3", "seed: x");
+    f.write("p.yaml", &yaml);
+    let o = f.run(&["validate", "p.yaml"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(78), "{t}");
+    for e in ["seed:", "select.proxy:", "select.betas[1]:", "pair.rejected:", "pair.colour:", "5 problems found"] {
+        assert!(t.contains(e), "expected {e:?} in:\n{t}");
+    }
+    // Each with a line and column.
+    assert!(
+        t.lines()
+            .filter(|l| l.starts_with("error: p.yaml:"))
+            .all(|l| l.split(':').nth(2).is_some_and(|n| n.parse::<u32>().is_ok())),
+        "{t}"
+    );
+
+    f.write("ok.yaml", &pipeline("c.jsonl", "out", 4, BETAS));
+    let o = f.run(&["validate", "ok.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!f.path().join("out").exists(), "validate wrote output");
+}
+
+#[test]
+fn bad_rows_name_file_and_line_and_write_nothing() {
+    let f = Fixture::new(3, 3);
+    let good = candidates(3, 3, true, true);
+    let lines: Vec<&str> = good.lines().collect();
+    let cases = [
+        (
+            "reward",
+            lines[4].replace(r#""reward_proxy": "#, r#""reward_proxy": "high", "x": "#),
+            "bad.jsonl:5: `reward_proxy` is null or not a number",
+        ),
+        (
+            "duplicate",
+            lines[4].replace(r#""sample_idx": 1"#, r#""sample_idx": 0"#),
+            "bad.jsonl:5: duplicate sample_idx 0 for prompt_id \"p00001\": also at",
+        ),
+        (
+            "prompt",
+            lines[4].replace("Question number 1?", "Another question?"),
+            "bad.jsonl:5: prompt differs from the one at",
+        ),
+        (
+            "embedding",
+            lines[4].replace(r#""embedding": ["#, r#""embedding": [1.0, "#),
+            "bad.jsonl:5: embedding has 9 values, earlier rows have 8",
+        ),
+        ("json", "{not json".to_owned(), "bad.jsonl:5: invalid JSON"),
+    ];
+    for (name, bad_line, expected) in cases {
+        let mut rows = lines.clone();
+        rows[4] = &bad_line;
+        f.write("bad.jsonl", &(rows.join("\n") + "\n"));
+        f.write("p.yaml", &pipeline("bad.jsonl", "out", 2, BETAS));
+        let o = f.run(&["run", "p.yaml"]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(65), "{name}: {t}");
+        assert!(t.contains(expected), "{name}: expected {expected:?} in:\n{t}");
+        assert!(!f.path().join("out").exists(), "{name}: a run with bad data wrote output");
+    }
+}
+
+#[test]
+fn sigkill_mid_run_then_resume_gives_identical_pairs() {
+    let f = Fixture::new(1500, 6);
+    f.write("a.yaml", &pipeline("c.jsonl", "killed", 5, BETAS));
+    f.write("b.yaml", &pipeline("c.jsonl", "clean", 5, BETAS));
+    assert!(f.run(&["run", "b.yaml"]).status.success());
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
+        .args(["run", "a.yaml"])
+        .current_dir(f.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill once selection is under way: some shards written, most not.
+    let marker = f.path().join("killed/selections/shard-00010.parquet");
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "the run never reached selection");
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = f.path().join("killed");
+    assert!(!killed.join("selections/shard-00299.parquet").exists(), "the run was not interrupted");
+    assert!(!killed.join("pairs/bon").exists());
+
+    let o = f.run(&["run", "a.yaml"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("samples: all 300 shards already done, skipped"), "{t}");
+    assert!(t.contains("of 300 shards already done, skipped"), "{t}");
+    let a = export_files(&killed);
+    let b = export_files(&f.path().join("clean"));
+    assert_eq!(a.len(), b.len());
+    for ((pa, ba), (pb, bb)) in a.iter().zip(&b) {
+        assert_eq!(pa, pb);
+        if pa.extension().is_some_and(|e| e == "parquet") {
+            assert!(ba == bb, "{} differs after resume", pa.display());
+        }
+    }
+    // No temporary files survive the resume.
+    for stage in ["prompts", "samples", "scores", "selections", "pairs"] {
+        for e in fs::read_dir(killed.join(stage)).unwrap().flatten() {
+            assert!(!e.file_name().to_string_lossy().contains(".tmp-"), "{}", e.path().display());
+        }
+    }
+}
