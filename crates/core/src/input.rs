@@ -980,4 +980,92 @@ mod tests {
         let e = read_candidates(&p, None).unwrap_err().to_string();
         assert!(e.contains("c4.jsonl:2: prompt differs"), "{e}");
     }
+
+    fn parquet_candidates(dir: &Path, reward: Vec<Option<f32>>) -> PathBuf {
+        use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
+        use arrow_array::{Float32Array, Float64Array, Int32Array, Int64Array, StringArray};
+        use std::sync::Arc;
+        let msgs = [vec![Message::new("system", "be brief"), Message::user("q1")], vec![Message::user("q2")]];
+        let rows = [0usize, 0, 1];
+        let mut emb = FixedSizeListBuilder::new(Float32Builder::new(), 3);
+        for v in [[3.0f32, 0.0, 4.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]] {
+            emb.values().append_slice(&v);
+            emb.append(true);
+        }
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("prompt_id", Arc::new(Int64Array::from(vec![7, 7, 9]))),
+            ("prompt", crate::messages::messages_array(rows.iter().map(|&r| msgs[r].as_slice()))),
+            ("sample_idx", Arc::new(Int64Array::from(vec![1, 0, 0]))),
+            ("response", Arc::new(StringArray::from(vec!["b", "a", "c"]))),
+            ("reward_rm", Arc::new(Float32Array::from(reward))),
+            ("logprob", Arc::new(Float64Array::from(vec![-1.0, -2.0, -3.0]))),
+            ("num_tokens", Arc::new(Int32Array::from(vec![2, 3, 4]))),
+            ("embedding", Arc::new(emb.finish())),
+        ];
+        let batch = RecordBatch::try_from_iter(cols).unwrap();
+        let p = dir.join("c.parquet");
+        crate::shard::write_parquet(&p, &batch.schema(), &[batch], &Default::default()).unwrap();
+        p
+    }
+
+    #[test]
+    fn candidates_from_parquet_with_other_types() {
+        let d = tempfile::tempdir().unwrap();
+        let p = parquet_candidates(d.path(), vec![Some(0.5), Some(1.5), Some(-1.0)]);
+        let h = candidates_header(&p).unwrap();
+        assert_eq!(h.rewards, vec!["rm".to_owned()]);
+        assert!(h.has_logprob && h.has_num_tokens && h.has_embedding);
+        let c = read_candidates(&p, None).unwrap();
+        assert_eq!(c.embedding_dim, Some(3));
+        assert_eq!(c.groups.len(), 2);
+        let g = &c.groups[0];
+        assert_eq!(g.prompt_id, "7");
+        assert_eq!(g.messages, vec![Message::new("system", "be brief"), Message::user("q1")]);
+        // Sorted by sample_idx.
+        assert_eq!(
+            g.samples.iter().map(|s| (s.sample_idx, s.response.as_str())).collect::<Vec<_>>(),
+            [(0, "a"), (1, "b")]
+        );
+        assert_eq!(g.samples[0].rewards, vec![1.5]);
+        assert_eq!(g.samples[0].num_tokens, Some(3));
+        assert_eq!(g.samples[1].embedding, Some(vec![3.0, 0.0, 4.0]));
+        assert_eq!(read_candidates(&p, Some(1)).unwrap().groups.len(), 1);
+
+        let p = parquet_candidates(d.path(), vec![Some(0.5), None, Some(1.0)]);
+        let e = read_candidates(&p, None).unwrap_err().to_string();
+        assert!(e.ends_with("c.parquet: row 1: `reward_rm` is null or not a number"), "{e}");
+        let p = parquet_candidates(d.path(), vec![Some(0.5), Some(f32::NAN), Some(1.0)]);
+        let e = read_candidates(&p, None).unwrap_err().to_string();
+        assert!(e.ends_with("c.parquet: row 1: `reward_rm` is NaN; it must be a finite number"), "{e}");
+    }
+
+    #[test]
+    fn prompts_from_parquet_messages_and_text() {
+        use arrow_array::StringArray;
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let msgs = [vec![Message::user("a")], vec![Message::new("system", "s"), Message::user("b")]];
+        let batch = RecordBatch::try_from_iter(vec![
+            ("conv", crate::messages::messages_array(msgs.iter().map(Vec::as_slice))),
+            ("text", Arc::new(StringArray::from(vec!["x", "y"])) as ArrayRef),
+        ])
+        .unwrap();
+        let p = d.path().join("p.parquet");
+        crate::shard::write_parquet(&p, &batch.schema(), &[batch], &Default::default()).unwrap();
+        let cfg = InputConfig {
+            path: Some(p.display().to_string()),
+            prompt_column: Some("conv".into()),
+            ..Default::default()
+        };
+        let rows = read_prompts(&cfg).unwrap();
+        assert_eq!(rows.iter().map(|r| r.messages.clone()).collect::<Vec<_>>(), msgs.to_vec());
+        let cfg = InputConfig { prompt_column: Some("text".into()), ..cfg };
+        assert_eq!(read_prompts(&cfg).unwrap()[1].messages, vec![Message::user("y")]);
+        let cfg = InputConfig { prompt_column: None, messages_column: Some("text".into()), ..cfg };
+        let e = read_prompts(&cfg).unwrap_err().to_string();
+        assert!(e.contains("p.parquet: row 0: column `text` must hold a list of {role, content} messages"), "{e}");
+        let cfg = InputConfig { messages_column: Some("nope".into()), ..cfg };
+        let e = read_prompts(&cfg).unwrap_err().to_string();
+        assert!(e.contains("no column `nope`; columns: conv, text"), "{e}");
+    }
 }

@@ -53,6 +53,10 @@ pub struct Manifest {
     pub stages: BTreeMap<String, StageState>,
 }
 
+/// Holds a run directory's lock.
+#[derive(Debug)]
+pub struct RunLock(#[allow(dead_code)] fs::File);
+
 /// A run directory on disk.
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -128,6 +132,26 @@ impl RunDir {
         Ok(())
     }
 
+    /// Takes the directory's lock so two runs cannot interleave their writes; held until the
+    /// returned guard is dropped (the OS releases it if the process dies).
+    pub fn lock(&self) -> Result<RunLock> {
+        let p = self.root.join(".lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| CoreError::io(&p, e))?;
+        match f.try_lock() {
+            Ok(()) => Ok(RunLock(f)),
+            Err(fs::TryLockError::WouldBlock) => Err(CoreError::RunDir {
+                path: self.root.clone(),
+                message: "another rbon process is using this run directory".into(),
+            }),
+            Err(fs::TryLockError::Error(e)) => Err(CoreError::io(&p, e)),
+        }
+    }
+
     pub fn manifest_path(&self) -> PathBuf {
         self.root.join("manifest.json")
     }
@@ -173,6 +197,10 @@ mod tests {
     fn clear_all_keeps_foreign_files() {
         let d = tempfile::tempdir().unwrap();
         let run = RunDir::create(d.path()).unwrap();
+        let lock = run.lock().unwrap();
+        assert!(run.lock().unwrap_err().to_string().contains("another rbon process"));
+        drop(lock);
+        fs::remove_file(d.path().join(".lock")).unwrap();
         fs::create_dir_all(run.stage_dir("pairs")).unwrap();
         run.write_manifest(&Manifest::default()).unwrap();
         fs::write(d.path().join("notes.txt"), "mine").unwrap();

@@ -105,6 +105,7 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     let n_shards = chunks.len();
 
     let run = RunDir::create(&cfg.output)?;
+    let _lock = run.lock()?;
     if opts.force {
         run.clear_all()?;
     }
