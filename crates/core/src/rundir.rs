@@ -16,7 +16,7 @@ use crate::shard::{self, ShardMeta};
 /// The stages that own a directory in the run directory, in pipeline order.
 pub const STAGE_DIRS: [&str; 5] = ["prompts", "samples", "scores", "selections", "pairs"];
 /// Other entries rbon writes there.
-pub const OWNED_FILES: [&str; 3] = ["pipeline.yaml", "manifest.json", "report"];
+pub const OWNED_FILES: [&str; 4] = ["pipeline.yaml", "manifest.json", "report", "vbon"];
 
 /// Hash of a stage's own configuration and its inputs' fingerprints. Configs serialize with a
 /// fixed field order (no hash maps), so equal configs give equal fingerprints.

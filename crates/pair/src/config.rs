@@ -40,14 +40,23 @@ pub struct PairConfig {
     /// Export only these methods (default: every method in `select.methods`).
     #[serde(default)]
     pub methods: Option<Vec<Method>>,
-    /// Export only these β values (default: all of `select.betas`); methods without β always export.
+    /// Export only these β values (default: all of `select.betas`, and all of `select.lambdas`
+    /// for `bon_unc`); methods without β always export.
     #[serde(default)]
     pub betas: Option<Vec<f64>>,
+    /// Also write each export's SFT half (`<export>/sft/`: prompt + the chosen completion, TRL's
+    /// prompt-completion format), the SFT term of BoNBoN alignment.
+    #[serde(default)]
+    pub sft: bool,
+    /// Also write `vbon/`: every sample with log π_ref, its reward CDF and its variational-BoN
+    /// log-weight.
+    #[serde(default)]
+    pub vbon: bool,
 }
 
 impl Default for PairConfig {
     fn default() -> Self {
-        Self { rejected: RejectedRule::Worst, min_margin: 0.0, methods: None, betas: None }
+        Self { rejected: RejectedRule::Worst, min_margin: 0.0, methods: None, betas: None, sft: false, vbon: false }
     }
 }
 
@@ -93,8 +102,11 @@ impl PairConfig {
         }
         if let Some(bs) = &self.betas {
             for (i, b) in bs.iter().enumerate() {
-                if !select.betas.contains(b) {
-                    diags.push(doc.diag(&format!("pair.betas[{i}]"), format!("β = {b} is not in select.betas")));
+                if !select.betas.contains(b) && !select.lambdas.contains(b) {
+                    diags.push(doc.diag(
+                        &format!("pair.betas[{i}]"),
+                        format!("β = {b} is not in select.betas or select.lambdas"),
+                    ));
                 }
             }
         }

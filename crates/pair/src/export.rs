@@ -7,13 +7,18 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use arrow_array::cast::AsArray;
 use arrow_array::types::Float64Type;
-use arrow_array::{BooleanArray, RecordBatch};
+use arrow_array::{Array, ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use rbon_core::messages::messages_array;
 use rbon_core::schema::{self, BETA, METHOD};
 use rbon_core::shard::{self, ParquetSink, ShardMeta};
-use rbon_core::{CoreError, RunDir};
-use rbon_regularize::{Method, SelectConfig};
+use rbon_core::tables::{self, SampleScores};
+use rbon_core::{CoreError, Message, RunDir};
+use rbon_regularize::{Method, SelectConfig, group_proxy, vbon_weights};
 
 use crate::config::PairConfig;
 use crate::stage::{DropReason, PairError, export_key};
@@ -41,6 +46,8 @@ pub struct Export {
     pub beta: f64,
     pub dir: PathBuf,
     pub files: Vec<PathBuf>,
+    /// The SFT export's files, when `pair.sft` is on.
+    pub sft_files: Vec<PathBuf>,
     pub counts: BTreeMap<String, u64>,
 }
 
@@ -50,94 +57,329 @@ pub fn part_name(i: usize, n: usize) -> String {
     format!("train-{i:05}-of-{n:05}.parquet")
 }
 
-/// Writes every export from the `pairs` stage's shards, replacing earlier files.
-/// `counts[key]` holds each export's summed counters (from the shards' details).
+/// A multi-part Parquet export being written: `train-0000i-of-0000N.parquet` in `dir`, with N
+/// fixed up front from the expected row count so names never change once written.
+struct Parts {
+    dir: PathBuf,
+    schema: SchemaRef,
+    parts: usize,
+    files: Vec<PathBuf>,
+    sink: Option<ParquetSink>,
+}
+
+impl Parts {
+    fn create(dir: PathBuf, schema: SchemaRef, expected_rows: usize) -> Result<Self, CoreError> {
+        // Earlier files may have another part count; stale parts must not be loaded with new ones.
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
+        }
+        let mut p =
+            Self { dir, schema, parts: expected_rows.div_ceil(ROWS_PER_FILE).max(1), files: Vec::new(), sink: None };
+        p.next()?;
+        Ok(p)
+    }
+
+    fn next(&mut self) -> Result<(), CoreError> {
+        if let Some(s) = self.sink.take() {
+            s.finish()?;
+        }
+        let path = self.dir.join(part_name(self.files.len(), self.parts));
+        self.sink = Some(ParquetSink::create(&path, &self.schema, &ShardMeta::default(), Some(ROW_GROUP_ROWS))?);
+        self.files.push(path);
+        Ok(())
+    }
+
+    fn write(&mut self, mut batch: RecordBatch) -> Result<(), CoreError> {
+        while batch.num_rows() > 0 {
+            let rows = self.sink.as_ref().map_or(ROWS_PER_FILE, ParquetSink::rows);
+            if rows == ROWS_PER_FILE {
+                if self.files.len() == self.parts {
+                    // Counts come from the same shards; more rows means they changed under us.
+                    let where_ = self.dir.display().to_string();
+                    return Err(CoreError::data(where_, "the shards hold more rows than their counters say"));
+                }
+                self.next()?;
+                continue;
+            }
+            let take = (ROWS_PER_FILE - rows).min(batch.num_rows());
+            if let Some(s) = self.sink.as_mut() {
+                s.write(&batch.slice(0, take))?;
+            }
+            batch = batch.slice(take, batch.num_rows() - take);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<PathBuf>, CoreError> {
+        if let Some(s) = self.sink.take() {
+            s.finish()?;
+        }
+        Ok(std::mem::take(&mut self.files))
+    }
+}
+
+/// Writes every export from the shards, replacing earlier files: the pairs of each (method, β),
+/// and when configured their SFT halves and the vBoN table. `counts[key]` holds each export's
+/// summed pair counters (from the shards' details); `prompts` and `samples` are the run's totals.
 pub fn write_exports(
     run: &RunDir,
     shards: usize,
     exports: &[(Method, f64)],
     counts: &BTreeMap<String, BTreeMap<String, u64>>,
+    totals: (usize, usize),
     card: &CardContext,
 ) -> Result<Vec<Export>, PairError> {
+    let (prompts, samples) = totals;
     let pairs_dir = run.stage_dir("pairs");
-    let schema = schema::pairs_schema();
-    struct Open {
-        method: Method,
-        beta: f64,
-        dir: PathBuf,
-        parts: usize,
-        files: Vec<PathBuf>,
-        sink: Option<ParquetSink>,
-    }
-    let mut open: Vec<Open> = Vec::new();
-    for &(method, beta) in exports {
-        let key = export_key(method, beta);
-        let dir = pairs_dir.join(&key);
-        // Earlier files may have another part count; stale parts must not be loaded with new ones.
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
+    let count = |key: &str| counts.get(key).and_then(|c| c.get("pairs")).copied().unwrap_or(0) as usize;
+    let mut dpo = Vec::new();
+    let mut sft = Vec::new();
+    for &(m, b) in exports {
+        let key = export_key(m, b);
+        dpo.push(Parts::create(pairs_dir.join(&key), schema::pairs_schema(), count(&key))?);
+        if card.pair.sft {
+            sft.push(Parts::create(pairs_dir.join(&key).join("sft"), sft_schema(), prompts)?);
         }
-        let n = counts.get(&key).and_then(|c| c.get("pairs")).copied().unwrap_or(0) as usize;
-        open.push(Open { method, beta, dir, parts: n.div_ceil(ROWS_PER_FILE).max(1), files: Vec::new(), sink: None });
     }
-    let meta = ShardMeta::default();
-    let start = |o: &mut Open| -> Result<(), CoreError> {
-        let path = o.dir.join(part_name(o.files.len(), o.parts));
-        o.sink = Some(ParquetSink::create(&path, &schema, &meta, Some(ROW_GROUP_ROWS))?);
-        o.files.push(path);
-        Ok(())
+    let vbon_dir = run.root().join(VBON_DIR);
+    let mut vbon = match card.pair.vbon {
+        true => Some(Parts::create(vbon_dir.clone(), vbon_schema(), samples)?),
+        false => {
+            if vbon_dir.exists() {
+                fs::remove_dir_all(&vbon_dir).map_err(|e| CoreError::io(&vbon_dir, e))?;
+            }
+            None
+        }
     };
-    for o in &mut open {
-        start(o)?;
-    }
     for i in 0..shards {
         let path = run.shard_path("pairs", i);
         for batch in shard::read_parquet(&path)? {
-            let methods = batch.column_by_name(METHOD).map(|c| c.as_string::<i32>().clone());
-            let betas = batch.column_by_name(BETA).map(|c| c.as_primitive::<Float64Type>().clone());
-            let (Some(methods), Some(betas)) = (methods, betas) else {
-                return Err(CoreError::data(path.display().to_string(), "not a pairs shard").into());
-            };
-            for o in &mut open {
-                let mask: BooleanArray = (0..batch.num_rows())
-                    .map(|r| Some(methods.value(r) == o.method.as_str() && betas.value(r) == o.beta))
-                    .collect();
-                let mut part = filter(&batch, &mask)?;
-                while part.num_rows() > 0 {
-                    let sink = o.sink.as_mut().ok_or_else(|| CoreError::data("pairs", "export closed"))?;
-                    let room = ROWS_PER_FILE - sink.rows();
-                    if room == 0 {
-                        // Counts come from the same shards' footers; more rows means they changed under us.
-                        let key = export_key(o.method, o.beta);
-                        return Err(
-                            CoreError::data(key, "the pair shards hold more rows than their counters say").into()
-                        );
-                    }
-                    let take = room.min(part.num_rows());
-                    sink.write(&part.slice(0, take))?;
-                    part = part.slice(take, part.num_rows() - take);
-                    if sink.rows() == ROWS_PER_FILE && o.files.len() < o.parts {
-                        if let Some(s) = o.sink.take() {
-                            s.finish()?;
-                        }
-                        start(o)?;
-                    }
+            let (methods, betas) = method_beta(&batch, &path)?;
+            for (parts, &(m, b)) in dpo.iter_mut().zip(exports) {
+                parts.write(filter(&batch, &mask(&methods, &betas, m, b))?)?;
+            }
+        }
+        if !card.pair.sft && vbon.is_none() {
+            continue;
+        }
+        let prompts = tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
+        let samples = shard::read_parquet(&run.shard_path("samples", i))?;
+        let scores = shard::read_parquet(&run.shard_path("scores", i))?;
+        let data = SampleScores::from_batches(&samples, &scores, &format!("shard {i}"))?;
+        if card.pair.sft {
+            let sel_path = run.shard_path("selections", i);
+            for batch in shard::read_parquet(&sel_path)? {
+                let (methods, betas) = method_beta(&batch, &sel_path)?;
+                let index = batch
+                    .column_by_name(schema::INDEX)
+                    .ok_or_else(|| CoreError::data(sel_path.display().to_string(), "not a selections shard"))?
+                    .as_primitive::<arrow_array::types::UInt32Type>()
+                    .clone();
+                let ids = batch
+                    .column_by_name(schema::PROMPT_ID)
+                    .ok_or_else(|| CoreError::data(sel_path.display().to_string(), "not a selections shard"))?
+                    .as_string::<i32>()
+                    .clone();
+                for (parts, &(m, b)) in sft.iter_mut().zip(exports) {
+                    let rows: Vec<usize> = (0..batch.num_rows())
+                        .filter(|&r| methods.value(r) == m.as_str() && betas.value(r) == b && index.is_valid(r))
+                        .collect();
+                    let picks: Vec<(&str, u32)> = rows.iter().map(|&r| (ids.value(r), index.value(r))).collect();
+                    parts.write(sft_batch(&picks, m, b, &prompts, &data)?)?;
                 }
             }
         }
+        if let Some(v) = vbon.as_mut() {
+            v.write(vbon_batch(card.select, &prompts, &data)?)?;
+        }
     }
     let mut out = Vec::new();
-    for mut o in open {
-        if let Some(s) = o.sink.take() {
-            s.finish()?;
-        }
-        let key = export_key(o.method, o.beta);
+    for ((parts, &(m, b)), sft) in
+        dpo.into_iter().zip(exports).zip(sft.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
+    {
+        let dir = parts.dir.clone();
+        let files = parts.finish()?;
+        let key = export_key(m, b);
         let c = counts.get(&key).cloned().unwrap_or_default();
-        let text = dataset_card(card, o.method, o.beta, &c, o.files.len());
-        shard::write_atomic(&o.dir.join("README.md"), text.as_bytes())?;
-        out.push(Export { method: o.method, beta: o.beta, dir: o.dir, files: o.files, counts: c });
+        shard::write_atomic(&dir.join("README.md"), dataset_card(card, m, b, &c, files.len()).as_bytes())?;
+        let mut sft_files = Vec::new();
+        if let Some(sft) = sft {
+            let sdir = sft.dir.clone();
+            sft_files = sft.finish()?;
+            shard::write_atomic(&sdir.join("README.md"), sft_card(card, m, b, prompts, sft_files.len()).as_bytes())?;
+        }
+        out.push(Export { method: m, beta: b, dir, files, sft_files, counts: c });
+    }
+    if let Some(v) = vbon {
+        let files = v.finish()?;
+        shard::write_atomic(&vbon_dir.join("README.md"), vbon_card(card, samples, files.len()).as_bytes())?;
     }
     Ok(out)
+}
+
+fn method_beta(batch: &RecordBatch, path: &std::path::Path) -> Result<(StringArray, Float64Array), CoreError> {
+    let methods = batch.column_by_name(METHOD).map(|c| c.as_string::<i32>().clone());
+    let betas = batch.column_by_name(BETA).map(|c| c.as_primitive::<Float64Type>().clone());
+    match (methods, betas) {
+        (Some(m), Some(b)) => Ok((m, b)),
+        _ => Err(CoreError::data(path.display().to_string(), "has no method/beta columns")),
+    }
+}
+
+fn mask(methods: &StringArray, betas: &Float64Array, m: Method, b: f64) -> BooleanArray {
+    (0..methods.len()).map(|r| Some(methods.value(r) == m.as_str() && betas.value(r) == b)).collect()
+}
+
+/// Folder of the variational-BoN export in the run directory.
+pub const VBON_DIR: &str = "vbon";
+
+/// SFT rows (BoNBoN's SFT term): TRL's conversational prompt-completion format.
+pub fn sft_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(schema::PROMPT_ID, DataType::Utf8, false),
+        Field::new(METHOD, DataType::Utf8, false),
+        Field::new(BETA, DataType::Float64, false),
+        Field::new(schema::PROMPT, schema::messages_type(), false),
+        Field::new(COMPLETION, schema::messages_type(), false),
+        Field::new(schema::SAMPLE_IDX, DataType::UInt32, false),
+    ]))
+}
+
+/// vBoN rows: every sample with its log π_ref and BoN weight.
+pub fn vbon_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(schema::PROMPT_ID, DataType::Utf8, false),
+        Field::new(schema::SAMPLE_IDX, DataType::UInt32, false),
+        Field::new(schema::PROMPT, schema::messages_type(), false),
+        Field::new(COMPLETION, schema::messages_type(), false),
+        Field::new(schema::LOGPROB, DataType::Float64, true),
+        Field::new(REWARD, DataType::Float64, false),
+        Field::new(REWARD_CDF, DataType::Float64, false),
+        Field::new(LOG_WEIGHT, DataType::Float64, false),
+    ]))
+}
+
+pub const COMPLETION: &str = "completion";
+pub const REWARD: &str = "reward";
+pub const REWARD_CDF: &str = "reward_cdf";
+pub const LOG_WEIGHT: &str = "log_weight";
+
+fn lookup_prompt<'a>(prompts: &'a [(String, Vec<Message>)], id: &str) -> Result<&'a [Message], CoreError> {
+    prompts
+        .iter()
+        .find(|(p, _)| p == id)
+        .map(|(_, m)| m.as_slice())
+        .ok_or_else(|| CoreError::data(format!("prompt {id:?}"), "missing from the prompts table"))
+}
+
+fn sft_batch(
+    picks: &[(&str, u32)],
+    m: Method,
+    b: f64,
+    prompts: &[(String, Vec<Message>)],
+    data: &SampleScores,
+) -> Result<RecordBatch, CoreError> {
+    let mut prompt = Vec::with_capacity(picks.len());
+    let mut completion = Vec::with_capacity(picks.len());
+    for &(id, idx) in picks {
+        prompt.push(lookup_prompt(prompts, id)?);
+        let row = data
+            .groups
+            .iter()
+            .find(|g| data.prompt_ids[g.start] == id)
+            .and_then(|g| g.clone().find(|&r| data.sample_idx[r] == idx))
+            .ok_or_else(|| {
+                CoreError::data(format!("prompt {id:?}"), format!("selected sample {idx} does not exist"))
+            })?;
+        completion.push(vec![Message::assistant(&data.responses[row])]);
+    }
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(picks.iter().map(|p| p.0))),
+        Arc::new(StringArray::from_iter_values(picks.iter().map(|_| m.as_str()))),
+        Arc::new(Float64Array::from_iter_values(picks.iter().map(|_| b))),
+        messages_array(prompt),
+        messages_array(completion.iter().map(Vec::as_slice)),
+        Arc::new(UInt32Array::from_iter_values(picks.iter().map(|p| p.1))),
+    ];
+    RecordBatch::try_new(sft_schema(), cols).map_err(|e| CoreError::data("sft", e.to_string()))
+}
+
+fn vbon_batch(
+    select: &SelectConfig,
+    prompts: &[(String, Vec<Message>)],
+    data: &SampleScores,
+) -> Result<RecordBatch, PairError> {
+    let mut reward = Vec::with_capacity(data.prompt_ids.len());
+    let mut weights = Vec::with_capacity(data.prompt_ids.len());
+    let mut prompt = Vec::with_capacity(data.prompt_ids.len());
+    for g in &data.groups {
+        let (proxy, _) = group_proxy(select, data, g)
+            .map_err(|e| CoreError::data(format!("prompt {:?}", data.prompt_ids[g.start]), e.to_string()))?;
+        let p = lookup_prompt(prompts, &data.prompt_ids[g.start])?;
+        weights.extend(vbon_weights(&proxy));
+        reward.extend(proxy);
+        prompt.extend(std::iter::repeat_n(p, g.len()));
+    }
+    let completion: Vec<Vec<Message>> = data.responses.iter().map(|r| vec![Message::assistant(r)]).collect();
+    let logprob: Float64Array = match &data.logprob {
+        Some(l) => Float64Array::from_iter_values(l.iter().copied()),
+        None => Float64Array::new_null(data.prompt_ids.len()),
+    };
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(data.prompt_ids.iter())),
+        Arc::new(UInt32Array::from_iter_values(data.sample_idx.iter().copied())),
+        messages_array(prompt),
+        messages_array(completion.iter().map(Vec::as_slice)),
+        Arc::new(logprob),
+        Arc::new(Float64Array::from_iter_values(reward)),
+        Arc::new(Float64Array::from_iter_values(weights.iter().map(|w| w.0))),
+        Arc::new(Float64Array::from_iter_values(weights.iter().map(|w| w.1))),
+    ];
+    Ok(RecordBatch::try_new(vbon_schema(), cols).map_err(|e| CoreError::data("vbon", e.to_string()))?)
+}
+
+/// The README.md of an SFT export.
+pub fn sft_card(card: &CardContext, method: Method, beta: f64, rows: usize, files: usize) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "---\ntags:\n- trl\n- sft\n- rbon\n- bonbon\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.parquet\"\n---\n"
+    );
+    let _ = writeln!(s, "# {}: `{}` β = {} SFT completions\n", card.run_name, method, beta);
+    let _ = writeln!(
+        s,
+        "Made by rbon {}. One row per prompt: the prompt and the pick of `{method}` at β = {beta} as the \
+         completion, the SFT half of BoNBoN alignment (Gui et al. 2024), whose preference half is the \
+         `worst`-rule pairs beside this folder. Format: Conversational / Type: Prompt-completion (TRL \
+         `SFTTrainer`).\n\nRows: {rows}. Files: {files}.\n\n| column | type |\n|---|---|\n\
+         | prompt | list<struct<role, content>> |\n| completion | list<struct<role, content>> (one assistant message) |\n\
+         | prompt_id, method, beta, sample_idx | string, string, float64, uint32 |\n",
+        card.version
+    );
+    s
+}
+
+/// The README.md of the vBoN export.
+pub fn vbon_card(card: &CardContext, rows: usize, files: usize) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "---\ntags:\n- rbon\n- vbon\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.parquet\"\n---\n"
+    );
+    let _ = writeln!(s, "# {}: variational Best-of-N weights\n", card.run_name);
+    let _ = writeln!(
+        s,
+        "Made by rbon {}. One row per sample, for fine-tuning towards the Best-of-N distribution \
+         (Amini et al. 2024, variational BoN). With r_i the proxy reward (`{}`) of sample i among its \
+         prompt's N samples:\n\n\
+         - `reward_cdf` = F̂(r_i) = (#{{j: r_j < r_i}} + ½·#{{j: r_j = r_i}}) / N (ties, i included, count half);\n\
+         - `log_weight` = log N + (N − 1)·log F̂(r_i), the log-density ratio of the BoN distribution to the \
+         reference policy at sample i;\n- `logprob` = log π_ref(y_i | x) (null when the samples carry none).\n\n\
+         Rows: {rows}. Files: {files}. Columns: prompt_id, sample_idx, prompt, completion (one assistant \
+         message), logprob, reward, reward_cdf, log_weight.\n",
+        card.version, card.select.proxy
+    );
+    s
 }
 
 fn filter(batch: &RecordBatch, mask: &BooleanArray) -> Result<RecordBatch, CoreError> {
@@ -176,19 +418,31 @@ pub fn dataset_card(
         beta_text,
         card.pair.rejected.as_str()
     );
-    let objective = match method {
-        Method::Bon => "R_p(x, y)".to_owned(),
-        Method::RbonKl => format!("R_p(x, y) + {beta} · log π_ref(y | x)"),
-        Method::RbonWd => format!("R_p(x, y) − {beta} · WD(y)"),
-        Method::Mbr => "− WD(y)".to_owned(),
-        Method::RbonLen => format!("R_p(x, y) − {beta} / |y|"),
+    let rule = match method {
+        Method::Bon => "argmax of R_p(x, y)".to_owned(),
+        Method::RbonKl => format!("argmax of R_p(x, y) + {beta} · log π_ref(y | x)"),
+        Method::RbonWd => format!("argmax of R_p(x, y) − {beta} · WD(y)"),
+        Method::Mbr => "argmax of − WD(y)".to_owned(),
+        Method::RbonLen => format!("argmax of R_p(x, y) − {beta} / |y|"),
+        Method::BonUnc => format!("argmax of mean_m z_m(y) − {beta} · std_m z_m(y) over the proxy ensemble"),
+        Method::SrbonKl => format!("a seeded draw from p(y) ∝ π_ref(y | x) · exp({beta} · R_p(x, y))"),
         Method::Oracle | Method::Random => String::new(),
+    };
+    let proxy = if card.select.proxy.is_ensemble() {
+        format!(
+            "the ensemble `{}` (each model's rewards standardised over the N samples, then averaged)",
+            card.select.proxy
+        )
+    } else {
+        format!("`{}`", card.select.proxy)
     };
     let _ = writeln!(
         s,
-        "Selection objective (argmax over the N samples, ties to the lowest index): `{objective}`, with proxy reward `{}`.\n",
-        card.select.proxy
+        "Selection over the N samples (ties to the lowest index): `{rule}`, with proxy reward R_p = {proxy}.\n"
     );
+    if card.pair.sft {
+        let _ = writeln!(s, "The SFT half (prompt + chosen completion, for BoNBoN alignment) is in `sft/`.\n");
+    }
     let _ = writeln!(s, "## Counts\n\n| | rows |\n|---|---|");
     let _ = writeln!(s, "| pairs written | {} |", get("pairs"));
     for d in DropReason::ALL {
@@ -331,12 +585,13 @@ mod tests {
             gold: vec![],
             methods: vec![Method::Bon, Method::RbonKl, Method::Mbr],
             betas: vec![0.5, 1.0],
+            lambdas: vec![],
         };
         let pair = PairConfig::default();
         let config_text = "name: export-test\nseed: 0\n";
         let card = CardContext { run_name: "export-test", version: "9.9.9", select: &select, pair: &pair, config_text };
 
-        let out = write_exports(&run, 2, &exports, &counts, &card).unwrap();
+        let out = write_exports(&run, 2, &exports, &counts, (0, 0), &card).unwrap();
         assert!(!stale.exists(), "stale part survived");
         assert_eq!(out.len(), 4);
         let pairs_dir = run.stage_dir("pairs");
@@ -377,7 +632,7 @@ mod tests {
 
         let first = snapshot(&pairs_dir);
         assert_eq!(first.len(), 2 + 2 * exports.len(), "{:?}", first.keys());
-        let again = write_exports(&run, 2, &exports, &counts, &card).unwrap();
+        let again = write_exports(&run, 2, &exports, &counts, (0, 0), &card).unwrap();
         assert_eq!(again, out);
         assert!(first == snapshot(&pairs_dir), "a rerun changed the bytes of an export");
     }
@@ -396,10 +651,16 @@ mod tests {
                 .unwrap();
         }
         let counts = BTreeMap::from([("bon/beta=0".to_owned(), counters(n as u64, 0))]);
-        let select = SelectConfig { proxy: "proxy".into(), gold: vec![], methods: vec![Method::Bon], betas: vec![] };
+        let select = SelectConfig {
+            proxy: "proxy".into(),
+            gold: vec![],
+            methods: vec![Method::Bon],
+            betas: vec![],
+            lambdas: vec![],
+        };
         let pair = PairConfig::default();
         let card = CardContext { run_name: "big", version: "0", select: &select, pair: &pair, config_text: "" };
-        let out = write_exports(&run, 2, &[(Method::Bon, 0.0)], &counts, &card).unwrap();
+        let out = write_exports(&run, 2, &[(Method::Bon, 0.0)], &counts, (0, 0), &card).unwrap();
         let dir = run.stage_dir("pairs").join("bon/beta=0");
         assert_eq!(
             out[0].files,

@@ -9,6 +9,7 @@ use rbon_core::schema::{self, BETA, INDEX, METHOD, PROMPT_ID};
 use rbon_core::seed::{derive_seed, uniform_below};
 use rbon_core::tables::SampleScores;
 use rbon_core::{CoreError, Message};
+use rbon_regularize::stage::group_proxy;
 use rbon_regularize::{Candidates, Method, RegularizeError, SelectConfig, argmin, second, wasserstein};
 
 use crate::config::{PairConfig, RejectedRule};
@@ -87,9 +88,6 @@ pub fn pair_shard(
     data: &SampleScores,
     selections: &[RecordBatch],
 ) -> Result<ShardPairs, PairError> {
-    let proxy = data
-        .reward_index(&select.proxy)
-        .ok_or_else(|| CoreError::data("scores", format!("no `reward_{}` column", select.proxy)))?;
     let prompt_of: HashMap<&str, &[Message]> = prompts.iter().map(|(id, m)| (id.as_str(), m.as_slice())).collect();
     let group_of: HashMap<&str, usize> =
         data.groups.iter().enumerate().map(|(gi, g)| (data.prompt_ids[g.start].as_str(), gi)).collect();
@@ -98,6 +96,7 @@ pub fn pair_shard(
         out.counters.insert(key, 0);
     }
     let mut wd_cache: HashMap<usize, Vec<f64>> = HashMap::new();
+    let mut proxy_cache: HashMap<usize, (Vec<f64>, Option<Vec<f64>>)> = HashMap::new();
     for batch in selections {
         let ids = col(batch, PROMPT_ID)?.as_string::<i32>();
         let methods = col(batch, METHOD)?.as_string::<i32>();
@@ -118,7 +117,10 @@ pub fn pair_shard(
                 .iter()
                 .position(|&s| s == index.value(r))
                 .ok_or_else(|| perr(format!("selected sample {} does not exist", index.value(r))))?;
-            let proxy_r = &data.rewards[proxy][g.clone()];
+            if let std::collections::hash_map::Entry::Vacant(e) = proxy_cache.entry(gi) {
+                e.insert(group_proxy(select, data, &g).map_err(|e| perr(e.to_string()))?);
+            }
+            let (proxy_r, uncertainty) = &proxy_cache[&gi];
             let n = g.len();
             let rejected = match cfg.rejected {
                 RejectedRule::Worst => argmin(proxy_r),
@@ -141,6 +143,7 @@ pub fn pair_shard(
                         logprob: data.logprob.as_ref().map(|l| &l[g.clone()]),
                         num_tokens: data.num_tokens.as_ref().map(|t| &t[g.clone()]),
                         wd,
+                        uncertainty: uncertainty.as_deref(),
                     };
                     second(method, beta, &c, chosen)?
                 }
@@ -344,16 +347,17 @@ mod tests {
             gold: vec!["gold".into()],
             methods: methods.to_vec(),
             betas: betas.to_vec(),
+            lambdas: vec![],
         }
     }
 
     fn pair_cfg(rejected: RejectedRule, min_margin: f64) -> PairConfig {
-        PairConfig { rejected, min_margin, methods: None, betas: None }
+        PairConfig { rejected, min_margin, ..Default::default() }
     }
 
     /// Selections (in two batches, to cover batch boundaries) and the pairs made from them.
     fn run(cfg: &PairConfig, select: &SelectConfig, seed: u64, d: &SampleScores) -> (Vec<SelectionRow>, ShardPairs) {
-        let rows = select_shard(select, d).unwrap();
+        let rows = select_shard(select, d, 0).unwrap();
         let batch = selections_batch(&rows, &d.reward_names).unwrap();
         let half = batch.num_rows() / 2;
         let batches = [batch.slice(0, half), batch.slice(half, batch.num_rows() - half)];
@@ -426,7 +430,8 @@ mod tests {
                     Method::RbonWd => p - beta * wd[i],
                     Method::Mbr => -wd[i],
                     Method::RbonLen => p - beta / f64::from(d.num_tokens.as_ref().unwrap()[r]),
-                    Method::Oracle | Method::Random => unreachable!(),
+                    Method::SrbonKl => d.logprob.as_ref().unwrap()[r] + beta * p,
+                    Method::BonUnc | Method::Oracle | Method::Random => unreachable!(),
                 }
             })
             .collect()
@@ -731,7 +736,7 @@ mod tests {
     fn selections_of_unknown_prompts_or_samples_are_errors() {
         let d = scores(&random_data(15, &[3, 3]));
         let select = select_cfg(&[Method::Bon], &[]);
-        let mut rows = select_shard(&select, &d).unwrap();
+        let mut rows = select_shard(&select, &d, 0).unwrap();
         let batch = |rows: &[SelectionRow]| selections_batch(rows, &d.reward_names).unwrap();
         let cfg = pair_cfg(RejectedRule::Worst, 0.0);
         // A prompt missing from the prompts table.

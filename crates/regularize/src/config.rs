@@ -1,3 +1,6 @@
+use std::fmt;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use rbon_core::{ConfigDoc, Diagnostics};
@@ -7,8 +10,73 @@ use crate::method::Method;
 /// The paper's β grid (Jinnai et al. 2024).
 pub const PAPER_BETAS: [f64; 13] = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0];
 
+/// The default λ grid of `bon_unc`.
+pub const DEFAULT_LAMBDAS: [f64; 5] = [0.1, 0.2, 0.5, 1.0, 2.0];
+
 fn default_methods() -> Vec<Method> {
-    Method::SELECTION.to_vec()
+    Method::PAPER.to_vec()
+}
+
+fn default_lambdas() -> Vec<f64> {
+    DEFAULT_LAMBDAS.to_vec()
+}
+
+/// The proxy reward: one reward model, or an ensemble whose standardised mean is the proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Proxy {
+    One(String),
+    Ensemble(Vec<String>),
+}
+
+impl Proxy {
+    /// The reward model names.
+    pub fn names(&self) -> &[String] {
+        match self {
+            Proxy::One(n) => std::slice::from_ref(n),
+            Proxy::Ensemble(ns) => ns,
+        }
+    }
+
+    /// True for two or more models: their rewards are standardised per prompt and averaged.
+    pub fn is_ensemble(&self) -> bool {
+        self.names().len() > 1
+    }
+}
+
+impl From<&str> for Proxy {
+    fn from(name: &str) -> Self {
+        Proxy::One(name.to_owned())
+    }
+}
+
+impl fmt::Display for Proxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.names().join(", "))
+    }
+}
+
+impl<'de> Deserialize<'de> for Proxy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Proxy;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a reward model name or a list of names (an ensemble)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Proxy, E> {
+                Ok(Proxy::One(v.to_owned()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Proxy, A::Error> {
+                let mut names = Vec::new();
+                while let Some(n) = a.next_element::<String>()? {
+                    names.push(n);
+                }
+                Ok(Proxy::Ensemble(names))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn default_betas() -> Vec<f64> {
@@ -19,19 +87,35 @@ fn default_betas() -> Vec<f64> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SelectConfig {
-    /// The reward model to select with (R_p): the name of a `reward_<name>` column.
-    pub proxy: String,
+    /// The reward model to select with (R_p): the name of a `reward_<name>` column, or a list
+    /// of names for an ensemble (each model's rewards standardised over the prompt's N samples,
+    /// then averaged).
+    pub proxy: Proxy,
     /// Held-out reward models (R_g) for evaluation only: they give the `oracle` and `random`
     /// baselines and the report's gold columns, and never influence a pick.
     #[serde(default)]
     pub gold: Vec<String>,
-    /// Selection rules: `bon`, `rbon_kl`, `rbon_wd`, `mbr`, `rbon_len`. `oracle` and `random`
-    /// are added on their own (report only).
+    /// Selection rules: `bon`, `rbon_kl`, `rbon_wd`, `mbr`, `rbon_len`, `bon_unc`, `srbon_kl`
+    /// (default: the first five). `oracle` and `random` are added on their own (report only).
     #[serde(default = "default_methods")]
     pub methods: Vec<Method>,
-    /// The β grid swept by `rbon_kl`, `rbon_wd` and `rbon_len` (finite, ≥ 0).
+    /// The β grid swept by `rbon_kl`, `rbon_wd`, `rbon_len` and `srbon_kl` (finite, ≥ 0).
     #[serde(default = "default_betas")]
     pub betas: Vec<f64>,
+    /// The λ grid swept by `bon_unc` (finite, ≥ 0), reported in the `beta` column.
+    #[serde(default = "default_lambdas")]
+    pub lambdas: Vec<f64>,
+}
+
+impl SelectConfig {
+    /// The grid a method sweeps: λ for `bon_unc`, β for the others that use one, `[0]` otherwise.
+    pub fn grid(&self, m: Method) -> Vec<f64> {
+        match m {
+            Method::BonUnc => self.lambdas.clone(),
+            m if m.uses_beta() => self.betas.clone(),
+            _ => vec![0.0],
+        }
+    }
 }
 
 /// What the scored samples offer, for validation.
@@ -58,16 +142,40 @@ impl SelectConfig {
                 diags.push(doc.diag(&format!("select.methods[{i}]"), format!("`{m}` is listed twice")));
             }
         }
-        if self.methods.iter().any(|m| m.uses_beta()) && self.betas.is_empty() {
-            diags.push(doc.diag("select.betas", "must hold at least one β for rbon_kl, rbon_wd or rbon_len"));
+        if self.methods.iter().any(|m| m.uses_beta() && *m != Method::BonUnc) && self.betas.is_empty() {
+            diags.push(doc.diag("select.betas", "must hold at least one β for rbon_kl, rbon_wd, rbon_len or srbon_kl"));
         }
-        for (i, b) in self.betas.iter().enumerate() {
-            let path = format!("select.betas[{i}]");
-            if !b.is_finite() || *b < 0.0 {
-                diags.push(doc.diag(&path, format!("β = {b} is not allowed: β must be a finite number ≥ 0")));
-            } else if self.betas[..i].contains(b) {
-                diags.push(doc.diag(&path, format!("β = {b} is listed twice")));
+        if self.methods.contains(&Method::BonUnc) && self.lambdas.is_empty() {
+            diags.push(doc.diag("select.lambdas", "must hold at least one λ for bon_unc"));
+        }
+        for (key, sym, grid) in [("betas", "β", &self.betas), ("lambdas", "λ", &self.lambdas)] {
+            for (i, b) in grid.iter().enumerate() {
+                let path = format!("select.{key}[{i}]");
+                if !b.is_finite() || *b < 0.0 {
+                    diags.push(
+                        doc.diag(&path, format!("{sym} = {b} is not allowed: {sym} must be a finite number ≥ 0")),
+                    );
+                } else if grid[..i].contains(b) {
+                    diags.push(doc.diag(&path, format!("{sym} = {b} is listed twice")));
+                }
             }
+        }
+        let proxies = self.proxy.names();
+        if proxies.is_empty() {
+            diags.push(doc.diag("select.proxy", "must name at least one reward model"));
+        }
+        for (i, p) in proxies.iter().enumerate() {
+            if proxies[..i].contains(p) {
+                diags.push(doc.diag(&format!("select.proxy[{i}]"), format!("`{p}` is listed twice")));
+            }
+        }
+        if let Some(i) = self.methods.iter().position(|m| m.needs_ensemble())
+            && !self.proxy.is_ensemble()
+        {
+            diags.push(doc.diag(
+                &format!("select.methods[{i}]"),
+                "`bon_unc` needs an ensemble: set `select.proxy` to a list of two or more reward models",
+            ));
         }
         for (i, g) in self.gold.iter().enumerate() {
             if self.gold[..i].contains(g) {
@@ -76,11 +184,15 @@ impl SelectConfig {
         }
         let Some(a) = avail else { return };
         let names = a.rewards.join(", ");
-        if !a.rewards.contains(&self.proxy) {
-            diags.push(doc.diag(
-                "select.proxy",
-                format!("no reward model `{}` in {} (available: {names})", self.proxy, a.source),
-            ));
+        for (i, p) in proxies.iter().enumerate() {
+            if !a.rewards.contains(p) {
+                let path = if matches!(self.proxy, Proxy::Ensemble(_)) {
+                    format!("select.proxy[{i}]")
+                } else {
+                    "select.proxy".to_owned()
+                };
+                diags.push(doc.diag(&path, format!("no reward model `{p}` in {} (available: {names})", a.source)));
+            }
         }
         for (i, g) in self.gold.iter().enumerate() {
             if !a.rewards.contains(g) {

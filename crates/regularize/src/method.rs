@@ -7,7 +7,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// A selection rule (serde: snake_case names "bon", "rbon_kl", "rbon_wd", "mbr", "rbon_len",
-/// "oracle", "random").
+/// "bon_unc", "srbon_kl", "oracle", "random").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
@@ -21,6 +21,11 @@ pub enum Method {
     Mbr,
     /// argmax R_p − β/|y| (Ichihara et al. 2025).
     RbonLen,
+    /// argmax mean_m z_m − λ·std_m z_m over an ensemble of proxy reward models, z_m each model's
+    /// rewards standardised over the N samples (Yang et al. 2024, uncertainty-penalised BoN).
+    BonUnc,
+    /// A draw from p_i ∝ exp(ℓ_i + β·R_p): stochastic RBoN_KL (Ichihara et al. 2025).
+    SrbonKl,
     /// argmax of the gold reward; report only.
     Oracle,
     /// Mean gold reward over the N candidates; report only.
@@ -29,11 +34,24 @@ pub enum Method {
 
 impl Method {
     /// Every method, in declaration order.
-    pub const ALL: [Method; 7] =
-        [Method::Bon, Method::RbonKl, Method::RbonWd, Method::Mbr, Method::RbonLen, Method::Oracle, Method::Random];
+    pub const ALL: [Method; 9] = [
+        Method::Bon,
+        Method::RbonKl,
+        Method::RbonWd,
+        Method::Mbr,
+        Method::RbonLen,
+        Method::BonUnc,
+        Method::SrbonKl,
+        Method::Oracle,
+        Method::Random,
+    ];
 
     /// The methods users select with and export pairs for.
-    pub const SELECTION: [Method; 5] = [Method::Bon, Method::RbonKl, Method::RbonWd, Method::Mbr, Method::RbonLen];
+    pub const SELECTION: [Method; 7] =
+        [Method::Bon, Method::RbonKl, Method::RbonWd, Method::Mbr, Method::RbonLen, Method::BonUnc, Method::SrbonKl];
+
+    /// The RBoN paper's methods, selected when a config names none.
+    pub const PAPER: [Method; 5] = [Method::Bon, Method::RbonKl, Method::RbonWd, Method::Mbr, Method::RbonLen];
 
     /// The snake_case name, as in configs and file paths.
     pub fn as_str(self) -> &'static str {
@@ -43,19 +61,32 @@ impl Method {
             Method::RbonWd => "rbon_wd",
             Method::Mbr => "mbr",
             Method::RbonLen => "rbon_len",
+            Method::BonUnc => "bon_unc",
+            Method::SrbonKl => "srbon_kl",
             Method::Oracle => "oracle",
             Method::Random => "random",
         }
     }
 
-    /// Whether the objective depends on β (so a β sweep gives distinct selections).
+    /// Whether the objective depends on β (so a β sweep gives distinct selections). For
+    /// `bon_unc` the swept value is λ, taken from `select.lambdas`.
     pub fn uses_beta(self) -> bool {
-        matches!(self, Method::RbonKl | Method::RbonWd | Method::RbonLen)
+        matches!(self, Method::RbonKl | Method::RbonWd | Method::RbonLen | Method::BonUnc | Method::SrbonKl)
     }
 
     /// Whether `Candidates::logprob` is required.
     pub fn needs_logprob(self) -> bool {
-        matches!(self, Method::RbonKl)
+        matches!(self, Method::RbonKl | Method::SrbonKl)
+    }
+
+    /// Whether an ensemble of proxy reward models (hence `Candidates::uncertainty`) is required.
+    pub fn needs_ensemble(self) -> bool {
+        matches!(self, Method::BonUnc)
+    }
+
+    /// Whether the pick is drawn at random (seeded) from the objective instead of its argmax.
+    pub fn is_stochastic(self) -> bool {
+        matches!(self, Method::SrbonKl)
     }
 
     /// Whether embeddings (hence `Candidates::wd`) are required.
@@ -82,7 +113,9 @@ impl fmt::Display for Method {
 
 /// An unknown method name was given to [`Method::from_str`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown method `{name}` (expected one of: bon, rbon_kl, rbon_wd, mbr, rbon_len, oracle, random)")]
+#[error(
+    "unknown method `{name}` (expected one of: bon, rbon_kl, rbon_wd, mbr, rbon_len, bon_unc, srbon_kl, oracle, random)"
+)]
 pub struct ParseMethodError {
     /// The name that did not match.
     pub name: String,
@@ -107,12 +140,14 @@ pub struct Candidates<'a> {
     pub num_tokens: Option<&'a [u32]>,
     /// WD_i, precomputed by [`wasserstein`].
     pub wd: Option<&'a [f64]>,
+    /// std_m z_m(y_i) across an ensemble of proxy reward models, from [`ensemble`].
+    pub uncertainty: Option<&'a [f64]>,
 }
 
 impl<'a> Candidates<'a> {
     /// Candidates with proxy rewards only; set the other fields as the method needs.
     pub fn new(proxy: &'a [f64]) -> Self {
-        Candidates { proxy, logprob: None, num_tokens: None, wd: None }
+        Candidates { proxy, logprob: None, num_tokens: None, wd: None, uncertainty: None }
     }
 
     /// N.
@@ -137,6 +172,8 @@ pub enum RegularizeError {
     MissingEmbedding,
     #[error("rbon_len needs response token counts, but none were given")]
     MissingNumTokens,
+    #[error("bon_unc needs an ensemble of proxy reward models, but only one was given")]
+    MissingEnsemble,
     #[error("{what} has {got} values, expected {expected} (one per candidate)")]
     LengthMismatch { what: &'static str, expected: usize, got: usize },
     #[error("candidate {index} has 0 tokens; rbon_len divides by the length")]
@@ -232,7 +269,8 @@ fn require<T>(value: Option<T>, missing: RegularizeError) -> Result<T, Regulariz
 }
 
 /// Objective values of `method` at `beta` for every candidate:
-/// bon: R_p; rbon_kl: R_p + β·ℓ; rbon_wd: R_p − β·WD; mbr: −WD; rbon_len: R_p − β/|y|.
+/// bon: R_p; rbon_kl: R_p + β·ℓ; rbon_wd: R_p − β·WD; mbr: −WD; rbon_len: R_p − β/|y|;
+/// bon_unc: R_p − λ·U (R_p the ensemble mean, U its spread); srbon_kl: ℓ + β·R_p (logits).
 /// Every present input must have N values; inputs the method uses must be finite. `beta` is
 /// ignored by bon and mbr. Oracle and Random need gold rewards and are refused.
 pub fn objectives(method: Method, beta: f64, c: &Candidates) -> Result<Vec<f64>, RegularizeError> {
@@ -251,6 +289,9 @@ pub fn objectives(method: Method, beta: f64, c: &Candidates) -> Result<Vec<f64>,
     }
     if let Some(w) = c.wd {
         check_len("wd", n, w.len())?;
+    }
+    if let Some(u) = c.uncertainty {
+        check_len("uncertainty", n, u.len())?;
     }
     if method.uses_beta() && !(beta.is_finite() && beta >= 0.0) {
         return Err(RegularizeError::InvalidBeta { beta });
@@ -282,6 +323,17 @@ pub fn objectives(method: Method, beta: f64, c: &Candidates) -> Result<Vec<f64>,
                 return Err(RegularizeError::ZeroTokens { index });
             }
             c.proxy.iter().zip(t).map(|(r, &t)| r - beta / f64::from(t)).collect()
+        }
+        Method::BonUnc => {
+            let u = require(c.uncertainty, RegularizeError::MissingEnsemble)?;
+            check_finite("uncertainty", u)?;
+            c.proxy.iter().zip(u).map(|(r, u)| r - beta * u).collect()
+        }
+        // The logits of the sampling distribution p_i ∝ π_ref(y_i) exp(β R_p(y_i)).
+        Method::SrbonKl => {
+            let l = require(c.logprob, RegularizeError::MissingLogprob)?;
+            check_finite("logprob", l)?;
+            c.proxy.iter().zip(l).map(|(r, l)| l + beta * r).collect()
         }
         Method::Oracle | Method::Random => return Err(RegularizeError::ReportOnly { method }),
     };
@@ -331,6 +383,73 @@ pub fn select(method: Method, beta: f64, c: &Candidates) -> Result<Pick, Regular
     Ok(Pick { index, objective: values[index] })
 }
 
+/// Draws an index from p_i ∝ exp(logits_i) by inverting the CDF at `u` ∈ [0, 1); the max is
+/// subtracted first so large logits cannot overflow. None if empty.
+pub fn sample_index(logits: &[f64], u: f64) -> Option<usize> {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if logits.is_empty() || !max.is_finite() {
+        return None;
+    }
+    let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let target = u.clamp(0.0, 1.0) * weights.iter().sum::<f64>();
+    let mut acc = 0.0;
+    for (i, w) in weights.iter().enumerate() {
+        acc += w;
+        if target < acc {
+            return Some(i);
+        }
+    }
+    // u·total can round up to the total: the last index with positive weight.
+    weights.iter().rposition(|&w| w > 0.0)
+}
+
+/// Each model's rewards standardised over the N samples: (r − mean) / std with the population
+/// std; a model whose rewards are all equal gives zeros.
+pub fn standardize(values: &[f64]) -> Vec<f64> {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let std = (values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n).sqrt();
+    if std > 0.0 && std.is_finite() {
+        values.iter().map(|v| (v - mean) / std).collect()
+    } else {
+        vec![0.0; values.len()]
+    }
+}
+
+/// An ensemble's proxy reward and uncertainty per sample: mean_m z_m(y_i) and std_m z_m(y_i)
+/// (population std across models), where z_m is model m's rewards standardised over the N
+/// samples, so differently scaled reward models weigh alike.
+pub fn ensemble(models: &[&[f64]]) -> (Vec<f64>, Vec<f64>) {
+    let n = models.first().map_or(0, |m| m.len());
+    let z: Vec<Vec<f64>> = models.iter().map(|m| standardize(m)).collect();
+    let m = z.len() as f64;
+    let mut mean = vec![0.0; n];
+    let mut std = vec![0.0; n];
+    for i in 0..n {
+        let mu = z.iter().map(|zm| zm[i]).sum::<f64>() / m;
+        mean[i] = mu;
+        std[i] = (z.iter().map(|zm| (zm[i] - mu) * (zm[i] - mu)).sum::<f64>() / m).sqrt();
+    }
+    (mean, std)
+}
+
+/// Variational-BoN weights (Amini et al. 2024) per sample: the empirical reward CDF
+/// F̂(r_i) = (#{j: r_j < r_i} + ½·#{j: r_j = r_i}) / N (ties, i itself included, count half)
+/// and log w_i = log N + (N − 1)·log F̂(r_i), the log-density ratio of the BoN distribution to
+/// the reference at sample i. F̂ ≥ 1/(2N), so the logarithm is always finite.
+pub fn vbon_weights(rewards: &[f64]) -> Vec<(f64, f64)> {
+    let n = rewards.len() as f64;
+    rewards
+        .iter()
+        .map(|&r| {
+            let below = rewards.iter().filter(|&&x| x < r).count() as f64;
+            let equal = rewards.iter().filter(|&&x| x == r).count() as f64;
+            let cdf = (below + 0.5 * equal) / n;
+            (cdf, n.ln() + (n - 1.0) * cdf.ln())
+        })
+        .collect()
+}
+
 /// The runner-up under the same objective: the best index other than `pick` (ties → lowest
 /// index); None if N < 2.
 pub fn second(method: Method, beta: f64, c: &Candidates, pick: usize) -> Result<Option<usize>, RegularizeError> {
@@ -378,7 +497,10 @@ mod tests {
         assert!(Method::SELECTION.iter().all(|m| !m.is_report_only()));
         assert!(Method::Oracle.is_report_only() && Method::Random.is_report_only());
         let beta: Vec<_> = Method::ALL.into_iter().filter(|m| m.uses_beta()).collect();
-        assert_eq!(beta, [Method::RbonKl, Method::RbonWd, Method::RbonLen]);
+        assert_eq!(beta, [Method::RbonKl, Method::RbonWd, Method::RbonLen, Method::BonUnc, Method::SrbonKl]);
+        assert!(Method::SrbonKl.is_stochastic() && Method::SrbonKl.needs_logprob());
+        assert!(Method::BonUnc.needs_ensemble() && !Method::Bon.needs_ensemble());
+        assert_eq!(Method::PAPER.len(), 5);
         let emb: Vec<_> = Method::ALL.into_iter().filter(|m| m.needs_embedding()).collect();
         assert_eq!(emb, [Method::RbonWd, Method::Mbr]);
         assert!(Method::RbonKl.needs_logprob() && !Method::Bon.needs_logprob());
@@ -484,6 +606,92 @@ mod tests {
         assert_eq!(select(Method::Bon, 1.0, &c).unwrap().index, 2);
         assert_pick(select(Method::RbonWd, 1.0, &c).unwrap(), 1, 0.9 - 2.0 * (1.0 - s) / 3.0);
         assert_eq!(select(Method::Mbr, 1.0, &c).unwrap().index, 1);
+    }
+
+    // ---- ensembles, stochastic RBoN, vBoN ----
+
+    #[test]
+    fn standardize_and_ensemble_hand_computed() {
+        // [1, 3]: mean 2, population std 1 → [−1, 1]. Constant rewards carry no ranking → zeros.
+        assert_eq!(standardize(&[1.0, 3.0]), vec![-1.0, 1.0]);
+        assert_eq!(standardize(&[5.0, 5.0, 5.0]), vec![0.0; 3]);
+        // Model a = [0, 2, 4, 6] (mean 3, var (9+1+1+9)/4 = 5) and b = 10·a + 7: the same ranking at
+        // another scale, so both standardise to z = (a − 3)/√5 and the spread is 0.
+        let a = [0.0, 2.0, 4.0, 6.0];
+        let b = [7.0, 27.0, 47.0, 67.0];
+        let (mean, std) = ensemble(&[&a, &b]);
+        let s5 = 5f64.sqrt();
+        for i in 0..4 {
+            assert!((mean[i] - (a[i] - 3.0) / s5).abs() < EPS, "{mean:?}");
+            assert!(std[i].abs() < 1e-12, "{std:?}");
+        }
+        // Opposite rankings: c = [1, 0] and d = [0, 1] → z = [1, −1] and [−1, 1]; mean 0, std 1.
+        let (mean, std) = ensemble(&[&[1.0, 0.0], &[0.0, 1.0]]);
+        assert_eq!(mean, vec![0.0, 0.0]);
+        assert_eq!(std, vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn bon_unc_penalises_disagreement() {
+        // Ensemble mean R = [1.0, 1.2, 0.5, 1.1], spread U = [0.1, 0.9, 0.0, 0.2], λ = 0.5:
+        // 0: 0.95; 1: 0.75; 2: 0.5; 3: 1.0 → 3, where BoN on the mean picks 1.
+        let proxy = [1.0, 1.2, 0.5, 1.1];
+        let unc = [0.1, 0.9, 0.0, 0.2];
+        let c = Candidates { uncertainty: Some(&unc), ..Candidates::new(&proxy) };
+        assert_eq!(select(Method::Bon, 0.5, &c).unwrap().index, 1);
+        assert_pick(select(Method::BonUnc, 0.5, &c).unwrap(), 3, 1.0);
+        assert_eq!(second(Method::BonUnc, 0.5, &c, 3).unwrap(), Some(0));
+        // λ = 0 is BoN on the ensemble mean.
+        assert_eq!(select(Method::BonUnc, 0.0, &c).unwrap().index, 1);
+        assert_eq!(
+            select(Method::BonUnc, 0.5, &Candidates::new(&proxy)).unwrap_err(),
+            RegularizeError::MissingEnsemble
+        );
+    }
+
+    #[test]
+    fn srbon_kl_logits_and_draws() {
+        // Logits ℓ + β·R with β = 2, R = [0, 0.5, 1], ℓ = [ln 1, ln 2 − 1, ln 1 − 2] → [0, ln 2, 0]:
+        // p = [1/4, 1/2, 1/4], CDF boundaries at 0.25 and 0.75.
+        let proxy = [0.0, 0.5, 1.0];
+        let lp = [0.0, 2f64.ln() - 1.0, -2.0];
+        let c = Candidates { logprob: Some(&lp), ..Candidates::new(&proxy) };
+        let logits = objectives(Method::SrbonKl, 2.0, &c).unwrap();
+        for (l, e) in logits.iter().zip([0.0, 2f64.ln(), 0.0]) {
+            assert!((l - e).abs() < EPS, "{logits:?}");
+        }
+        let picks: Vec<_> =
+            [0.0, 0.2499, 0.25, 0.7499, 0.75, 0.999_999].iter().map(|&u| sample_index(&logits, u).unwrap()).collect();
+        assert_eq!(picks, [0, 0, 1, 1, 2, 2]);
+        // Huge logits do not overflow; an empty set has no pick.
+        assert_eq!(sample_index(&[1e308, 1e308 - 1e300], 0.1), Some(0));
+        assert_eq!(sample_index(&[], 0.5), None);
+        // Without log-probs there is no reference distribution.
+        assert_eq!(
+            objectives(Method::SrbonKl, 1.0, &Candidates::new(&proxy)).unwrap_err(),
+            RegularizeError::MissingLogprob
+        );
+    }
+
+    #[test]
+    fn vbon_weights_hand_computed() {
+        // r = [3, 1, 2, 2], N = 4. F̂: 3 → (3 + ½)/4 = 0.875; 1 → (0 + ½)/4 = 0.125;
+        // 2 (tied twice) → (1 + ½·2)/4 = 0.5. log w = ln 4 + 3·ln F̂.
+        let w = vbon_weights(&[3.0, 1.0, 2.0, 2.0]);
+        let cdf: Vec<f64> = w.iter().map(|x| x.0).collect();
+        assert_eq!(cdf, vec![0.875, 0.125, 0.5, 0.5]);
+        for (i, &(f, lw)) in w.iter().enumerate() {
+            assert!((lw - (4f64.ln() + 3.0 * f.ln())).abs() < EPS, "{i}: {w:?}");
+        }
+        // The weights of the BoN distribution sum to about N over the samples (exactly in the
+        // continuous limit); for distinct rewards their mean is (1/N) Σ N·((k+½)/N)^(N−1).
+        let w = vbon_weights(&[0.1, 0.7, 0.3]);
+        let expected = [0.5 / 3.0, 2.5 / 3.0, 1.5 / 3.0];
+        for (x, e) in w.iter().zip(expected) {
+            assert!((x.0 - e).abs() < EPS && (x.1 - (3f64.ln() + 2.0 * e.ln())).abs() < EPS, "{w:?}");
+        }
+        // One sample: F̂ = ½ and log w = ln 1 + 0 = 0.
+        assert_eq!(vbon_weights(&[4.2]), vec![(0.5, 0.0)]);
     }
 
     // ---- errors ----
@@ -627,7 +835,7 @@ mod tests {
         ) {
             // Rewards 1e-3 apart; β·(regularizer) ≤ 1e-12 · 1000 cannot reorder them.
             let proxy: Vec<f64> = rewards.iter().map(|&k| f64::from(k) * 1e-3).collect();
-            let c = Candidates { proxy: &proxy, logprob: Some(&lp), num_tokens: Some(&toks), wd: Some(&wd) };
+            let c = Candidates { proxy: &proxy, logprob: Some(&lp), num_tokens: Some(&toks), wd: Some(&wd), uncertainty: None };
             let bon = select(Method::Bon, 1e-12, &c).unwrap().index;
             for m in [Method::RbonKl, Method::RbonWd, Method::RbonLen] {
                 prop_assert_eq!(select(m, 1e-12, &c).unwrap().index, bon, "{}", m);
@@ -645,7 +853,7 @@ mod tests {
             // Regularizers 1e-6 apart; β = 1e9 makes their gaps (≥ 1e3) dwarf the reward range (20).
             let wd: Vec<f64> = wd_k.iter().map(|&k| f64::from(k) * 1e-6).collect();
             let lp: Vec<f64> = lp_k.iter().map(|&k| -f64::from(k) * 1e-6).collect();
-            let c = Candidates { proxy: &proxy, logprob: Some(&lp), num_tokens: None, wd: Some(&wd) };
+            let c = Candidates { proxy: &proxy, logprob: Some(&lp), num_tokens: None, wd: Some(&wd), uncertainty: None };
             let mbr = select(Method::Mbr, 1e9, &c).unwrap().index;
             prop_assert_eq!(mbr, argmin(&wd).unwrap());
             prop_assert_eq!(select(Method::RbonWd, 1e9, &c).unwrap().index, mbr);

@@ -2,12 +2,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array};
+use std::ops::Range;
+
 use rbon_core::CoreError;
 use rbon_core::schema::selections_schema;
+use rbon_core::seed::derive_seed;
 use rbon_core::tables::SampleScores;
 
 use crate::config::SelectConfig;
-use crate::method::{Candidates, Method, RegularizeError, argmax, objectives, wasserstein};
+use crate::method::{Candidates, Method, RegularizeError, argmax, ensemble, objectives, sample_index, wasserstein};
 
 /// Errors of the selection stage.
 #[derive(Debug, thiserror::Error)]
@@ -34,22 +37,53 @@ pub struct SelectionRow {
     pub rewards: Vec<f64>,
 }
 
-/// The (method, β) combinations a config sweeps, in output order. β is 0 for methods without one.
+/// The (method, β) combinations a config sweeps, in output order. β is 0 for methods without
+/// one, and λ for `bon_unc`.
 pub fn sweep(cfg: &SelectConfig) -> Vec<(Method, f64)> {
-    let mut out = Vec::new();
-    for &m in cfg.methods.iter().filter(|m| !m.is_report_only()) {
-        if m.uses_beta() {
-            out.extend(cfg.betas.iter().map(|&b| (m, b)));
-        } else {
-            out.push((m, 0.0));
-        }
-    }
-    out
+    cfg.methods
+        .iter()
+        .filter(|m| !m.is_report_only())
+        .flat_map(|&m| cfg.grid(m).into_iter().map(move |b| (m, b)))
+        .collect()
 }
 
-/// Applies every rule of the sweep to each prompt of a shard.
-pub fn select_shard(cfg: &SelectConfig, data: &SampleScores) -> Result<Vec<SelectionRow>, SelectError> {
-    let proxy = data.reward_index(&cfg.proxy).ok_or_else(|| SelectError::MissingReward(cfg.proxy.clone()))?;
+/// A prompt's proxy reward per sample, and the ensemble's spread when the proxy is an ensemble:
+/// the raw reward for one model; mean and std of the standardised rewards for several.
+pub fn group_proxy(
+    cfg: &SelectConfig,
+    data: &SampleScores,
+    g: &Range<usize>,
+) -> Result<(Vec<f64>, Option<Vec<f64>>), SelectError> {
+    let cols = cfg
+        .proxy
+        .names()
+        .iter()
+        .map(|n| {
+            data.reward_index(n)
+                .map(|i| &data.rewards[i][g.clone()])
+                .ok_or_else(|| SelectError::MissingReward(n.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    match cols.as_slice() {
+        [] => Err(SelectError::MissingReward(String::new())),
+        [one] => Ok((one.to_vec(), None)),
+        many => {
+            let (mean, std) = ensemble(many);
+            Ok((mean, Some(std)))
+        }
+    }
+}
+
+/// The uniform draw in [0, 1) behind a stochastic pick, from (seed, prompt id, method, β).
+fn draw(seed: u64, prompt_id: &str, method: Method, beta: f64) -> f64 {
+    let mut tag = method.as_str().as_bytes().to_vec();
+    tag.extend_from_slice(&beta.to_bits().to_le_bytes());
+    (derive_seed(seed, prompt_id, &tag) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Applies every rule of the sweep to each prompt of a shard. `seed` drives the stochastic
+/// rules, per prompt and β, so picks do not depend on sharding.
+pub fn select_shard(cfg: &SelectConfig, data: &SampleScores, seed: u64) -> Result<Vec<SelectionRow>, SelectError> {
     let gold = cfg
         .gold
         .iter()
@@ -66,11 +100,13 @@ pub fn select_shard(cfg: &SelectConfig, data: &SampleScores) -> Result<Vec<Selec
             (true, None) => return Err(err(RegularizeError::MissingEmbedding)),
             (false, _) => None,
         };
+        let (proxy, uncertainty) = group_proxy(cfg, data, g)?;
         let c = Candidates {
-            proxy: &data.rewards[proxy][g.clone()],
+            proxy: &proxy,
             logprob: data.logprob.as_ref().map(|l| &l[g.clone()]),
             num_tokens: data.num_tokens.as_ref().map(|n| &n[g.clone()]),
             wd: wd.as_deref(),
+            uncertainty: uncertainty.as_deref(),
         };
         let rewards_at = |i: usize| data.rewards.iter().map(|r| r[g.start + i]).collect::<Vec<_>>();
         let row = |method: String, beta: f64, index: Option<usize>, objective: f64, rewards: Vec<f64>| SelectionRow {
@@ -83,7 +119,8 @@ pub fn select_shard(cfg: &SelectConfig, data: &SampleScores) -> Result<Vec<Selec
         };
         for &(m, beta) in &combos {
             let obj = objectives(m, beta, &c).map_err(err)?;
-            let i = argmax(&obj).ok_or_else(|| err(RegularizeError::NoCandidates))?;
+            let i = if m.is_stochastic() { sample_index(&obj, draw(seed, pid, m, beta)) } else { argmax(&obj) };
+            let i = i.ok_or_else(|| err(RegularizeError::NoCandidates))?;
             out.push(row(m.as_str().to_owned(), beta, Some(i), obj[i], rewards_at(i)));
         }
         for &(name, gi) in &gold {
@@ -94,7 +131,7 @@ pub fn select_shard(cfg: &SelectConfig, data: &SampleScores) -> Result<Vec<Selec
         // The random baseline: the expected rewards of a uniformly random pick.
         let n = g.len() as f64;
         let means: Vec<f64> = data.rewards.iter().map(|r| r[g.clone()].iter().sum::<f64>() / n).collect();
-        let objective = gold.first().map_or(means[proxy], |&(_, gi)| means[gi]);
+        let objective = gold.first().map_or(proxy.iter().sum::<f64>() / n, |&(_, gi)| means[gi]);
         out.push(row(Method::Random.as_str().to_owned(), 0.0, None, objective, means));
     }
     Ok(out)
@@ -319,6 +356,7 @@ mod tests {
             gold: gold.iter().map(|s| (*s).to_owned()).collect(),
             methods: methods.to_vec(),
             betas: betas.to_vec(),
+            lambdas: vec![],
         }
     }
 
@@ -336,7 +374,7 @@ mod tests {
     /// Every row of `select_shard` against the independent computation. Returns, per method,
     /// how many picks were decided by an exact tie (first position kept).
     fn check_against_reference(cfg: &SelectConfig, d: &SampleScores) -> BTreeMap<String, usize> {
-        let rows = select_shard(cfg, d).unwrap();
+        let rows = select_shard(cfg, d, 0).unwrap();
         // Expected (method, β) order, built from the config rather than from `sweep`.
         let mut combos: Vec<(String, f64)> = Vec::new();
         for m in &cfg.methods {
@@ -421,7 +459,7 @@ mod tests {
         }
 
         // And by hand, on the tie prompt.
-        let rows = select_shard(&cfg, &d).unwrap();
+        let rows = select_shard(&cfg, &d, 0).unwrap();
         let pick = |m: &str, b: f64| {
             rows.iter().find(|r| r.prompt_id == "ties" && r.method == m && r.beta == b).unwrap().index.unwrap()
         };
@@ -442,7 +480,7 @@ mod tests {
         let d = test_data();
         let cfg = config(&[Method::Bon, Method::RbonKl], &[0.01, 1.0], &[]);
         check_against_reference(&cfg, &d);
-        let rows = select_shard(&cfg, &d).unwrap();
+        let rows = select_shard(&cfg, &d, 0).unwrap();
         assert!(rows.iter().all(|r| !r.method.starts_with("oracle")));
         assert_eq!(rows.iter().filter(|r| r.method == "random").count(), d.groups.len());
     }
@@ -451,7 +489,7 @@ mod tests {
     fn report_only_methods_in_the_config_are_not_swept_twice() {
         let cfg = config(&[Method::Bon, Method::Oracle, Method::Random, Method::Mbr], &[0.1], &["gold_a"]);
         assert_eq!(sweep(&cfg), vec![(Method::Bon, 0.0), (Method::Mbr, 0.0)]);
-        let rows = select_shard(&cfg, &test_data()).unwrap();
+        let rows = select_shard(&cfg, &test_data(), 0).unwrap();
         let first: Vec<&str> = rows.iter().take(4).map(|r| r.method.as_str()).collect();
         assert_eq!(first, ["bon", "mbr", "oracle:gold_a", "random"]);
     }
@@ -461,9 +499,9 @@ mod tests {
         let mut d = test_data();
         d.embeddings = None;
         let cfg = config(&[Method::Bon, Method::RbonKl, Method::RbonLen], &[0.1], &["gold_a"]);
-        assert_eq!(select_shard(&cfg, &d).unwrap().len(), d.groups.len() * 5);
+        assert_eq!(select_shard(&cfg, &d, 0).unwrap().len(), d.groups.len() * 5);
         for m in [Method::RbonWd, Method::Mbr] {
-            let err = select_shard(&config(&[Method::Bon, m], &[0.1], &[]), &d).unwrap_err();
+            let err = select_shard(&config(&[Method::Bon, m], &[0.1], &[]), &d, 0).unwrap_err();
             assert!(
                 matches!(&err, SelectError::Prompt { prompt_id, source: RegularizeError::MissingEmbedding } if prompt_id == "p00"),
                 "{err:?}"
@@ -476,9 +514,9 @@ mod tests {
         let d = test_data();
         let mut cfg = config(&[Method::Bon], &[], &[]);
         cfg.proxy = "nope".into();
-        assert!(matches!(select_shard(&cfg, &d), Err(SelectError::MissingReward(n)) if n == "nope"));
+        assert!(matches!(select_shard(&cfg, &d, 0), Err(SelectError::MissingReward(n)) if n == "nope"));
         let cfg = config(&[Method::Bon], &[], &["gold_a", "gold_c"]);
-        assert!(matches!(select_shard(&cfg, &d), Err(SelectError::MissingReward(n)) if n == "gold_c"));
+        assert!(matches!(select_shard(&cfg, &d, 0), Err(SelectError::MissingReward(n)) if n == "gold_c"));
     }
 
     #[test]
@@ -488,7 +526,7 @@ mod tests {
         use arrow_array::types::{Float64Type, UInt32Type};
         let d = test_data();
         let cfg = config(&[Method::Bon, Method::RbonWd], &[0.5], &["gold_a"]);
-        let rows = select_shard(&cfg, &d).unwrap();
+        let rows = select_shard(&cfg, &d, 0).unwrap();
         let b = selections_batch(&rows, &d.reward_names).unwrap();
         assert_eq!(b.num_rows(), rows.len());
         let index = b.column_by_name("index").unwrap().as_primitive::<UInt32Type>();

@@ -78,6 +78,12 @@ struct ImportFingerprint<'a> {
 }
 
 #[derive(Serialize)]
+struct SelectFingerprint<'a> {
+    select: &'a rbon_regularize::SelectConfig,
+    seed: Option<u64>,
+}
+
+#[derive(Serialize)]
 struct PairFingerprint<'a> {
     pair: &'a rbon_pair::PairConfig,
     seed: u64,
@@ -115,7 +121,10 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     run.freeze_config(p.doc.text())?;
 
     let fp_import = fingerprint("import", &ImportFingerprint { input: &cfg.input, file_sha256 }, &[]);
-    let fp_select = fingerprint("selections", &cfg.select, &[&fp_import]);
+    // The seed reaches selection only through the stochastic rules.
+    let select_seed = cfg.select.methods.iter().any(|m| m.is_stochastic()).then_some(cfg.seed);
+    let fp_select =
+        fingerprint("selections", &SelectFingerprint { select: &cfg.select, seed: select_seed }, &[&fp_import]);
     let fp_pairs = fingerprint("pairs", &PairFingerprint { pair: &cfg.pair, seed: cfg.seed }, &[&fp_select]);
     let fp_export =
         fingerprint("export", &ExportFingerprint { name: &cfg.name, config_text: p.doc.text() }, &[&fp_pairs]);
@@ -162,7 +171,7 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     invalidate(&run, &mut manifest, "selections", &fp_select, progress)?;
     let r = run_stage(&run, &mut manifest, "selections", &fp_select, n_shards, progress, |i| {
         let data = read_sample_scores(&run, i)?;
-        let rows = select_shard(&cfg.select, &data)?;
+        let rows = select_shard(&cfg.select, &data, cfg.seed)?;
         let batch = selections_batch(&rows, &data.reward_names)?;
         let meta = ShardMeta {
             fingerprint: fp_select.clone(),
@@ -214,7 +223,11 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
             pair: &cfg.pair,
             config_text: p.doc.text(),
         };
-        let written = write_exports(&run, n_shards, &exports, &details, &card)?;
+        let totals = reports.first().map_or((0, 0), |r: &StageReport| {
+            let get = |k: &str| r.counters.get(k).copied().unwrap_or(0) as usize;
+            (get("prompts"), get("samples"))
+        });
+        let written = write_exports(&run, n_shards, &exports, &details, totals, &card)?;
         for e in &written {
             for f in &e.files {
                 progress.event(Event::Wrote { path: f.clone() });
@@ -242,28 +255,24 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
             .iter()
             .map(|&(m, b)| {
                 let dir = run.stage_dir("pairs").join(export_key(m, b));
-                let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                    .map(|rd| {
-                        rd.flatten()
-                            .map(|e| e.path())
-                            .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                files.sort();
-                Export {
-                    method: m,
-                    beta: b,
-                    dir,
-                    files,
-                    counts: details.get(&export_key(m, b)).cloned().unwrap_or_default(),
-                }
+                let sft_files = if cfg.pair.sft { parquet_files(&dir.join("sft")) } else { Vec::new() };
+                let files = parquet_files(&dir);
+                let counts = details.get(&export_key(m, b)).cloned().unwrap_or_default();
+                Export { method: m, beta: b, dir, files, sft_files, counts }
             })
             .collect()
     } else {
         written
     };
     Ok(RunReport { run_dir: cfg.output.clone(), stages: reports, exports: exports_list, exports_reused: export_done })
+}
+
+fn parquet_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "parquet")).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
 }
 
 fn read_sample_scores(run: &RunDir, i: usize) -> Result<SampleScores, CoreError> {
