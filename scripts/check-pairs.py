@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Checks a run's pair exports the way trainers read them: every export loads with
+"""Checks a run's exports the way trainers read them: every pair export loads with
 pyarrow.parquet.read_table, has the columns of DESIGN §8 with TRL's conversational types, and
-no pair has chosen == rejected.
+no pair has chosen == rejected; SFT exports (prompt-completion) and the vBoN table, when the run
+has them, have their documented columns and the vBoN weights match their formula.
 
 Usage: python3 scripts/check-pairs.py RUN_DIR      (needs: pip install pyarrow)
 """
 
 import glob
+import math
 import os
 import sys
 
@@ -16,6 +18,11 @@ import pyarrow.parquet as pq
 COLUMNS = [
     "prompt_id", "method", "beta", "prompt", "chosen", "rejected",
     "chosen_index", "rejected_index", "score_chosen", "score_rejected", "margin",
+]
+
+SFT_COLUMNS = ["prompt_id", "method", "beta", "prompt", "completion", "sample_idx"]
+VBON_COLUMNS = [
+    "prompt_id", "sample_idx", "prompt", "completion", "logprob", "reward", "reward_cdf", "log_weight",
 ]
 
 
@@ -42,6 +49,53 @@ def main(run):
         card = os.path.join(os.path.dirname(f), "README.md")
         assert os.path.isfile(card), card
     print(f"pairs ok: {len(files)} files, {rows} rows load with pyarrow {pa.__version__}")
+    check_sft(run)
+    check_vbon(run)
+
+
+def check_messages(t, f, col):
+    typ = t.schema.field(col).type
+    assert pa.types.is_list(typ) and pa.types.is_struct(typ.value_type), (f, col, typ)
+    assert [typ.value_type.field(i).name for i in range(2)] == ["role", "content"], (f, col, typ)
+
+
+def check_sft(run):
+    files = sorted(glob.glob(os.path.join(run, "pairs", "*", "beta=*", "sft", "train-*.parquet")))
+    if not files:
+        return
+    rows = 0
+    for f in files:
+        t = pq.read_table(f)
+        assert t.column_names == SFT_COLUMNS, (f, t.column_names)
+        check_messages(t, f, "prompt")
+        check_messages(t, f, "completion")
+        for r in t.to_pylist():
+            assert len(r["completion"]) == 1 and r["completion"][0]["role"] == "assistant", (f, r["prompt_id"])
+        assert len(set(t.column("prompt_id").to_pylist())) == t.num_rows, (f, "one row per prompt")
+        rows += t.num_rows
+    print(f"sft ok: {len(files)} files, {rows} rows")
+
+
+def check_vbon(run):
+    files = sorted(glob.glob(os.path.join(run, "vbon", "train-*.parquet")))
+    if not files:
+        return
+    t = pa.concat_tables(pq.read_table(f) for f in files)
+    assert t.column_names == VBON_COLUMNS, t.column_names
+    check_messages(t, "vbon", "prompt")
+    check_messages(t, "vbon", "completion")
+    by_prompt = {}
+    for r in t.to_pylist():
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    for pid, rs in by_prompt.items():
+        n = len(rs)
+        for r in rs:
+            below = sum(x["reward"] < r["reward"] for x in rs)
+            equal = sum(x["reward"] == r["reward"] for x in rs)
+            cdf = (below + 0.5 * equal) / n
+            assert abs(r["reward_cdf"] - cdf) < 1e-12, (pid, r["sample_idx"])
+            assert abs(r["log_weight"] - (math.log(n) + (n - 1) * math.log(cdf))) < 1e-9, (pid, r["sample_idx"])
+    print(f"vbon ok: {t.num_rows} rows over {len(by_prompt)} prompts")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 
 Stdlib only, deterministic (rerun it and the file is byte-identical). Each prompt gets N
 responses assembled from phrase pools, so some responses repeat and some are near-duplicates.
-Two reward columns play proxy and gold: both reward helpful phrases, but the proxy also
-over-rewards length (the reward hacking RBoN guards against). `logprob` falls with length and
+Three reward columns: `proxy` and `gold` both reward helpful phrases, but the proxy also
+over-rewards length (the reward hacking RBoN guards against); `proxy2` is a second proxy on
+another scale that over-rewards openers instead, so the two form a disagreeing ensemble for
+`bon_unc`. `logprob` falls with length and
 rare phrases, `num_tokens` counts whitespace tokens plus EOS, and `embedding` is a hashed
 bag-of-words vector, so similar responses sit close together as a sentence embedder would
 place them.
@@ -92,6 +94,7 @@ def main():
             quality = len(helpful) - 0.5 * len(filler) + rng.gauss(0, 0.3)
             gold = quality
             proxy = quality + 0.08 * tokens + rng.gauss(0, 0.5)
+            proxy2 = 10.0 * (quality + (1.5 if parts[0] else 0.0) + rng.gauss(0, 0.5)) + 40.0
             logprob = -1.6 * tokens - 2.0 * len(filler) + rng.gauss(0, 1.0)
             lines.append(
                 json.dumps(
@@ -102,6 +105,7 @@ def main():
                         "response": response,
                         "reward_proxy": round(proxy, 6),
                         "reward_gold": round(gold, 6),
+                        "reward_proxy2": round(proxy2, 6),
                         "logprob": round(logprob, 6),
                         "num_tokens": tokens,
                         "embedding": embed(response),

@@ -182,10 +182,15 @@ fn print_summary(r: &RunReport) {
         get("pairs", "dropped_below_margin")
     );
     let files: usize = r.exports.iter().map(|e| e.files.len()).sum();
+    let sft: usize = r.exports.iter().map(|e| e.sft_files.len()).sum();
     let state = if r.exports_reused { "up to date" } else { "written" };
+    let sft = if sft > 0 { format!(" (+{sft} SFT files)") } else { String::new() };
     println!(
-        "  exports {state}: {} (method, β) folders, {files} files under {}/pairs/",
+        "  exports {state}: {} (method, β) folders, {files} files{sft} under {}/pairs/",
         r.exports.len(),
         r.run_dir.display()
     );
+    if !r.vbon_files.is_empty() {
+        println!("  vBoN weights: {} files under {}/vbon/", r.vbon_files.len(), r.run_dir.display());
+    }
 }

@@ -39,9 +39,10 @@ fn candidates(prompts: usize, n: usize, with_logprob: bool, with_embedding: bool
             let words = 1 + (rnd() * 12.0) as usize;
             let response = (0..words).map(|w| format!("w{}", (w * 7 + k + p) % 13)).collect::<Vec<_>>().join(" ");
             let mut row = format!(
-                r#"{{"prompt_id": "p{p:05}", "prompt": "Question number {p}?", "sample_idx": {k}, "response": "{response}", "reward_proxy": {:.6}, "reward_gold": {:.6}, "num_tokens": {}"#,
+                r#"{{"prompt_id": "p{p:05}", "prompt": "Question number {p}?", "sample_idx": {k}, "response": "{response}", "reward_proxy": {:.6}, "reward_gold": {:.6}, "reward_alt": {:.6}, "num_tokens": {}"#,
                 rnd() * 4.0 - 2.0,
                 rnd() * 4.0 - 2.0,
+                rnd() * 30.0 + 5.0,
                 words + 1
             );
             if with_logprob {
@@ -127,16 +128,22 @@ fn export_files(run: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 #[test]
-fn byo_pipeline_from_the_repository_runs() {
+fn repository_pipelines_run() {
     let out = tempfile::tempdir().unwrap();
-    let yaml = fs::read_to_string(repo().join("pipelines/byo.yaml")).unwrap();
-    let yaml = yaml.replace("output: runs/byo", &format!("output: {}", out.path().join("byo").display()));
-    let cfg = out.path().join("byo.yaml");
-    fs::write(&cfg, yaml).unwrap();
-    let o = rbon(&["run", cfg.to_str().unwrap()], &repo());
-    assert!(o.status.success(), "{}", text(&o));
-    let p = out.path().join("byo/pairs/rbon_wd/beta=0.1/train-00000-of-00001.parquet");
-    assert!(p.is_file(), "{}", text(&o));
+    for (name, check) in [
+        ("byo", "byo/pairs/rbon_wd/beta=0.1/train-00000-of-00001.parquet"),
+        ("byo-variants", "byo-variants/vbon/train-00000-of-00001.parquet"),
+    ] {
+        let yaml = fs::read_to_string(repo().join(format!("pipelines/{name}.yaml"))).unwrap();
+        let from = format!("output: runs/{name}");
+        assert!(yaml.contains(&from));
+        let yaml = yaml.replace(&from, &format!("output: {}", out.path().join(name).display()));
+        let cfg = out.path().join(format!("{name}.yaml"));
+        fs::write(&cfg, yaml).unwrap();
+        let o = rbon(&["run", cfg.to_str().unwrap()], &repo());
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        assert!(out.path().join(check).is_file(), "{name}: {}", text(&o));
+    }
 }
 
 #[test]
@@ -286,7 +293,9 @@ fn bad_configs() -> Vec<(&'static str, String, Vec<&'static str>)> {
         (
             "unknown proxy",
             good.replace("proxy: proxy", "proxy: helpful"),
-            vec!["select.proxy: no reward model `helpful` in the candidates file c.jsonl (available: gold, proxy)"],
+            vec![
+                "select.proxy: no reward model `helpful` in the candidates file c.jsonl (available: alt, gold, proxy)",
+            ],
         ),
         (
             "unknown gold",
@@ -351,6 +360,23 @@ fn bad_configs() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "both inputs",
             good.replace("  shard_size: 4", "  shard_size: 4\n  path: c.jsonl"),
             vec!["input.candidates: set either `input.path` or `input.candidates`, not both"],
+        ),
+        (
+            "bon_unc without ensemble",
+            good.replace("mbr, rbon_len]", "mbr, rbon_len, bon_unc]"),
+            vec![
+                "select.methods[5]: `bon_unc` needs an ensemble: set `select.proxy` to a list of two or more reward models",
+            ],
+        ),
+        (
+            "bad ensemble member",
+            good.replace("proxy: proxy", "proxy: [proxy, nope]"),
+            vec!["select.proxy[1]: no reward model `nope`"],
+        ),
+        (
+            "negative lambda",
+            good.replace("  betas:", "  lambdas: [1.0, -2.0]\n  betas:"),
+            vec!["select.lambdas[1]: λ = -2 is not allowed"],
         ),
         (
             "bad candidates columns",
@@ -497,4 +523,121 @@ fn sigkill_mid_run_then_resume_gives_identical_pairs() {
             assert!(!e.file_name().to_string_lossy().contains(".tmp-"), "{}", e.path().display());
         }
     }
+}
+
+fn selections(run: &Path) -> Vec<(String, String, f64, Option<u32>)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while run.join(format!("selections/shard-{i:05}.parquet")).exists() {
+        let b = read(&run.join(format!("selections/shard-{i:05}.parquet")));
+        let ids = b.column_by_name("prompt_id").unwrap().as_string::<i32>();
+        let m = b.column_by_name("method").unwrap().as_string::<i32>();
+        let beta = b.column_by_name("beta").unwrap().as_primitive::<arrow_array::types::Float64Type>();
+        let idx = b.column_by_name("index").unwrap().as_primitive::<arrow_array::types::UInt32Type>();
+        for r in 0..b.num_rows() {
+            out.push((
+                ids.value(r).to_owned(),
+                m.value(r).to_owned(),
+                beta.value(r),
+                idx.is_valid(r).then(|| idx.value(r)),
+            ));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Rewards standardised over the prompt's samples with the population std.
+fn zscores(v: &[f64]) -> Vec<f64> {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+    v.iter().map(|x| if sd > 0.0 { (x - mean) / sd } else { 0.0 }).collect()
+}
+
+#[test]
+fn ensemble_bon_unc_srbon_and_bonbon_vbon_exports() {
+    let f = Fixture::new(20, 6);
+    let yaml = |seed: u64, out: &str| {
+        format!(
+            "name: v\noutput: {out}\nseed: {seed}\ninput:\n  candidates: c.jsonl\n  shard_size: 6\n\
+             select:\n  proxy: [proxy, alt]\n  gold: [gold]\n  methods: [bon, bon_unc, srbon_kl]\n  betas: [0.5, 2.0]\n  lambdas: [0.5, 1.0]\n\
+             pair:\n  sft: true\n  vbon: true\n"
+        )
+    };
+    f.write("v.yaml", &yaml(1, "v"));
+    let o = f.run(&["run", "v.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = f.path().join("v");
+    let got = selections(&run);
+
+    // Independent computation from the candidates file.
+    let mut prompts: Vec<(String, Vec<serde_json::Value>)> = Vec::new();
+    for line in fs::read_to_string(f.path().join("c.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let id = v["prompt_id"].as_str().unwrap().to_owned();
+        match prompts.last_mut() {
+            Some((p, rows)) if *p == id => rows.push(v),
+            _ => prompts.push((id, vec![v])),
+        }
+    }
+    let mut checked = 0;
+    let mut not_argmax = 0;
+    for (id, rows) in &prompts {
+        let col = |k: &str| rows.iter().map(|r| r[k].as_f64().unwrap()).collect::<Vec<_>>();
+        let (za, zb) = (zscores(&col("reward_proxy")), zscores(&col("reward_alt")));
+        let mean: Vec<f64> = za.iter().zip(&zb).map(|(a, b)| (a + b) / 2.0).collect();
+        let sd: Vec<f64> = za.iter().zip(&zb).map(|(a, b)| ((a - b) / 2.0).abs()).collect();
+        let argmax = |v: &[f64]| (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }) as u32;
+        let find = |m: &str, b: f64| got.iter().find(|r| &r.0 == id && r.1 == m && r.2 == b).unwrap().3;
+        assert_eq!(find("bon", 0.0), Some(argmax(&mean)), "bon {id}");
+        for lambda in [0.5, 1.0] {
+            let obj: Vec<f64> = mean.iter().zip(&sd).map(|(m, s)| m - lambda * s).collect();
+            assert_eq!(find("bon_unc", lambda), Some(argmax(&obj)), "bon_unc λ={lambda} {id}");
+            checked += 1;
+        }
+        let lp = col("logprob");
+        for beta in [0.5, 2.0] {
+            let logits: Vec<f64> = lp.iter().zip(&mean).map(|(l, r)| l + beta * r).collect();
+            not_argmax += usize::from(find("srbon_kl", beta) != Some(argmax(&logits)));
+        }
+    }
+    assert_eq!(checked, 40);
+    assert!(not_argmax > 0, "srbon_kl always took the argmax: it is not sampling");
+
+    // srbon_kl: the same seed gives the same picks after --force; another seed other picks.
+    let srbon = |rows: &[(String, String, f64, Option<u32>)]| -> Vec<_> {
+        rows.iter().filter(|r| r.1 == "srbon_kl").cloned().collect()
+    };
+    let o = f.run(&["run", "v.yaml", "--force"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(srbon(&got), srbon(&selections(&run)));
+    f.write("w.yaml", &yaml(2, "w"));
+    assert!(f.run(&["run", "w.yaml"]).status.success());
+    let other = selections(&f.path().join("w"));
+    assert_ne!(srbon(&got), srbon(&other));
+    // Deterministic rules do not depend on the seed.
+    let det = |rows: &[(String, String, f64, Option<u32>)]| -> Vec<_> {
+        rows.iter().filter(|r| r.1 != "srbon_kl").cloned().collect()
+    };
+    assert_eq!(det(&got), det(&other));
+
+    // BoNBoN SFT half and vBoN weights, with their documented columns.
+    let sft = read(&run.join("pairs/bon_unc/beta=1/sft/train-00000-of-00001.parquet"));
+    let names = |b: &RecordBatch| b.schema().fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>();
+    assert_eq!(names(&sft), ["prompt_id", "method", "beta", "prompt", "completion", "sample_idx"]);
+    assert_eq!(sft.num_rows(), 20);
+    assert!(run.join("pairs/bon_unc/beta=1/sft/README.md").is_file());
+    let vbon = read(&run.join("vbon/train-00000-of-00001.parquet"));
+    assert_eq!(
+        names(&vbon),
+        ["prompt_id", "sample_idx", "prompt", "completion", "logprob", "reward", "reward_cdf", "log_weight"]
+    );
+    assert_eq!(vbon.num_rows(), 120);
+    let cdf = vbon.column_by_name("reward_cdf").unwrap().as_primitive::<arrow_array::types::Float64Type>();
+    let lw = vbon.column_by_name("log_weight").unwrap().as_primitive::<arrow_array::types::Float64Type>();
+    for r in 0..vbon.num_rows() {
+        assert!((lw.value(r) - (6f64.ln() + 5.0 * cdf.value(r).ln())).abs() < 1e-12);
+    }
+    assert!(text(&o).contains("vBoN weights: 1 files"), "{}", text(&o));
 }

@@ -69,6 +69,8 @@ pub struct RunReport {
     pub exports: Vec<Export>,
     /// True when the exports were already up to date and left alone.
     pub exports_reused: bool,
+    /// The variational-BoN export's files, when `pair.vbon` is on.
+    pub vbon_files: Vec<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -264,7 +266,14 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     } else {
         written
     };
-    Ok(RunReport { run_dir: cfg.output.clone(), stages: reports, exports: exports_list, exports_reused: export_done })
+    let vbon_files = parquet_files(&run.root().join(rbon_pair::export::VBON_DIR));
+    Ok(RunReport {
+        run_dir: cfg.output.clone(),
+        stages: reports,
+        exports: exports_list,
+        exports_reused: export_done,
+        vbon_files,
+    })
 }
 
 fn parquet_files(dir: &std::path::Path) -> Vec<PathBuf> {
