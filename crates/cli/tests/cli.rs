@@ -269,6 +269,24 @@ fn pair_rows_do_not_depend_on_shard_size() {
     }
 }
 
+#[test]
+fn export_bytes_do_not_depend_on_shard_size_past_a_row_group() {
+    // More than one 4096-row group per export, cut differently by the two shard sizes.
+    let f = Fixture::new(4500, 2);
+    let yaml = |out: &str, shard: usize| {
+        pipeline("c.jsonl", out, shard, "[0.1]")
+            .replace("methods: [bon, rbon_kl, rbon_wd, mbr, rbon_len]", "methods: [bon]")
+    };
+    f.write("a.yaml", &yaml("a", 7));
+    f.write("b.yaml", &yaml("b", 1000));
+    assert!(f.run(&["run", "a.yaml"]).status.success());
+    assert!(f.run(&["run", "b.yaml"]).status.success());
+    let p = "pairs/bon/beta=0/train-00000-of-00001.parquet";
+    let (a, b) = (fs::read(f.path().join("a").join(p)).unwrap(), fs::read(f.path().join("b").join(p)).unwrap());
+    assert!(read(&f.path().join("a").join(p)).num_rows() > 4096);
+    assert!(a == b, "export bytes differ between shard sizes 7 and 1000");
+}
+
 /// (name, extra files, pipeline text, expected message fragments).
 fn bad_configs() -> Vec<(&'static str, String, Vec<&'static str>)> {
     let good = pipeline("c.jsonl", "out", 4, BETAS);

@@ -13,6 +13,9 @@ pub enum CoreError {
     /// Bad input data; `location` names the file and, where known, the row or line.
     #[error("{location}: {message}")]
     Data { location: String, message: String },
+    /// A broken invariant inside rbon (a bug, or files changed under a run).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The run directory is in a state this command cannot work with.
     #[error("{}: {message}", path.display())]
     RunDir { path: PathBuf, message: String },
@@ -24,6 +27,9 @@ impl CoreError {
     }
     pub fn data(location: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Data { location: location.into(), message: message.into() }
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::Internal(message.into())
     }
     /// True when the user's input, not the environment, is at fault.
     pub fn is_data(&self) -> bool {

@@ -193,8 +193,17 @@ fn for_each_line(
     Ok(())
 }
 
+/// Reads a user's Parquet file; a file that does not decode is bad input, not an I/O failure.
 fn read_parquet_file(path: &Path) -> Result<Vec<RecordBatch>> {
-    crate::shard::read_parquet(path)
+    crate::shard::read_parquet(path).map_err(|e| match e {
+        CoreError::Parquet { source, .. } => {
+            CoreError::data(path.display().to_string(), format!("unreadable Parquet: {source}"))
+        }
+        CoreError::Arrow { source, .. } => {
+            CoreError::data(path.display().to_string(), format!("unreadable Parquet: {source}"))
+        }
+        other => other,
+    })
 }
 
 fn json_messages(v: &Value) -> Option<Vec<Message>> {
@@ -534,8 +543,14 @@ struct Grouper {
 }
 
 impl Grouper {
-    /// Adds one sample; returns false once `limit` prompts are complete and a new one appears.
+    /// Adds one sample; samples of prompts beyond the first `limit` are skipped (the file need
+    /// not be grouped by prompt, so reading goes on to the end).
     fn add(&mut self, prompt_id: String, messages: Vec<Message>, s: CandidateSample) -> Result<bool> {
+        if let Some(e) = &s.embedding
+            && e.iter().all(|&x| x == 0.0)
+        {
+            return Err(CoreError::data(&s.location, "`embedding` is the zero vector, which has no direction"));
+        }
         if let Some(dim) = s.embedding.as_ref().map(Vec::len) {
             match self.embedding_dim {
                 None => self.embedding_dim = Some(dim),
@@ -566,7 +581,18 @@ impl Grouper {
             }
             None => {
                 if self.groups.len() >= self.limit {
-                    return Ok(false);
+                    return Ok(true);
+                }
+                if let Some(last) = messages.last()
+                    && last.role != "user"
+                {
+                    return Err(CoreError::data(
+                        &s.location,
+                        format!(
+                            "the prompt ends with a `{}` turn; it must end with the user turn being answered",
+                            last.role
+                        ),
+                    ));
                 }
                 self.index.insert(prompt_id.clone(), self.groups.len());
                 self.prompt_loc.push(s.location.clone());
@@ -651,6 +677,24 @@ fn json_candidate(
     obj: &serde_json::Map<String, Value>,
     h: &CandidatesHeader,
 ) -> Result<(String, Vec<Message>, CandidateSample)> {
+    // The columns come from the first record; a field it lacks would otherwise be ignored.
+    for k in obj.keys() {
+        let known = match k.strip_prefix(REWARD_PREFIX) {
+            Some(r) => h.rewards.iter().any(|x| x == r),
+            None => match k.as_str() {
+                LOGPROB => h.has_logprob,
+                NUM_TOKENS => h.has_num_tokens,
+                EMBEDDING => h.has_embedding,
+                _ => true,
+            },
+        };
+        if !known {
+            return Err(CoreError::data(
+                loc,
+                format!("field `{k}` is not on the first record; every record must have the same fields"),
+            ));
+        }
+    }
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
     let missing = |k: &str| CoreError::data(loc, format!("`{k}` is missing or null"));
     let pid = get(PROMPT_ID)
@@ -696,9 +740,9 @@ fn json_candidate(
             .ok_or_else(|| CoreError::data(loc, "`embedding` must be a list of numbers"))?;
         let v = arr
             .iter()
-            .map(|x| x.as_f64().filter(|f| f.is_finite()).map(|f| f as f32))
+            .map(|x| x.as_f64().map(|f| f as f32).filter(|f| f.is_finite()))
             .collect::<Option<Vec<f32>>>()
-            .ok_or_else(|| CoreError::data(loc, "`embedding` must hold finite numbers only"))?;
+            .ok_or_else(|| CoreError::data(loc, "`embedding` must hold finite 32-bit floats only"))?;
         Some(v)
     } else {
         None
@@ -1067,5 +1111,36 @@ mod tests {
         let cfg = InputConfig { messages_column: Some("nope".into()), ..cfg };
         let e = read_prompts(&cfg).unwrap_err().to_string();
         assert!(e.contains("no column `nope`; columns: conv, text"), "{e}");
+    }
+
+    #[test]
+    fn candidates_limit_unordered_and_row_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let row = |p: &str, k: u32, extra: &str| {
+            format!(
+                "{{\"prompt_id\": \"{p}\", \"prompt\": \"q{p}\", \"sample_idx\": {k}, \"response\": \"r{k}\", \"reward_x\": 1.0{extra}}}\n"
+            )
+        };
+        // Rows of the first prompt after a later prompt's rows are kept under a limit.
+        let text = [row("a", 0, ""), row("b", 0, ""), row("a", 1, "")].concat();
+        let p = write(d.path(), "u.jsonl", &text);
+        let c = read_candidates(&p, Some(1)).unwrap();
+        assert_eq!(c.groups.len(), 1);
+        assert_eq!(c.groups[0].samples.len(), 2);
+        // A field missing from the first record is an error, not silently ignored.
+        let text = [row("a", 0, ""), row("a", 1, ", \"logprob\": -3.0")].concat();
+        let e = read_candidates(&write(d.path(), "f.jsonl", &text), None).unwrap_err().to_string();
+        assert!(e.contains("f.jsonl:2: field `logprob` is not on the first record"), "{e}");
+        // Zero embeddings and f32 overflow are caught at read time.
+        let text = [row("a", 0, ", \"embedding\": [1.0, 0.0]"), row("a", 1, ", \"embedding\": [0.0, 0.0]")].concat();
+        let e = read_candidates(&write(d.path(), "z.jsonl", &text), None).unwrap_err().to_string();
+        assert!(e.contains("z.jsonl:2: `embedding` is the zero vector"), "{e}");
+        let text = row("a", 0, ", \"embedding\": [1e300, 0.0]");
+        let e = read_candidates(&write(d.path(), "o.jsonl", &text), None).unwrap_err().to_string();
+        assert!(e.contains("o.jsonl:1: `embedding` must hold finite 32-bit floats"), "{e}");
+        // A prompt must end with the user turn being answered.
+        let text = "{\"prompt_id\": \"a\", \"prompt\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}], \"sample_idx\": 0, \"response\": \"r\", \"reward_x\": 1.0}\n";
+        let e = read_candidates(&write(d.path(), "t.jsonl", text), None).unwrap_err().to_string();
+        assert!(e.contains("t.jsonl:1: the prompt ends with a `assistant` turn"), "{e}");
     }
 }

@@ -31,15 +31,3 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn event(&self, _: Event) {}
 }
-
-/// Collects events, for tests.
-#[derive(Debug, Default)]
-pub struct Recorder(pub std::sync::Mutex<Vec<Event>>);
-
-impl Progress for Recorder {
-    fn event(&self, event: Event) {
-        if let Ok(mut v) = self.0.lock() {
-            v.push(event);
-        }
-    }
-}

@@ -35,11 +35,13 @@ pub fn fingerprint<T: Serialize>(stage: &str, config: &T, upstream: &[&str]) -> 
 /// Per-stage state in the manifest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageState {
+    /// Fingerprint of the configuration and inputs the stage's output was made with.
     pub fingerprint: String,
     /// Shards the stage has in all.
     pub shards: usize,
     /// Shards written so far.
     pub done: usize,
+    /// Every shard is written.
     pub complete: bool,
     /// Sums of the shards' counters.
     pub counters: BTreeMap<String, u64>,
@@ -48,8 +50,11 @@ pub struct StageState {
 /// `manifest.json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Version of rbon that last wrote the run.
     pub rbon_version: String,
+    /// The pipeline's `name`.
     pub name: String,
+    /// Per stage (`prompts`, `samples`, `scores`, `selections`, `pairs`, `export`).
     pub stages: BTreeMap<String, StageState>,
 }
 
@@ -67,17 +72,6 @@ impl RunDir {
     /// Opens (creating if needed) the run directory at `root`.
     pub fn create(root: &Path) -> Result<Self> {
         fs::create_dir_all(root).map_err(|e| CoreError::io(root, e))?;
-        Ok(Self { root: root.to_owned() })
-    }
-
-    /// Opens an existing run directory.
-    pub fn open(root: &Path) -> Result<Self> {
-        if !root.join("manifest.json").is_file() {
-            return Err(CoreError::RunDir {
-                path: root.to_owned(),
-                message: "not a run directory (no manifest.json)".into(),
-            });
-        }
         Ok(Self { root: root.to_owned() })
     }
 

@@ -121,7 +121,10 @@ impl ParquetSink {
         let Some(w) = self.writer.take() else { return Ok(self.path.clone()) };
         let file = w.into_inner().map_err(|source| CoreError::Parquet { path: self.path.clone(), source })?;
         file.sync_all().map_err(|e| CoreError::io(&self.tmp, e))?;
-        fs::rename(&self.tmp, &self.path).map_err(|e| CoreError::io(&self.path, e))?;
+        if let Err(e) = fs::rename(&self.tmp, &self.path) {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(CoreError::io(&self.path, e));
+        }
         sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
         Ok(self.path.clone())
     }
@@ -174,7 +177,7 @@ pub fn remove_stale_temps(dir: &Path) -> Result<()> {
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.contains(".tmp-") {
+        if name.starts_with('.') && name.contains(".tmp-") && e.path().is_file() {
             fs::remove_file(e.path()).map_err(|err| CoreError::io(e.path(), err))?;
         }
     }

@@ -17,7 +17,7 @@ use crate::messages::{Message, messages_array, read_messages};
 use crate::schema::{self, *};
 
 fn arrow_err(what: &str, e: arrow_schema::ArrowError) -> CoreError {
-    CoreError::data(what, e.to_string())
+    CoreError::internal(format!("{what}: {e}"))
 }
 
 /// The prompts table of a set of groups.
@@ -116,7 +116,7 @@ fn concat(batches: &[RecordBatch], what: &str) -> Result<Option<RecordBatch>> {
 }
 
 fn column<'a>(b: &'a RecordBatch, name: &str, what: &str) -> Result<&'a ArrayRef> {
-    b.column_by_name(name).ok_or_else(|| CoreError::data(what, format!("missing column `{name}`")))
+    b.column_by_name(name).ok_or_else(|| CoreError::internal(format!("{what}: missing column `{name}`")))
 }
 
 impl SampleScores {
@@ -126,14 +126,14 @@ impl SampleScores {
             return Ok(Self::empty());
         };
         if sa.num_rows() != sc.num_rows() {
-            return Err(CoreError::data(what, "samples and scores shards differ in length"));
+            return Err(CoreError::internal(format!("{what}: samples and scores shards differ in length")));
         }
         let ids = column(&sa, PROMPT_ID, what)?.as_string::<i32>();
         let idx = column(&sa, SAMPLE_IDX, what)?.as_primitive::<UInt32Type>();
         let sids = column(&sc, PROMPT_ID, what)?.as_string::<i32>();
         let sidx = column(&sc, SAMPLE_IDX, what)?.as_primitive::<UInt32Type>();
         if ids != sids || idx != sidx {
-            return Err(CoreError::data(what, "samples and scores shards are not aligned"));
+            return Err(CoreError::internal(format!("{what}: samples and scores shards are not aligned")));
         }
         let responses = column(&sa, RESPONSE, what)?.as_string::<i32>();
         let mut reward_names = Vec::new();

@@ -100,6 +100,15 @@ impl PairConfig {
                 }
             }
         }
+        for m in self.export_methods(select) {
+            if !select.grid(m).iter().any(|&b| self.exports(select, m, b)) {
+                let grid = if m == Method::BonUnc { "select.lambdas" } else { "select.betas" };
+                diags.push(doc.diag(
+                    "pair.betas",
+                    format!("no value of {grid} is listed here, so `{m}` would export nothing (pair.betas filters β and λ alike)"),
+                ));
+            }
+        }
         if let Some(bs) = &self.betas {
             for (i, b) in bs.iter().enumerate() {
                 if !select.betas.contains(b) && !select.lambdas.contains(b) {

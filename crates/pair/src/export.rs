@@ -2,7 +2,7 @@
 //! card, merged from the pair shards in shard order (so the bytes do not depend on how many
 //! processes made the shards).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::Float64Type;
+use arrow_array::types::{Float64Type, UInt32Type};
 use arrow_array::{Array, ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use rbon_core::messages::messages_array;
@@ -57,24 +57,58 @@ pub fn part_name(i: usize, n: usize) -> String {
     format!("train-{i:05}-of-{n:05}.parquet")
 }
 
+/// A folder built under a temporary sibling name and swapped into place when complete, so an
+/// export is either whole or absent (never a partial set of parts).
+struct Staged {
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+impl Staged {
+    fn new(dest: PathBuf) -> Result<Self, CoreError> {
+        let parent = dest.parent().map(PathBuf::from).unwrap_or_default();
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        fs::create_dir_all(&parent).map_err(|e| CoreError::io(&parent, e))?;
+        // Leftovers of killed runs.
+        let prefix = format!(".{name}.tmp-");
+        for e in fs::read_dir(&parent).map_err(|e| CoreError::io(&parent, e))?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                fs::remove_dir_all(e.path()).map_err(|err| CoreError::io(e.path(), err))?;
+            }
+        }
+        let tmp = parent.join(format!("{prefix}{}", std::process::id()));
+        fs::create_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+        Ok(Self { tmp, dest })
+    }
+
+    fn commit(self) -> Result<PathBuf, CoreError> {
+        if self.dest.exists() {
+            fs::remove_dir_all(&self.dest).map_err(|e| CoreError::io(&self.dest, e))?;
+        }
+        fs::rename(&self.tmp, &self.dest).map_err(|e| CoreError::io(&self.dest, e))?;
+        Ok(self.dest)
+    }
+}
+
 /// A multi-part Parquet export being written: `train-0000i-of-0000N.parquet` in `dir`, with N
-/// fixed up front from the expected row count so names never change once written.
+/// fixed up front from the expected row count so names never change once written. Rows reach
+/// the writer in fixed chunks of `ROW_GROUP_ROWS` whatever batches they arrive in, so the bytes
+/// depend on the rows only, not on how the shards cut them.
 struct Parts {
     dir: PathBuf,
     schema: SchemaRef,
     parts: usize,
-    files: Vec<PathBuf>,
+    files: Vec<String>,
     sink: Option<ParquetSink>,
+    pending: Vec<RecordBatch>,
+    pending_rows: usize,
 }
 
 impl Parts {
     fn create(dir: PathBuf, schema: SchemaRef, expected_rows: usize) -> Result<Self, CoreError> {
-        // Earlier files may have another part count; stale parts must not be loaded with new ones.
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
-        }
-        let mut p =
-            Self { dir, schema, parts: expected_rows.div_ceil(ROWS_PER_FILE).max(1), files: Vec::new(), sink: None };
+        fs::create_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
+        let parts = expected_rows.div_ceil(ROWS_PER_FILE).max(1);
+        let mut p = Self { dir, schema, parts, files: Vec::new(), sink: None, pending: Vec::new(), pending_rows: 0 };
         p.next()?;
         Ok(p)
     }
@@ -83,20 +117,45 @@ impl Parts {
         if let Some(s) = self.sink.take() {
             s.finish()?;
         }
-        let path = self.dir.join(part_name(self.files.len(), self.parts));
-        self.sink = Some(ParquetSink::create(&path, &self.schema, &ShardMeta::default(), Some(ROW_GROUP_ROWS))?);
-        self.files.push(path);
+        let name = part_name(self.files.len(), self.parts);
+        self.sink = Some(ParquetSink::create(
+            &self.dir.join(&name),
+            &self.schema,
+            &ShardMeta::default(),
+            Some(ROW_GROUP_ROWS),
+        )?);
+        self.files.push(name);
         Ok(())
     }
 
-    fn write(&mut self, mut batch: RecordBatch) -> Result<(), CoreError> {
+    fn write(&mut self, batch: RecordBatch) -> Result<(), CoreError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.pending_rows += batch.num_rows();
+        self.pending.push(batch);
+        while self.pending_rows >= ROW_GROUP_ROWS {
+            let all = arrow_select::concat::concat_batches(&self.schema, &self.pending)
+                .map_err(|e| CoreError::internal(format!("export: {e}")))?;
+            let chunk = all.slice(0, ROW_GROUP_ROWS);
+            let rest = all.slice(ROW_GROUP_ROWS, all.num_rows() - ROW_GROUP_ROWS);
+            self.pending_rows = rest.num_rows();
+            self.pending = vec![rest];
+            self.write_rows(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn write_rows(&mut self, mut batch: RecordBatch) -> Result<(), CoreError> {
         while batch.num_rows() > 0 {
             let rows = self.sink.as_ref().map_or(ROWS_PER_FILE, ParquetSink::rows);
             if rows == ROWS_PER_FILE {
                 if self.files.len() == self.parts {
                     // Counts come from the same shards; more rows means they changed under us.
-                    let where_ = self.dir.display().to_string();
-                    return Err(CoreError::data(where_, "the shards hold more rows than their counters say"));
+                    let where_ = self.dir.display();
+                    return Err(CoreError::internal(format!(
+                        "{where_}: the shards hold more rows than their counters say"
+                    )));
                 }
                 self.next()?;
                 continue;
@@ -110,7 +169,14 @@ impl Parts {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<Vec<PathBuf>, CoreError> {
+    /// Flushes and closes; returns the part file names.
+    fn finish(mut self) -> Result<Vec<String>, CoreError> {
+        let rest = std::mem::take(&mut self.pending);
+        if !rest.is_empty() {
+            let all = arrow_select::concat::concat_batches(&self.schema, &rest)
+                .map_err(|e| CoreError::internal(format!("export: {e}")))?;
+            self.write_rows(all)?;
+        }
         if let Some(s) = self.sink.take() {
             s.finish()?;
         }
@@ -132,18 +198,24 @@ pub fn write_exports(
     let (prompts, samples) = totals;
     let pairs_dir = run.stage_dir("pairs");
     let count = |key: &str| counts.get(key).and_then(|c| c.get("pairs")).copied().unwrap_or(0) as usize;
+    let mut staged = Vec::new();
     let mut dpo = Vec::new();
     let mut sft = Vec::new();
     for &(m, b) in exports {
-        let key = export_key(m, b);
-        dpo.push(Parts::create(pairs_dir.join(&key), schema::pairs_schema(), count(&key))?);
+        let st = Staged::new(pairs_dir.join(export_key(m, b)))?;
+        dpo.push(Parts::create(st.tmp.clone(), schema::pairs_schema(), count(&export_key(m, b)))?);
         if card.pair.sft {
-            sft.push(Parts::create(pairs_dir.join(&key).join("sft"), sft_schema(), prompts)?);
+            sft.push(Parts::create(st.tmp.join("sft"), sft_schema(), prompts)?);
         }
+        staged.push(st);
     }
     let vbon_dir = run.root().join(VBON_DIR);
     let mut vbon = match card.pair.vbon {
-        true => Some(Parts::create(vbon_dir.clone(), vbon_schema(), samples)?),
+        true => {
+            let st = Staged::new(vbon_dir.clone())?;
+            let parts = Parts::create(st.tmp.clone(), vbon_schema(), samples)?;
+            Some((st, parts))
+        }
         false => {
             if vbon_dir.exists() {
                 fs::remove_dir_all(&vbon_dir).map_err(|e| CoreError::io(&vbon_dir, e))?;
@@ -162,57 +234,62 @@ pub fn write_exports(
         if !card.pair.sft && vbon.is_none() {
             continue;
         }
-        let prompts = tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
-        let samples = shard::read_parquet(&run.shard_path("samples", i))?;
-        let scores = shard::read_parquet(&run.shard_path("scores", i))?;
-        let data = SampleScores::from_batches(&samples, &scores, &format!("shard {i}"))?;
+        let prompt_rows =
+            tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
+        let prompt_of: HashMap<&str, &[Message]> =
+            prompt_rows.iter().map(|(id, m)| (id.as_str(), m.as_slice())).collect();
+        let data = SampleScores::from_batches(
+            &shard::read_parquet(&run.shard_path("samples", i))?,
+            &shard::read_parquet(&run.shard_path("scores", i))?,
+            &format!("shard {i}"),
+        )?;
         if card.pair.sft {
+            let row_of: HashMap<(&str, u32), usize> =
+                (0..data.prompt_ids.len()).map(|r| ((data.prompt_ids[r].as_str(), data.sample_idx[r]), r)).collect();
             let sel_path = run.shard_path("selections", i);
             for batch in shard::read_parquet(&sel_path)? {
                 let (methods, betas) = method_beta(&batch, &sel_path)?;
-                let index = batch
-                    .column_by_name(schema::INDEX)
-                    .ok_or_else(|| CoreError::data(sel_path.display().to_string(), "not a selections shard"))?
-                    .as_primitive::<arrow_array::types::UInt32Type>()
-                    .clone();
-                let ids = batch
-                    .column_by_name(schema::PROMPT_ID)
-                    .ok_or_else(|| CoreError::data(sel_path.display().to_string(), "not a selections shard"))?
-                    .as_string::<i32>()
-                    .clone();
+                let not_sel = || CoreError::internal(format!("{}: not a selections shard", sel_path.display()));
+                let index =
+                    batch.column_by_name(schema::INDEX).ok_or_else(not_sel)?.as_primitive::<UInt32Type>().clone();
+                let ids = batch.column_by_name(schema::PROMPT_ID).ok_or_else(not_sel)?.as_string::<i32>().clone();
                 for (parts, &(m, b)) in sft.iter_mut().zip(exports) {
-                    let rows: Vec<usize> = (0..batch.num_rows())
+                    let picks: Vec<(&str, u32)> = (0..batch.num_rows())
                         .filter(|&r| methods.value(r) == m.as_str() && betas.value(r) == b && index.is_valid(r))
+                        .map(|r| (ids.value(r), index.value(r)))
                         .collect();
-                    let picks: Vec<(&str, u32)> = rows.iter().map(|&r| (ids.value(r), index.value(r))).collect();
-                    parts.write(sft_batch(&picks, m, b, &prompts, &data)?)?;
+                    parts.write(sft_batch(&picks, m, b, &prompt_of, &row_of, &data)?)?;
                 }
             }
         }
-        if let Some(v) = vbon.as_mut() {
-            v.write(vbon_batch(card.select, &prompts, &data)?)?;
+        if let Some((_, v)) = vbon.as_mut() {
+            v.write(vbon_batch(card.select, &prompt_of, &data)?)?;
         }
     }
     let mut out = Vec::new();
-    for ((parts, &(m, b)), sft) in
-        dpo.into_iter().zip(exports).zip(sft.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
-    {
-        let dir = parts.dir.clone();
-        let files = parts.finish()?;
-        let key = export_key(m, b);
-        let c = counts.get(&key).cloned().unwrap_or_default();
-        shard::write_atomic(&dir.join("README.md"), dataset_card(card, m, b, &c, files.len()).as_bytes())?;
-        let mut sft_files = Vec::new();
-        if let Some(sft) = sft {
-            let sdir = sft.dir.clone();
-            sft_files = sft.finish()?;
-            shard::write_atomic(&sdir.join("README.md"), sft_card(card, m, b, prompts, sft_files.len()).as_bytes())?;
-        }
+    let mut sft = sft.into_iter();
+    for ((parts, st), &(m, b)) in dpo.into_iter().zip(staged).zip(exports) {
+        let names = parts.finish()?;
+        let c = counts.get(&export_key(m, b)).cloned().unwrap_or_default();
+        shard::write_atomic(&st.tmp.join("README.md"), dataset_card(card, m, b, &c, names.len()).as_bytes())?;
+        let sft_names = match sft.next() {
+            Some(p) => {
+                let names = p.finish()?;
+                let text = sft_card(card, m, b, prompts, names.len());
+                shard::write_atomic(&st.tmp.join("sft").join("README.md"), text.as_bytes())?;
+                names
+            }
+            None => Vec::new(),
+        };
+        let dir = st.commit()?;
+        let files = names.iter().map(|n| dir.join(n)).collect();
+        let sft_files = sft_names.iter().map(|n| dir.join("sft").join(n)).collect();
         out.push(Export { method: m, beta: b, dir, files, sft_files, counts: c });
     }
-    if let Some(v) = vbon {
-        let files = v.finish()?;
-        shard::write_atomic(&vbon_dir.join("README.md"), vbon_card(card, samples, files.len()).as_bytes())?;
+    if let Some((st, v)) = vbon {
+        let names = v.finish()?;
+        shard::write_atomic(&st.tmp.join("README.md"), vbon_card(card, samples, names.len()).as_bytes())?;
+        st.commit()?;
     }
     Ok(out)
 }
@@ -222,7 +299,7 @@ fn method_beta(batch: &RecordBatch, path: &std::path::Path) -> Result<(StringArr
     let betas = batch.column_by_name(BETA).map(|c| c.as_primitive::<Float64Type>().clone());
     match (methods, betas) {
         (Some(m), Some(b)) => Ok((m, b)),
-        _ => Err(CoreError::data(path.display().to_string(), "has no method/beta columns")),
+        _ => Err(CoreError::internal(format!("{}: has no method/beta columns", path.display()))),
     }
 }
 
@@ -264,78 +341,73 @@ pub const REWARD: &str = "reward";
 pub const REWARD_CDF: &str = "reward_cdf";
 pub const LOG_WEIGHT: &str = "log_weight";
 
-fn lookup_prompt<'a>(prompts: &'a [(String, Vec<Message>)], id: &str) -> Result<&'a [Message], CoreError> {
-    prompts
-        .iter()
-        .find(|(p, _)| p == id)
-        .map(|(_, m)| m.as_slice())
-        .ok_or_else(|| CoreError::data(format!("prompt {id:?}"), "missing from the prompts table"))
+fn prompt<'a>(prompt_of: &HashMap<&str, &'a [Message]>, id: &str) -> Result<&'a [Message], CoreError> {
+    prompt_of
+        .get(id)
+        .copied()
+        .ok_or_else(|| CoreError::internal(format!("prompt {id:?} is missing from the prompts table")))
 }
 
 fn sft_batch(
     picks: &[(&str, u32)],
     m: Method,
     b: f64,
-    prompts: &[(String, Vec<Message>)],
+    prompt_of: &HashMap<&str, &[Message]>,
+    row_of: &HashMap<(&str, u32), usize>,
     data: &SampleScores,
 ) -> Result<RecordBatch, CoreError> {
-    let mut prompt = Vec::with_capacity(picks.len());
+    let mut prompts = Vec::with_capacity(picks.len());
     let mut completion = Vec::with_capacity(picks.len());
     for &(id, idx) in picks {
-        prompt.push(lookup_prompt(prompts, id)?);
-        let row = data
-            .groups
-            .iter()
-            .find(|g| data.prompt_ids[g.start] == id)
-            .and_then(|g| g.clone().find(|&r| data.sample_idx[r] == idx))
-            .ok_or_else(|| {
-                CoreError::data(format!("prompt {id:?}"), format!("selected sample {idx} does not exist"))
-            })?;
-        completion.push(vec![Message::assistant(&data.responses[row])]);
+        prompts.push(prompt(prompt_of, id)?);
+        let row = row_of
+            .get(&(id, idx))
+            .ok_or_else(|| CoreError::internal(format!("prompt {id:?}: selected sample {idx} does not exist")))?;
+        completion.push(vec![Message::assistant(&data.responses[*row])]);
     }
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(picks.iter().map(|p| p.0))),
         Arc::new(StringArray::from_iter_values(picks.iter().map(|_| m.as_str()))),
         Arc::new(Float64Array::from_iter_values(picks.iter().map(|_| b))),
-        messages_array(prompt),
+        messages_array(prompts),
         messages_array(completion.iter().map(Vec::as_slice)),
         Arc::new(UInt32Array::from_iter_values(picks.iter().map(|p| p.1))),
     ];
-    RecordBatch::try_new(sft_schema(), cols).map_err(|e| CoreError::data("sft", e.to_string()))
+    RecordBatch::try_new(sft_schema(), cols).map_err(|e| CoreError::internal(format!("sft: {e}")))
 }
 
 fn vbon_batch(
     select: &SelectConfig,
-    prompts: &[(String, Vec<Message>)],
+    prompt_of: &HashMap<&str, &[Message]>,
     data: &SampleScores,
 ) -> Result<RecordBatch, PairError> {
-    let mut reward = Vec::with_capacity(data.prompt_ids.len());
-    let mut weights = Vec::with_capacity(data.prompt_ids.len());
-    let mut prompt = Vec::with_capacity(data.prompt_ids.len());
+    let n = data.prompt_ids.len();
+    let (mut reward, mut weights, mut prompts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for g in &data.groups {
-        let (proxy, _) = group_proxy(select, data, g)
-            .map_err(|e| CoreError::data(format!("prompt {:?}", data.prompt_ids[g.start]), e.to_string()))?;
-        let p = lookup_prompt(prompts, &data.prompt_ids[g.start])?;
+        let id = &data.prompt_ids[g.start];
+        let (proxy, _) =
+            group_proxy(select, data, g).map_err(|e| CoreError::internal(format!("prompt {id:?}: {e}")))?;
+        let p = prompt(prompt_of, id)?;
         weights.extend(vbon_weights(&proxy));
         reward.extend(proxy);
-        prompt.extend(std::iter::repeat_n(p, g.len()));
+        prompts.extend(std::iter::repeat_n(p, g.len()));
     }
     let completion: Vec<Vec<Message>> = data.responses.iter().map(|r| vec![Message::assistant(r)]).collect();
     let logprob: Float64Array = match &data.logprob {
         Some(l) => Float64Array::from_iter_values(l.iter().copied()),
-        None => Float64Array::new_null(data.prompt_ids.len()),
+        None => Float64Array::new_null(n),
     };
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(data.prompt_ids.iter())),
         Arc::new(UInt32Array::from_iter_values(data.sample_idx.iter().copied())),
-        messages_array(prompt),
+        messages_array(prompts),
         messages_array(completion.iter().map(Vec::as_slice)),
         Arc::new(logprob),
         Arc::new(Float64Array::from_iter_values(reward)),
         Arc::new(Float64Array::from_iter_values(weights.iter().map(|w| w.0))),
         Arc::new(Float64Array::from_iter_values(weights.iter().map(|w| w.1))),
     ];
-    Ok(RecordBatch::try_new(vbon_schema(), cols).map_err(|e| CoreError::data("vbon", e.to_string()))?)
+    Ok(RecordBatch::try_new(vbon_schema(), cols).map_err(|e| CoreError::internal(format!("vbon: {e}")))?)
 }
 
 /// The README.md of an SFT export.
@@ -388,8 +460,8 @@ fn filter(batch: &RecordBatch, mask: &BooleanArray) -> Result<RecordBatch, CoreE
         .iter()
         .map(|c| arrow_select::filter::filter(c.as_ref(), mask))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CoreError::data("pairs", e.to_string()))?;
-    RecordBatch::try_new(batch.schema(), cols).map_err(|e| CoreError::data("pairs", e.to_string()))
+        .map_err(|e| CoreError::internal(format!("pairs: {e}")))?;
+    RecordBatch::try_new(batch.schema(), cols).map_err(|e| CoreError::internal(format!("pairs: {e}")))
 }
 
 /// The README.md of one export: Hub front matter, what the rows are, counts, and the config.

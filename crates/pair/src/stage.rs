@@ -1,3 +1,6 @@
+//! The pair stage: chosen/rejected pairs per (prompt, method, β) from a shard's selections,
+//! with every drop counted by reason.
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -192,7 +195,7 @@ pub fn pair_shard(
 }
 
 fn col<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, CoreError> {
-    b.column_by_name(name).ok_or_else(|| CoreError::data("selections", format!("missing column `{name}`")))
+    b.column_by_name(name).ok_or_else(|| CoreError::internal(format!("selections: missing column `{name}`")))
 }
 
 /// The pairs table of some rows: TRL conversational rows with an explicit prompt.
@@ -212,7 +215,7 @@ pub fn pairs_batch(rows: &[PairRow]) -> Result<RecordBatch, CoreError> {
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.score_rejected))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.margin))),
     ];
-    RecordBatch::try_new(schema::pairs_schema(), cols).map_err(|e| CoreError::data("pairs", e.to_string()))
+    RecordBatch::try_new(schema::pairs_schema(), cols).map_err(|e| CoreError::internal(format!("pairs: {e}")))
 }
 
 #[cfg(test)]

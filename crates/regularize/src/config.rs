@@ -25,7 +25,9 @@ fn default_lambdas() -> Vec<f64> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Proxy {
+    /// One reward model, used as it scores.
     One(String),
+    /// Several reward models; with two or more, their standardised mean is the proxy.
     Ensemble(Vec<String>),
 }
 
@@ -140,6 +142,11 @@ impl SelectConfig {
         for (i, m) in self.methods.iter().enumerate() {
             if self.methods[..i].contains(m) {
                 diags.push(doc.diag(&format!("select.methods[{i}]"), format!("`{m}` is listed twice")));
+            } else if m.is_report_only() {
+                diags.push(doc.diag(
+                    &format!("select.methods[{i}]"),
+                    format!("`{m}` is a report-only baseline, added on its own when `select.gold` names a model; allowed here: {allowed}"),
+                ));
             }
         }
         if self.methods.iter().any(|m| m.uses_beta() && *m != Method::BonUnc) && self.betas.is_empty() {
@@ -151,7 +158,7 @@ impl SelectConfig {
         for (key, sym, grid) in [("betas", "β", &self.betas), ("lambdas", "λ", &self.lambdas)] {
             for (i, b) in grid.iter().enumerate() {
                 let path = format!("select.{key}[{i}]");
-                if !b.is_finite() || *b < 0.0 {
+                if !b.is_finite() || b.is_sign_negative() {
                     diags.push(
                         doc.diag(&path, format!("{sym} = {b} is not allowed: {sym} must be a finite number ≥ 0")),
                     );

@@ -1,3 +1,6 @@
+//! The selection stage: every rule of the sweep applied to each prompt of a shard, giving
+//! one selections row per (prompt, method, β).
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -131,7 +134,11 @@ pub fn select_shard(cfg: &SelectConfig, data: &SampleScores, seed: u64) -> Resul
         // The random baseline: the expected rewards of a uniformly random pick.
         let n = g.len() as f64;
         let means: Vec<f64> = data.rewards.iter().map(|r| r[g.clone()].iter().sum::<f64>() / n).collect();
-        let objective = gold.first().map_or(proxy.iter().sum::<f64>() / n, |&(_, gi)| means[gi]);
+        // Its objective is the expected reward of a random pick: under the first gold model, or
+        // (with no gold) under the first proxy model's raw reward.
+        let first =
+            gold.first().map(|&(_, gi)| gi).or_else(|| cfg.proxy.names().first().and_then(|p| data.reward_index(p)));
+        let objective = first.map_or(0.0, |i| means[i]);
         out.push(row(Method::Random.as_str().to_owned(), 0.0, None, objective, means));
     }
     Ok(out)
@@ -150,7 +157,7 @@ pub fn selections_batch(rows: &[SelectionRow], reward_names: &[String]) -> Resul
         cols.push(Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.rewards[i]))));
     }
     RecordBatch::try_new(selections_schema(reward_names), cols)
-        .map_err(|e| SelectError::Core(CoreError::data("selections", e.to_string())))
+        .map_err(|e| SelectError::Core(CoreError::internal(format!("selections: {e}"))))
 }
 
 /// Counters a selection shard reports.

@@ -47,9 +47,13 @@ pub struct PipelineConfig {
     pub output: PathBuf,
     /// Seed for every random choice (per prompt and sample, never per process).
     pub seed: u64,
+    /// Where prompts or candidates come from, and how they are sharded.
     pub input: InputConfig,
+    /// The selection rules and their β/λ grids.
     pub select: SelectConfig,
+    /// How pairs are built and exported.
     pub pair: PairConfig,
+    /// Devices and batching.
     pub runtime: RuntimeConfig,
 }
 

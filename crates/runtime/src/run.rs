@@ -87,8 +87,12 @@ struct SelectFingerprint<'a> {
 
 #[derive(Serialize)]
 struct PairFingerprint<'a> {
-    pair: &'a rbon_pair::PairConfig,
-    seed: u64,
+    rejected: rbon_pair::RejectedRule,
+    min_margin: f64,
+    methods: &'a Option<Vec<rbon_regularize::Method>>,
+    betas: &'a Option<Vec<f64>>,
+    /// Only `rejected: random` draws.
+    seed: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -108,10 +112,27 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     let file_sha256 = sha256_hex(&bytes);
     drop(bytes);
     let cands = read_candidates(&cand_path, cfg.input.limit)?;
+    if cfg.select.methods.iter().any(|m| m.needs_num_tokens()) {
+        let zero = cands.groups.iter().flat_map(|g| &g.samples).find(|s| s.num_tokens == Some(0));
+        if let Some(s) = zero {
+            return Err(CoreError::data(&s.location, "`num_tokens` is 0; rbon_len divides by the length").into());
+        }
+    }
     let shard_size = cfg.input.shard_size.max(1) as usize;
     let chunks: Vec<&[CandidateGroup]> = cands.groups.chunks(shard_size).collect();
     let n_shards = chunks.len();
 
+    let foreign = std::fs::read_dir(&cfg.output).is_ok_and(|mut d| d.next().is_some())
+        && !cfg.output.join("manifest.json").is_file();
+    if foreign {
+        return Err(CoreError::RunDir {
+            path: cfg.output.clone(),
+            message: "exists, is not empty and is not an rbon run directory (no manifest.json); \
+                      choose another `output`"
+                .into(),
+        }
+        .into());
+    }
     let run = RunDir::create(&cfg.output)?;
     let _lock = run.lock()?;
     if opts.force {
@@ -125,15 +146,28 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     let fp_import = fingerprint("import", &ImportFingerprint { input: &cfg.input, file_sha256 }, &[]);
     // The seed reaches selection only through the stochastic rules.
     let select_seed = cfg.select.methods.iter().any(|m| m.is_stochastic()).then_some(cfg.seed);
-    let fp_select =
-        fingerprint("selections", &SelectFingerprint { select: &cfg.select, seed: select_seed }, &[&fp_import]);
-    let fp_pairs = fingerprint("pairs", &PairFingerprint { pair: &cfg.pair, seed: cfg.seed }, &[&fp_select]);
+    // λ only matters to bon_unc.
+    let mut select = cfg.select.clone();
+    if !select.methods.contains(&rbon_regularize::Method::BonUnc) {
+        select.lambdas.clear();
+    }
+    let fp_select = fingerprint("selections", &SelectFingerprint { select: &select, seed: select_seed }, &[&fp_import]);
+    // sft/vbon only shape the exports, whose fingerprint covers the whole config text.
+    let pair_fp = PairFingerprint {
+        rejected: cfg.pair.rejected,
+        min_margin: cfg.pair.min_margin,
+        methods: &cfg.pair.methods,
+        betas: &cfg.pair.betas,
+        seed: (cfg.pair.rejected == rbon_pair::RejectedRule::Random).then_some(cfg.seed),
+    };
+    let fp_pairs = fingerprint("pairs", &pair_fp, &[&fp_select]);
     let fp_export =
         fingerprint("export", &ExportFingerprint { name: &cfg.name, config_text: p.doc.text() }, &[&fp_pairs]);
 
     let mut reports = Vec::new();
 
     // Import: prompts, samples and scores shards from the candidates file.
+    shard::remove_stale_temps(run.root())?;
     for stage in ["prompts", "samples", "scores"] {
         invalidate(&run, &mut manifest, stage, &fp_import, progress)?;
     }
@@ -212,7 +246,11 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
         }
     }
     let export_done = manifest.stages.get("export").is_some_and(|s| s.complete && s.fingerprint == fp_export)
-        && exports.iter().all(|&(m, b)| run.stage_dir("pairs").join(export_key(m, b)).join("README.md").is_file());
+        && exports.iter().all(|&(m, b)| {
+            let dir = run.stage_dir("pairs").join(export_key(m, b));
+            dir.join("README.md").is_file() && (!cfg.pair.sft || dir.join("sft/README.md").is_file())
+        })
+        && (!cfg.pair.vbon || run.root().join(rbon_pair::export::VBON_DIR).join("README.md").is_file());
     let written = if export_done {
         Vec::new()
     } else {
