@@ -1,0 +1,336 @@
+//! The Llama-family decoder, with a KV cache we own so that a prompt is prefilled once and its
+//! cache forked into N rows that decode in lock-step, and finished rows are dropped.
+
+use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use crate::config::DecoderConfig;
+use crate::error::ModelError;
+use crate::hub::ModelDir;
+
+type Result<T> = std::result::Result<T, candle_core::Error>;
+
+/// Keys and values of every layer for a batch of rows that share one length.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Cached positions per row.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Rows in the batch (0 before the first forward pass).
+    pub fn rows(&self) -> usize {
+        self.layers.iter().flatten().next().map_or(0, |(k, _)| k.dim(0).unwrap_or(0))
+    }
+
+    /// Copies row 0 of a cache into `n` rows: the shared prefill becomes N independent rows.
+    pub fn fork(&self, n: usize) -> Result<Self> {
+        let idx = Tensor::zeros(n, DType::U32, self.device()?)?;
+        self.index_rows(&idx)
+    }
+
+    /// Keeps `rows` (in that order), dropping the others, e.g. rows that finished.
+    pub fn select(&self, rows: &[u32]) -> Result<Self> {
+        let idx = Tensor::new(rows, self.device()?)?;
+        self.index_rows(&idx)
+    }
+
+    fn device(&self) -> Result<&Device> {
+        match self.layers.iter().flatten().next() {
+            Some((k, _)) => Ok(k.device()),
+            None => candle_core::bail!("the cache is empty"),
+        }
+    }
+
+    fn index_rows(&self, idx: &Tensor) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((k.index_select(idx, 0)?, v.index_select(idx, 0)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, len: self.len })
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias { candle_nn::linear_b(inp, out, true, vb) } else { candle_nn::linear_no_bias(inp, out, vb) }
+}
+
+impl Attention {
+    fn load(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let norm = |name: &str| -> Result<Option<RmsNorm>> {
+            if cfg.qk_norm { Ok(Some(candle_nn::rms_norm(d, cfg.rms_norm_eps, vb.pp(name))?)) } else { Ok(None) }
+        };
+        Ok(Self {
+            q: linear(h, cfg.num_heads * d, cfg.qkv_bias, vb.pp("q_proj"))?,
+            k: linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, vb.pp("k_proj"))?,
+            v: linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, vb.pp("v_proj"))?,
+            o: linear(cfg.num_heads * d, h, cfg.o_bias, vb.pp("o_proj"))?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let d = self.head_dim;
+        let shape = |y: Tensor, heads: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let y = y.reshape((b, t, heads, d))?;
+            let y = match norm {
+                Some(n) => n.forward(&y)?,
+                None => y,
+            };
+            y.transpose(1, 2)?.contiguous()
+        };
+        let q = shape(self.q.forward(x)?, self.heads, &self.q_norm)?;
+        let k = shape(self.k.forward(x)?, self.kv_heads, &self.k_norm)?;
+        let v = shape(self.v.forward(x)?, self.kv_heads, &None)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the `rep` query heads of each KV head
+        // become extra rows of one matmul against that KV head.
+        let rep = self.heads / self.kv_heads;
+        let q = q.reshape((b, self.kv_heads, rep * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = scores.reshape((b, self.heads, t, s))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = probs.reshape((b, self.kv_heads, rep * t, s))?;
+        let out = probs.matmul(&v)?.reshape((b, self.heads, t, d))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
+        self.o.forward(&out)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate: linear(h, i, b, vb.pp("gate_proj"))?,
+            up: linear(h, i, b, vb.pp("up_proj"))?,
+            down: linear(i, h, b, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn: Attention,
+    mlp: Mlp,
+    ln1: RmsNorm,
+    ln2: RmsNorm,
+}
+
+/// A Llama-family decoder-only transformer.
+#[derive(Debug)]
+pub struct Decoder {
+    cfg: DecoderConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Option<Linear>,
+    inv_freq: Vec<f32>,
+    device: Device,
+    dtype: DType,
+}
+
+/// Loads the weights of a folder; `unsafe` is confined to the memory map.
+pub fn var_builder(
+    dir: &ModelDir,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<VarBuilder<'static>, ModelError> {
+    let files = dir.safetensors()?;
+    let ctx = format!("loading the weights of {}", dir.root().display());
+    // SAFETY: the files are mapped read-only for the model's lifetime; like every safetensors
+    // loader we assume they are not modified while the model is loaded.
+    #[allow(unsafe_code)]
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) };
+    vb.map_err(ModelError::candle(ctx))
+}
+
+impl Decoder {
+    /// Loads a model folder (config.json plus safetensors) in `dtype` on `device`.
+    pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+        let text = dir.read("config.json")?;
+        let cfg = DecoderConfig::from_json(&text, &dir.root().join("config.json").display().to_string())?;
+        let vb = var_builder(dir, dtype, device)?;
+        let ctx = format!("loading the weights of {}", dir.root().display());
+        Self::from_var_builder(cfg, vb, true).map_err(ModelError::candle(ctx))
+    }
+
+    /// Builds the decoder from weights under `model.` (and `lm_head.` when `with_lm_head`).
+    pub fn from_var_builder(cfg: DecoderConfig, vb: VarBuilder, with_lm_head: bool) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let l = m.pp(format!("layers.{i}"));
+                Ok(Layer {
+                    attn: Attention::load(&cfg, l.pp("self_attn"))?,
+                    mlp: Mlp::load(&cfg, l.pp("mlp"))?,
+                    ln1: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                    ln2: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = match (with_lm_head, cfg.tie_word_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(Linear::new(embed.embeddings().clone(), None)),
+            (true, false) => Some(candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?),
+        };
+        let inv_freq = cfg.inv_freq();
+        Ok(Self { embed, layers, norm, lm_head, inv_freq, device: vb.device().clone(), dtype: vb.dtype(), cfg })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// An empty cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![None; self.layers.len()], len: 0 }
+    }
+
+    fn rope(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        // Angles in f32 as transformers computes them, then cast to the model's dtype.
+        let half = self.inv_freq.len();
+        let mut angles = Vec::with_capacity(t * half);
+        for p in start..start + t {
+            angles.extend(self.inv_freq.iter().map(|f| p as f32 * f));
+        }
+        let a = Tensor::from_vec(angles, (t, half), &self.device)?;
+        Ok((a.cos()?.to_dtype(self.dtype)?, a.sin()?.to_dtype(self.dtype)?))
+    }
+
+    /// Additive mask [t, s] for queries at positions start..start+t over keys 0..s: causal, and
+    /// within the sliding window when the model has one. None when nothing is masked.
+    fn mask(&self, start: usize, t: usize, s: usize) -> Result<Option<Tensor>> {
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let visible = |i: usize, j: usize| j <= start + i && start + i - j < window;
+        if (0..t).all(|i| (0..s).all(|j| visible(i, j))) {
+            return Ok(None);
+        }
+        let m: Vec<f32> =
+            (0..t).flat_map(|i| (0..s).map(move |j| if visible(i, j) { 0.0 } else { f32::NEG_INFINITY })).collect();
+        Ok(Some(Tensor::from_vec(m, (t, s), &self.device)?))
+    }
+
+    /// Runs `ids` [rows, t] after the cached positions and returns the final hidden states
+    /// [rows, t, hidden]. Every row has the same length: rows of one prompt in lock-step.
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let start = cache.len;
+        let (cos, sin) = self.rope(start, t)?;
+        let mask = self.mask(start, t, start + t)?;
+        let mut x = self.embed.forward(ids)?;
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.attn.forward(&layer.ln1.forward(&x)?, &cos, &sin, mask.as_ref(), c)?;
+            x = (x + h)?;
+            let h = layer.mlp.forward(&layer.ln2.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        cache.len += t;
+        self.norm.forward(&x)
+    }
+
+    /// Logits (f32) of hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(h) => h.forward(hidden)?.to_dtype(DType::F32),
+            None => candle_core::bail!("this decoder was loaded without its language-model head"),
+        }
+    }
+
+    /// Logits (f32) of the last position of every row: [rows, vocab].
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let h = self.forward_hidden(ids, cache)?;
+        self.logits(&h.i((.., t - 1..t, ..))?.squeeze(1)?)
+    }
+
+    /// Log-probabilities of `response` after `prompt` under the unmodified model distribution
+    /// (temperature 1, no truncation), one per response token, by teacher forcing.
+    pub fn score(&self, prompt: &[u32], response: &[u32]) -> Result<Vec<f64>> {
+        if prompt.is_empty() {
+            candle_core::bail!("the prompt has no tokens");
+        }
+        if response.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<u32> = prompt.iter().chain(&response[..response.len() - 1]).copied().collect();
+        let mut cache = self.new_cache();
+        let h = self.forward_hidden(&Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?, &mut cache)?;
+        let h = h.i((0, prompt.len() - 1.., ..))?;
+        let logp = candle_nn::ops::log_softmax(&self.logits(&h)?, D::Minus1)?;
+        let logp: Vec<Vec<f32>> = logp.to_vec2()?;
+        Ok(response.iter().zip(logp).map(|(&tok, row)| f64::from(row[tok as usize])).collect())
+    }
+}
