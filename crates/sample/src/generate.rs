@@ -1,0 +1,222 @@
+//! N samples per prompt from one shared prefill: the prompt runs once (batch 1), its KV cache is
+//! forked into rows that decode in lock-step, and finished rows leave the batch so they stop
+//! costing compute. Each sample draws from its own generator seeded by (seed, prompt id, k), so
+//! samples do not depend on how many rows decode together.
+
+use rand::Rng;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rbon_core::Message;
+use rbon_core::seed::derive_seed;
+use rbon_models::{ChatTokenizer, Decoder, Device, ModelDir, Tensor, chat::template_choice};
+
+use crate::config::{PolicyConfig, SampleConfig};
+use crate::sampler::{SamplingParams, draw};
+
+/// Errors of the sample stage.
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error(transparent)]
+    Model(#[from] rbon_models::ModelError),
+    #[error("{context}: {source}")]
+    Candle { context: String, source: candle_core::Error },
+    #[error("prompt {prompt_id:?}: {message}")]
+    Prompt { prompt_id: String, message: String },
+    #[error(transparent)]
+    Core(#[from] rbon_core::CoreError),
+}
+
+fn candle(context: &str) -> impl FnOnce(candle_core::Error) -> SampleError + '_ {
+    move |source| SampleError::Candle { context: context.to_owned(), source }
+}
+
+/// Why a response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS token or a stop string.
+    Stop,
+    /// `max_new_tokens` was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// One sampled response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    pub sample_idx: u32,
+    /// The generated ids, EOS included when it was drawn.
+    pub token_ids: Vec<u32>,
+    /// The text: special tokens skipped, cut before a stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// Σ log π_ref over `token_ids` at temperature 1 without truncation.
+    pub logprob: f64,
+    pub seed: u64,
+}
+
+/// The seed of sample `k` of a prompt.
+pub fn sample_seed(seed: u64, prompt_id: &str, k: u32) -> u64 {
+    let mut tag = b"sample".to_vec();
+    tag.extend_from_slice(&k.to_le_bytes());
+    derive_seed(seed, prompt_id, &tag)
+}
+
+/// A loaded policy: decoder, tokenizer, template.
+#[derive(Debug)]
+pub struct Policy {
+    decoder: Decoder,
+    tokenizer: ChatTokenizer,
+    system_prompt: Option<String>,
+}
+
+impl Policy {
+    /// Loads the model folder of a `policy` section.
+    pub fn load(cfg: &PolicyConfig, device: &Device) -> Result<Self, SampleError> {
+        let dir = ModelDir::resolve(&cfg.model)?;
+        let decoder = Decoder::load(&dir, cfg.dtype.dtype(), device)?;
+        let tokenizer = ChatTokenizer::load(&dir, &template_choice(&cfg.chat_template, std::path::Path::new(".")))?;
+        Ok(Self { decoder, tokenizer, system_prompt: cfg.system_prompt.clone() })
+    }
+
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    pub fn tokenizer(&self) -> &ChatTokenizer {
+        &self.tokenizer
+    }
+
+    /// The prompt as token ids: system prompt added when configured and absent, rendered with
+    /// the chat template and its generation prompt.
+    pub fn prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>, SampleError> {
+        let mut msgs = Vec::with_capacity(messages.len() + 1);
+        if let Some(sys) = &self.system_prompt
+            && messages.first().is_none_or(|m| m.role != "system")
+        {
+            msgs.push(Message::new("system", sys));
+        }
+        msgs.extend_from_slice(messages);
+        let text = self.tokenizer.render(&msgs, true)?;
+        Ok(self.tokenizer.encode_prompt(&text)?)
+    }
+
+    /// Log-probabilities of `response` after `prompt` by teacher forcing (one per token).
+    pub fn score(&self, prompt: &[u32], response: &[u32]) -> Result<Vec<f64>, SampleError> {
+        self.decoder.score(prompt, response).map_err(candle("teacher forcing"))
+    }
+
+    /// Draws one response per `(sample_idx, seed)` from one prefill of `prompt`, decoding up to
+    /// `max_rows` rows together.
+    pub fn sample(
+        &self,
+        prompt: &[u32],
+        cfg: &SampleConfig,
+        seeds: &[(u32, u64)],
+        max_rows: usize,
+    ) -> Result<Vec<Generated>, SampleError> {
+        if prompt.is_empty() {
+            return Err(SampleError::Candle {
+                context: "sampling".into(),
+                source: candle_core::Error::Msg("the prompt encodes to no tokens".into()),
+            });
+        }
+        let params = SamplingParams {
+            temperature: cfg.temperature,
+            top_k: cfg.top_k as usize,
+            top_p: cfg.top_p,
+            min_p: cfg.min_p,
+        };
+        let dev = self.decoder.device();
+        let eos = self.tokenizer.eos_ids();
+        let ids = Tensor::new(prompt, dev).and_then(|t| t.unsqueeze(0)).map_err(candle("prefill"))?;
+        let mut base = self.decoder.new_cache();
+        let first =
+            self.decoder.forward_last(&ids, &mut base).and_then(|l| l.to_vec2::<f32>()).map_err(candle("prefill"))?;
+        let first = first.into_iter().next().unwrap_or_default();
+        let mut out = Vec::with_capacity(seeds.len());
+        for chunk in seeds.chunks(max_rows.max(1)) {
+            struct Row {
+                rng: ChaCha8Rng,
+                tokens: Vec<u32>,
+                logprob: f64,
+                done: Option<FinishReason>,
+                text: Option<String>,
+            }
+            let mut rows: Vec<Row> = chunk
+                .iter()
+                .map(|&(_, s)| Row {
+                    rng: ChaCha8Rng::seed_from_u64(s),
+                    tokens: Vec::new(),
+                    logprob: 0.0,
+                    done: None,
+                    text: None,
+                })
+                .collect();
+            let mut cache = base.fork(chunk.len()).map_err(candle("fork"))?;
+            let mut logits: Vec<Vec<f32>> = vec![first.clone(); chunk.len()];
+            let mut active: Vec<usize> = (0..chunk.len()).collect();
+            loop {
+                let mut next = Vec::with_capacity(active.len());
+                let mut keep = Vec::with_capacity(active.len());
+                for (slot, &r) in active.iter().enumerate() {
+                    let row = &mut rows[r];
+                    let d = draw(&logits[slot], &params, row.rng.random::<f64>());
+                    row.tokens.push(d.token);
+                    row.logprob += d.logprob;
+                    if eos.contains(&d.token) {
+                        row.done = Some(FinishReason::Stop);
+                    } else if !cfg.stop.is_empty() {
+                        let text = self.tokenizer.decode(&row.tokens)?;
+                        if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                            row.text = Some(text[..cut].to_owned());
+                            row.done = Some(FinishReason::Stop);
+                        }
+                    }
+                    if row.done.is_none() && row.tokens.len() >= cfg.max_new_tokens as usize {
+                        row.done = Some(FinishReason::Length);
+                    }
+                    if row.done.is_none() {
+                        next.push(d.token);
+                        keep.push(slot as u32);
+                    }
+                }
+                if next.is_empty() {
+                    break;
+                }
+                if keep.len() < active.len() {
+                    cache = cache.select(&keep).map_err(candle("dropping finished rows"))?;
+                    active = keep.iter().map(|&s| active[s as usize]).collect();
+                }
+                let ids = Tensor::new(next.as_slice(), dev).and_then(|t| t.unsqueeze(1)).map_err(candle("decode"))?;
+                logits = self
+                    .decoder
+                    .forward_last(&ids, &mut cache)
+                    .and_then(|l| l.to_vec2::<f32>())
+                    .map_err(candle("decode"))?;
+            }
+            for (row, &(sample_idx, seed)) in rows.into_iter().zip(chunk) {
+                let text = match row.text {
+                    Some(t) => t,
+                    None => self.tokenizer.decode(&row.tokens)?,
+                };
+                out.push(Generated {
+                    sample_idx,
+                    token_ids: row.tokens,
+                    text,
+                    finish_reason: row.done.unwrap_or(FinishReason::Length),
+                    logprob: row.logprob,
+                    seed,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
