@@ -11,6 +11,9 @@ rare phrases, `num_tokens` counts whitespace tokens plus EOS, and `embedding` is
 bag-of-words vector, so similar responses sit close together as a sentence embedder would
 place them.
 
+It also writes the same prompts to data/prompts/demo.jsonl (`id`, `instruction`) for the
+sampling pipelines.
+
 Usage: python3 scripts/make-demo-candidates.py [--out data/candidates/demo.jsonl] [--n 8]
 """
 
@@ -18,6 +21,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 
 PROMPTS = [
@@ -80,6 +84,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="data/candidates/demo.jsonl")
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--prompts-out", default="data/prompts/demo.jsonl")
     args = ap.parse_args()
     rng = random.Random(0)
     lines = []
@@ -116,6 +121,11 @@ def main():
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {len(lines)} candidates for {len(PROMPTS)} prompts to {args.out}")
+    os.makedirs(os.path.dirname(args.prompts_out), exist_ok=True)
+    with open(args.prompts_out, "w", encoding="utf-8") as f:
+        for p, prompt in enumerate(PROMPTS):
+            f.write(json.dumps({"id": f"demo-{p:03d}", "instruction": prompt}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(PROMPTS)} prompts to {args.prompts_out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -92,11 +92,21 @@ struct Ui {
     bar: Mutex<Option<ProgressBar>>,
     /// The current stage reused every shard: its summary line would repeat the skip line.
     all_skipped: AtomicBool,
+    /// Tokens generated in the current stage, and when it started, for tokens/s.
+    tokens: AtomicU64,
+    started: Mutex<Option<std::time::Instant>>,
 }
 
 impl Ui {
     fn new(quiet: bool) -> Self {
-        Self { quiet, tty: std::io::stderr().is_terminal(), bar: Mutex::new(None), all_skipped: AtomicBool::new(false) }
+        Self {
+            quiet,
+            tty: std::io::stderr().is_terminal(),
+            bar: Mutex::new(None),
+            all_skipped: AtomicBool::new(false),
+            tokens: AtomicU64::new(0),
+            started: Mutex::new(None),
+        }
     }
     fn clear(&self) {
         if let Ok(mut b) = self.bar.lock()
@@ -122,6 +132,10 @@ impl Progress for Ui {
             Event::Invalidated { stage, reason } => self.line(format!("{stage}: earlier output discarded ({reason})")),
             Event::StageStarted { stage, total, skipped } => {
                 self.all_skipped.store(skipped == total, Ordering::Relaxed);
+                self.tokens.store(0, Ordering::Relaxed);
+                if let Ok(mut s) = self.started.lock() {
+                    *s = Some(std::time::Instant::now());
+                }
                 if skipped == total {
                     self.line(format!("{stage}: all {total} shards already done, skipped"));
                     return;
@@ -132,7 +146,7 @@ impl Progress for Ui {
                 if self.tty && !self.quiet {
                     let bar = ProgressBar::new(total as u64).with_position(skipped as u64);
                     bar.set_style(
-                        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} shards {per_sec} eta {eta}")
+                        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} shards  eta {eta}  {msg}")
                             .unwrap_or_else(|_| ProgressStyle::default_bar())
                             .progress_chars("=> "),
                     );
@@ -159,6 +173,16 @@ impl Progress for Ui {
                 self.line(format!("{stage}: done in {:.2?} ({})", elapsed, parts.join(", ")));
             }
             Event::Wrote { .. } => {}
+            Event::Tokens { tokens, .. } => {
+                let total = self.tokens.fetch_add(tokens as u64, Ordering::Relaxed) + tokens as u64;
+                let secs = self.started.lock().ok().and_then(|s| *s).map_or(0.0, |t| t.elapsed().as_secs_f64());
+                if let Ok(b) = self.bar.lock()
+                    && let Some(b) = b.as_ref()
+                    && secs > 0.0
+                {
+                    b.set_message(format!("{:.0} tok/s", total as f64 / secs));
+                }
+            }
         }
     }
 }
@@ -168,12 +192,19 @@ fn print_summary(r: &RunReport) {
         r.stages.iter().find(|s| s.stage == stage).and_then(|s| s.counters.get(k)).copied().unwrap_or(0)
     };
     println!("run: {}", r.run_dir.display());
-    println!(
-        "  prompts {}, samples {}, selections {}",
-        get("samples", "prompts"),
-        get("samples", "samples"),
-        get("selections", "selections")
-    );
+    let prompts = get("prompts", "prompts").max(get("samples", "prompts"));
+    print!("  prompts {prompts}, samples {}", get("samples", "samples"));
+    if r.stages.iter().any(|s| s.counters.contains_key("tokens")) {
+        print!(" ({} tokens, {} cut at max_new_tokens)", get("samples", "tokens"), get("samples", "truncated"));
+    }
+    if r.stages.iter().any(|s| s.stage == "selections") {
+        print!(", selections {}", get("selections", "selections"));
+    }
+    println!();
+    if !r.stages.iter().any(|s| s.stage == "pairs") {
+        println!("  stopped after sampling: no `select` section");
+        return;
+    }
     println!(
         "  pairs written {}; dropped: same index {}, identical text {}, below min_margin {}",
         get("pairs", "pairs"),

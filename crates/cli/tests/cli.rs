@@ -659,3 +659,95 @@ fn ensemble_bon_unc_srbon_and_bonbon_vbon_exports() {
     }
     assert!(text(&o).contains("vBoN weights: 1 files"), "{}", text(&o));
 }
+
+fn sample_pipeline(output: &str, shard_size: usize) -> String {
+    let model = repo().join("data/models/tiny-qwen2");
+    let prompts = repo().join("data/prompts/demo.jsonl");
+    format!(
+        "name: s\noutput: {output}\nseed: 5\ninput:\n  path: {}\n  prompt_column: instruction\n  id_column: id\n  limit: 6\n  shard_size: {shard_size}\n\
+         policy:\n  model: {}\nsample:\n  n: 4\n  max_new_tokens: 12\n  top_k: 40\n",
+        prompts.display(),
+        model.display()
+    )
+}
+
+fn samples_rows(run: &Path) -> Vec<(String, u32, Vec<u32>, String, f64)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while run.join(format!("samples/shard-{i:05}.parquet")).exists() {
+        let b = read(&run.join(format!("samples/shard-{i:05}.parquet")));
+        let ids = b.column_by_name("prompt_id").unwrap().as_string::<i32>();
+        let k = b.column_by_name("sample_idx").unwrap().as_primitive::<arrow_array::types::UInt32Type>();
+        let toks = b.column_by_name("token_ids").unwrap().as_list::<i32>();
+        let fin = b.column_by_name("finish_reason").unwrap().as_string::<i32>();
+        let lp = b.column_by_name("logprob").unwrap().as_primitive::<arrow_array::types::Float64Type>();
+        for r in 0..b.num_rows() {
+            let t = toks.value(r);
+            let t: Vec<u32> = t.as_primitive::<arrow_array::types::UInt32Type>().values().to_vec();
+            out.push((ids.value(r).to_owned(), k.value(r), t, fin.value(r).to_owned(), lp.value(r)));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[test]
+fn sampling_pipeline_runs_resumes_and_does_not_depend_on_shard_size() {
+    let f = Fixture::new(1, 1);
+    f.write("a.yaml", &sample_pipeline("a", 2));
+    f.write("b.yaml", &sample_pipeline("b", 6));
+    let o = f.run(&["run", "a.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("stopped after sampling"), "{}", text(&o));
+    let o = f.run(&["run", "a.yaml"]);
+    assert!(text(&o).contains("samples: all 3 shards already done, skipped"), "{}", text(&o));
+    assert!(f.run(&["run", "b.yaml"]).status.success());
+    let (a, b) = (samples_rows(&f.path().join("a")), samples_rows(&f.path().join("b")));
+    assert_eq!(a.len(), 24);
+    assert_eq!(
+        a.iter().map(|r| (&r.0, r.1, &r.2, &r.3)).collect::<Vec<_>>(),
+        b.iter().map(|r| (&r.0, r.1, &r.2, &r.3)).collect::<Vec<_>>()
+    );
+    assert!(a.iter().all(|r| r.4 < 0.0 && !r.2.is_empty() && r.2.len() <= 12));
+    // tiny-qwen2 ends on <|im_end|> (id 4): "stop" rows end with it, "length" rows hit the limit.
+    for r in &a {
+        match r.3.as_str() {
+            "stop" => assert_eq!(r.2.last(), Some(&4), "{r:?}"),
+            "length" => assert_eq!(r.2.len(), 12, "{r:?}"),
+            other => panic!("finish_reason {other}"),
+        }
+    }
+    // Changing the sampling redoes the samples, not the prompts.
+    f.write("a.yaml", &sample_pipeline("a", 2).replace("top_k: 40", "top_k: 5"));
+    let o = f.run(&["run", "a.yaml"]);
+    let t = text(&o);
+    assert!(t.contains("prompts: all 3 shards already done") && t.contains("samples: earlier output discarded"), "{t}");
+}
+
+#[test]
+fn sampling_config_errors() {
+    let f = Fixture::new(1, 1);
+    let good = sample_pipeline("out", 2);
+    let cases = [
+        (good.replace("policy:\n  model:", "policy:\n  modle:"), "policy.modle: unknown field `modle`"),
+        (good.replace("tiny-qwen2", "tiny-nope"), "policy.model: model `"),
+        (good.replace("top_k: 40", "top_p: 1.5"), "sample.top_p: 1.5 is not allowed: must be in (0, 1]"),
+        (good.replace("n: 4", "n: 0"), "sample.n: 0 is not allowed"),
+        (
+            good.replace("policy:\n", "policy:\n  chat_template: missing.jinja\n"),
+            "policy.chat_template: no such file: missing.jinja",
+        ),
+        (
+            good.replace("policy:\n  model:", "policy:\n  dtype: f64\n  model:"),
+            "policy.dtype: unknown variant `f64`, expected one of `f32`, `bf16`, `f16`",
+        ),
+        (good.replace("sample:\n  n: 4\n  max_new_tokens: 12\n  top_k: 40\n", ""), "missing `sample`"),
+        (format!("{good}select:\n  proxy: rm\n"), "select: selecting needs reward scores"),
+    ];
+    for (yaml, expected) in cases {
+        f.write("p.yaml", &yaml);
+        let o = f.run(&["validate", "p.yaml"]);
+        assert_eq!(o.status.code(), Some(78), "{expected}: {}", text(&o));
+        assert!(text(&o).contains(expected), "expected {expected:?} in:\n{}", text(&o));
+    }
+}

@@ -228,7 +228,10 @@ impl ConfigDoc {
 
     /// Parses YAML text; `file` is used in diagnostics only.
     pub fn parse(file: &Path, text: &str) -> Result<Self, Diagnostics> {
-        let node: Spanned<Node> = serde_saphyr::from_str(text).map_err(|e| {
+        // YAML 1.2 booleans only: under YAML 1.1 rules a key such as `n` or `y` would be a boolean.
+        let mut options = serde_saphyr::Options::default();
+        options.strict_booleans = true;
+        let node: Spanned<Node> = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
             let position = e.location().map(|l| loc(&l)).filter(|&(l, _)| l > 0);
             let message = e.to_string();
             let mut message = message.lines().next().unwrap_or("invalid YAML");
@@ -531,6 +534,12 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert!(e.0[0].position.is_some(), "{e}");
         assert!(e.to_string().starts_with("p.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_are_strings() {
+        let d = doc("s:\n  n: 8\n  y: no\n  t: true\n");
+        assert_eq!(d.get("s"), Some(&serde_json::json!({"n": 8, "y": "no", "t": true})));
     }
 
     #[test]

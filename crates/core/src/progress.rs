@@ -9,6 +9,8 @@ use std::time::Duration;
 pub enum Event {
     /// A stage begins: `total` shards, of which `skipped` were already done and are reused.
     StageStarted { stage: String, total: usize, skipped: usize },
+    /// Tokens were generated (for a tokens/s readout).
+    Tokens { stage: String, tokens: usize },
     /// One shard was written.
     ShardDone { stage: String, shard: usize, rows: usize },
     /// A stage finished; `counters` sums every shard's counters (reused ones included).

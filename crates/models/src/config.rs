@@ -124,7 +124,9 @@ impl DecoderConfig {
         {
             return Err(bad(format!("hidden_act `{act}` is not supported (only silu)")));
         }
-        if raw.num_attention_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_attention_heads) && raw.head_dim.is_none() {
+        if raw.num_attention_heads == 0
+            || !raw.hidden_size.is_multiple_of(raw.num_attention_heads) && raw.head_dim.is_none()
+        {
             return Err(bad("hidden_size must be a multiple of num_attention_heads".into()));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);

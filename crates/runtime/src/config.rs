@@ -8,9 +8,10 @@ use rbon_core::input::{InputConfig, candidates_header, file_kind, resolve_files}
 use rbon_core::{ConfigDoc, Diagnostics};
 use rbon_pair::PairConfig;
 use rbon_regularize::{Available, SelectConfig};
+use rbon_sample::{PolicyConfig, SampleConfig};
 
 /// The top-level sections a pipeline may have.
-pub const SECTIONS: [&str; 7] = ["name", "output", "seed", "input", "select", "pair", "runtime"];
+pub const SECTIONS: [&str; 9] = ["name", "output", "seed", "input", "policy", "sample", "select", "pair", "runtime"];
 
 fn default_devices() -> Vec<String> {
     vec!["cpu".to_owned()]
@@ -49,8 +50,12 @@ pub struct PipelineConfig {
     pub seed: u64,
     /// Where prompts or candidates come from, and how they are sharded.
     pub input: InputConfig,
-    /// The selection rules and their β/λ grids.
-    pub select: SelectConfig,
+    /// The reference policy that samples responses (with `input.path`).
+    pub policy: Option<PolicyConfig>,
+    /// How many responses per prompt and how they are drawn.
+    pub sample: Option<SampleConfig>,
+    /// The selection rules and their β/λ grids; without it a run stops after sampling.
+    pub select: Option<SelectConfig>,
     /// How pairs are built and exported.
     pub pair: PairConfig,
     /// Devices and batching.
@@ -76,7 +81,13 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
     let output: Option<String> = doc.value("output", &mut d);
     let seed: Option<u64> = doc.value("seed", &mut d);
     let input: Option<InputConfig> = doc.section("input", &mut d);
-    let select: Option<SelectConfig> = doc.section("select", &mut d);
+    let policy: Option<PolicyConfig> = doc.get("policy").and_then(|_| doc.section("policy", &mut d));
+    let sample: Option<SampleConfig> = doc.get("sample").and_then(|_| doc.section("sample", &mut d));
+    let select: Option<SelectConfig> = match (doc.get("select"), &input) {
+        // Prompts without reward models stop after sampling: `select` is optional there.
+        (None, Some(i)) if i.candidates.is_none() => None,
+        _ => doc.section("select", &mut d),
+    };
     let pair: Option<PairConfig> = doc.section("pair", &mut d);
     let runtime: Option<RuntimeConfig> = doc.section("runtime", &mut d);
 
@@ -95,6 +106,34 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
         _ => {}
     }
     let available = input.as_ref().and_then(|i| check_input(&doc, i, &mut d));
+    if let Some(p) = &policy {
+        p.check(&doc, &mut d);
+    }
+    if let Some(s) = &sample {
+        s.check(&doc, &mut d);
+    }
+    if let Some(i) = &input {
+        let (has_policy, has_sample) = (doc.get("policy").is_some(), doc.get("sample").is_some());
+        if i.path.is_some() && !has_policy {
+            d.push(doc.diag("policy", "missing `policy`: prompts need a model to sample responses from"));
+        }
+        if i.path.is_some() && !has_sample {
+            d.push(doc.diag("sample", "missing `sample`: how many responses per prompt, and how"));
+        }
+        if i.candidates.is_some() && (has_policy || has_sample) {
+            d.push(doc.diag(
+                if has_policy { "policy" } else { "sample" },
+                "`input.candidates` already holds the responses; `policy` and `sample` apply to `input.path` prompts",
+            ));
+        }
+        if i.path.is_some() && doc.get("select").is_some() {
+            d.push(doc.diag(
+                "select",
+                "selecting needs reward scores, and this build has no `score` stage to compute them for sampled \
+                 responses: leave `select` out to stop after sampling, or bring candidates with rewards",
+            ));
+        }
+    }
     if let Some(s) = &select {
         s.check(&doc, available.as_ref(), &mut d);
     }
@@ -105,13 +144,15 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
         check_runtime(&doc, r, &mut d);
     }
     d.sort();
-    match (d.is_empty(), output, input, select, pair, runtime) {
-        (true, Some(output), Some(input), Some(select), Some(pair), Some(runtime)) => Ok(Pipeline {
+    match (d.is_empty(), output, input, pair, runtime) {
+        (true, Some(output), Some(input), Some(pair), Some(runtime)) => Ok(Pipeline {
             config: PipelineConfig {
                 name,
                 output: PathBuf::from(output),
                 seed: seed.unwrap_or(0),
                 input,
+                policy,
+                sample,
                 select,
                 pair,
                 runtime,
@@ -154,11 +195,6 @@ fn check_input(doc: &ConfigDoc, i: &InputConfig, d: &mut Diagnostics) -> Option<
             if let Err(m) = resolve_files(p) {
                 d.push(doc.diag("input.path", m));
             }
-            d.push(doc.diag(
-                "input.path",
-                "generating responses from prompts needs the sample and score stages, which this build of rbon \
-                 does not include yet; use `input.candidates` with responses and rewards made elsewhere",
-            ));
             None
         }
         (None, Some(c)) => {

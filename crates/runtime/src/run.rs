@@ -8,17 +8,16 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use rbon_core::input::{CandidateGroup, InputConfig, read_candidates};
+use rbon_core::input::{CandidateGroup, InputConfig, read_candidates, read_prompts, resolve_files};
 use rbon_core::rundir::fingerprint;
 use rbon_core::schema;
-use rbon_core::seed::sha256_hex;
 use rbon_core::shard::{self, ShardMeta};
 use rbon_core::tables::{self, SampleScores};
-use rbon_core::{CoreError, Event, Manifest, Progress, RunDir, StageState};
+use rbon_core::{CoreError, Event, Manifest, Message, Progress, RunDir, StageState};
 use rbon_pair::{CardContext, Export, PairError, export_key, pair_shard, pairs_batch, write_exports};
 use rbon_regularize::{SelectError, select_shard, selections_batch, sweep};
 
-use crate::config::Pipeline;
+use crate::config::{Pipeline, PipelineConfig};
 
 /// rbon's version, recorded in manifests and cards.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -32,6 +31,14 @@ pub enum RunError {
     Select(#[from] SelectError),
     #[error(transparent)]
     Pair(#[from] PairError),
+    #[error(transparent)]
+    Sample(Box<rbon_sample::SampleError>),
+}
+
+impl From<rbon_sample::SampleError> for RunError {
+    fn from(e: rbon_sample::SampleError) -> Self {
+        Self::Sample(Box::new(e))
+    }
 }
 
 impl RunError {
@@ -40,6 +47,7 @@ impl RunError {
         match self {
             Self::Core(e) => e.is_data(),
             Self::Select(SelectError::Core(e)) | Self::Pair(PairError::Core(e)) => e.is_data(),
+            Self::Sample(e) => matches!(e.as_ref(), rbon_sample::SampleError::Core(c) if c.is_data()),
             Self::Select(_) | Self::Pair(_) => true,
         }
     }
@@ -76,7 +84,7 @@ pub struct RunReport {
 #[derive(Serialize)]
 struct ImportFingerprint<'a> {
     input: &'a InputConfig,
-    file_sha256: String,
+    files_sha256: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -101,26 +109,56 @@ struct ExportFingerprint<'a> {
     config_text: &'a str,
 }
 
+/// What a run starts from, read and checked in full before the run directory is touched.
+enum Source {
+    Candidates { groups: Vec<CandidateGroup>, rewards: Vec<String>, embedding_dim: Option<usize>, fp: String },
+    Prompts { rows: Vec<(String, Vec<Message>)>, fp: String },
+}
+
+fn read_source(cfg: &PipelineConfig) -> Result<Source, RunError> {
+    if let Some(c) = cfg.input.candidates.as_deref() {
+        let path = PathBuf::from(c);
+        let file_sha256 = hash_file(&path)?;
+        let cands = read_candidates(&path, cfg.input.limit)?;
+        if let Some(select) = &cfg.select
+            && select.methods.iter().any(|m| m.needs_num_tokens())
+        {
+            let zero = cands.groups.iter().flat_map(|g| &g.samples).find(|s| s.num_tokens == Some(0));
+            if let Some(s) = zero {
+                return Err(CoreError::data(&s.location, "`num_tokens` is 0; rbon_len divides by the length").into());
+            }
+        }
+        let fp = fingerprint("import", &ImportFingerprint { input: &cfg.input, files_sha256: vec![file_sha256] }, &[]);
+        return Ok(Source::Candidates {
+            groups: cands.groups,
+            rewards: cands.rewards,
+            embedding_dim: cands.embedding_dim,
+            fp,
+        });
+    }
+    let spec = cfg.input.path.as_deref().unwrap_or_default();
+    let files = resolve_files(spec).map_err(|m| CoreError::data("input.path", m))?;
+    let files_sha256 = files.iter().map(|f| hash_file(f)).collect::<Result<Vec<_>, _>>()?;
+    let rows = read_prompts(&cfg.input)?.into_iter().map(|r| (r.prompt_id, r.messages)).collect();
+    let fp = fingerprint("prompts", &ImportFingerprint { input: &cfg.input, files_sha256 }, &[]);
+    Ok(Source::Prompts { rows, fp })
+}
+
+/// SHA-256 of a file, streamed.
+fn hash_file(path: &std::path::Path) -> Result<String, CoreError> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| CoreError::io(path, e))?;
+    Ok(rbon_core::seed::hex(&h.finalize()))
+}
+
 /// Runs (or resumes) a pipeline.
 pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<RunReport, RunError> {
     let cfg = &p.config;
-    let Some(cand_path) = cfg.input.candidates.as_deref().map(PathBuf::from) else {
-        return Err(CoreError::data("input", "this build of rbon starts from `input.candidates`").into());
-    };
     // Read and check the whole input before touching the run directory: bad data leaves nothing behind.
-    let bytes = std::fs::read(&cand_path).map_err(|e| CoreError::io(&cand_path, e))?;
-    let file_sha256 = sha256_hex(&bytes);
-    drop(bytes);
-    let cands = read_candidates(&cand_path, cfg.input.limit)?;
-    if cfg.select.methods.iter().any(|m| m.needs_num_tokens()) {
-        let zero = cands.groups.iter().flat_map(|g| &g.samples).find(|s| s.num_tokens == Some(0));
-        if let Some(s) = zero {
-            return Err(CoreError::data(&s.location, "`num_tokens` is 0; rbon_len divides by the length").into());
-        }
-    }
+    let source = read_source(cfg)?;
     let shard_size = cfg.input.shard_size.max(1) as usize;
-    let chunks: Vec<&[CandidateGroup]> = cands.groups.chunks(shard_size).collect();
-    let n_shards = chunks.len();
 
     let foreign = std::fs::read_dir(&cfg.output).is_ok_and(|mut d| d.next().is_some())
         && !cfg.output.join("manifest.json").is_file();
@@ -142,16 +180,41 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     manifest.rbon_version = VERSION.to_owned();
     manifest.name = cfg.name.clone();
     run.freeze_config(p.doc.text())?;
+    shard::remove_stale_temps(run.root())?;
 
-    let fp_import = fingerprint("import", &ImportFingerprint { input: &cfg.input, file_sha256 }, &[]);
+    let mut reports = Vec::new();
+    let (n_shards, fp_scores) = match &source {
+        Source::Candidates { groups, rewards, embedding_dim, fp } => {
+            let chunks: Vec<&[CandidateGroup]> = groups.chunks(shard_size).collect();
+            reports.push(import_candidates(&run, &mut manifest, &chunks, rewards, *embedding_dim, fp, progress)?);
+            (chunks.len(), fp.clone())
+        }
+        Source::Prompts { rows, fp } => {
+            let chunks: Vec<&[(String, Vec<Message>)]> = rows.chunks(shard_size).collect();
+            let (r, fp_samples) = prompts_and_samples(cfg, &run, &mut manifest, &chunks, fp, progress)?;
+            reports.extend(r);
+            (chunks.len(), fp_samples)
+        }
+    };
+    let (Some(select), Source::Candidates { .. }) = (&cfg.select, &source) else {
+        return Ok(RunReport {
+            run_dir: cfg.output.clone(),
+            stages: reports,
+            exports: Vec::new(),
+            exports_reused: false,
+            vbon_files: Vec::new(),
+        });
+    };
+
     // The seed reaches selection only through the stochastic rules.
-    let select_seed = cfg.select.methods.iter().any(|m| m.is_stochastic()).then_some(cfg.seed);
+    let select_seed = select.methods.iter().any(|m| m.is_stochastic()).then_some(cfg.seed);
     // λ only matters to bon_unc.
-    let mut select = cfg.select.clone();
-    if !select.methods.contains(&rbon_regularize::Method::BonUnc) {
-        select.lambdas.clear();
+    let mut select_fp = select.clone();
+    if !select_fp.methods.contains(&rbon_regularize::Method::BonUnc) {
+        select_fp.lambdas.clear();
     }
-    let fp_select = fingerprint("selections", &SelectFingerprint { select: &select, seed: select_seed }, &[&fp_import]);
+    let fp_select =
+        fingerprint("selections", &SelectFingerprint { select: &select_fp, seed: select_seed }, &[&fp_scores]);
     // sft/vbon only shape the exports, whose fingerprint covers the whole config text.
     let pair_fp = PairFingerprint {
         rejected: cfg.pair.rejected,
@@ -164,50 +227,11 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     let fp_export =
         fingerprint("export", &ExportFingerprint { name: &cfg.name, config_text: p.doc.text() }, &[&fp_pairs]);
 
-    let mut reports = Vec::new();
-
-    // Import: prompts, samples and scores shards from the candidates file.
-    shard::remove_stale_temps(run.root())?;
-    for stage in ["prompts", "samples", "scores"] {
-        invalidate(&run, &mut manifest, stage, &fp_import, progress)?;
-    }
-    let rewards = cands.rewards.clone();
-    let r = run_stage(&run, &mut manifest, "samples", &fp_import, n_shards, progress, |i| {
-        let groups = chunks[i];
-        let samples: usize = groups.iter().map(|g| g.samples.len()).sum();
-        let counters =
-            BTreeMap::from([("prompts".to_owned(), groups.len() as u64), ("samples".to_owned(), samples as u64)]);
-        let meta = ShardMeta { fingerprint: fp_import.clone(), counters: counters.clone(), ..Default::default() };
-        // The samples shard is written last: its presence marks the import of shard i complete.
-        shard::write_parquet(
-            &run.shard_path("prompts", i),
-            &schema::prompts_schema(),
-            &[tables::prompts_batch(groups)?],
-            &meta,
-        )?;
-        let scores = tables::scores_batch(groups, &rewards, cands.embedding_dim)?;
-        shard::write_parquet(&run.shard_path("scores", i), &scores.schema(), &[scores], &meta)?;
-        shard::write_parquet(
-            &run.shard_path("samples", i),
-            &schema::samples_schema(),
-            &[tables::samples_batch(groups)?],
-            &meta,
-        )?;
-        Ok((meta, samples))
-    })?;
-    for stage in ["prompts", "scores"] {
-        let mut st = manifest.stages.get("samples").cloned().unwrap_or_default();
-        st.counters.retain(|k, _| (stage == "prompts") == (k == "prompts"));
-        manifest.stages.insert(stage.to_owned(), st);
-    }
-    run.write_manifest(&manifest)?;
-    reports.push(r);
-
     // Selection.
     invalidate(&run, &mut manifest, "selections", &fp_select, progress)?;
     let r = run_stage(&run, &mut manifest, "selections", &fp_select, n_shards, progress, |i| {
         let data = read_sample_scores(&run, i)?;
-        let rows = select_shard(&cfg.select, &data, cfg.seed)?;
+        let rows = select_shard(select, &data, cfg.seed)?;
         let batch = selections_batch(&rows, &data.reward_names)?;
         let meta = ShardMeta {
             fingerprint: fp_select.clone(),
@@ -225,7 +249,7 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
         let data = read_sample_scores(&run, i)?;
         let prompts = tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
         let selections = shard::read_parquet(&run.shard_path("selections", i))?;
-        let sp = pair_shard(&cfg.pair, &cfg.select, cfg.seed, &prompts, &data, &selections)?;
+        let sp = pair_shard(&cfg.pair, select, cfg.seed, &prompts, &data, &selections)?;
         let meta = ShardMeta { fingerprint: fp_pairs.clone(), counters: sp.counters, details: sp.details };
         shard::write_parquet(&run.shard_path("pairs", i), &schema::pairs_schema(), &[pairs_batch(&sp.rows)?], &meta)?;
         Ok((meta, sp.rows.len()))
@@ -233,8 +257,7 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     reports.push(r);
 
     // Exports, merged from every pair shard.
-    let exports: Vec<_> =
-        sweep(&cfg.select).into_iter().filter(|&(m, b)| cfg.pair.exports(&cfg.select, m, b)).collect();
+    let exports: Vec<_> = sweep(select).into_iter().filter(|&(m, b)| cfg.pair.exports(select, m, b)).collect();
     let mut details: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for i in 0..n_shards {
         let meta = shard::read_meta(&run.shard_path("pairs", i))?.unwrap_or_default();
@@ -251,18 +274,22 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
             dir.join("README.md").is_file() && (!cfg.pair.sft || dir.join("sft/README.md").is_file())
         })
         && (!cfg.pair.vbon || run.root().join(rbon_pair::export::VBON_DIR).join("README.md").is_file());
-    let written = if export_done {
-        Vec::new()
+    let exports_list = if export_done {
+        exports
+            .iter()
+            .map(|&(m, b)| {
+                let dir = run.stage_dir("pairs").join(export_key(m, b));
+                let sft_files = if cfg.pair.sft { parquet_files(&dir.join("sft")) } else { Vec::new() };
+                let files = parquet_files(&dir);
+                let counts = details.get(&export_key(m, b)).cloned().unwrap_or_default();
+                Export { method: m, beta: b, dir, files, sft_files, counts }
+            })
+            .collect()
     } else {
         manifest.stages.insert("export".into(), StageState { fingerprint: fp_export.clone(), ..Default::default() });
         run.write_manifest(&manifest)?;
-        let card = CardContext {
-            run_name: &cfg.name,
-            version: VERSION,
-            select: &cfg.select,
-            pair: &cfg.pair,
-            config_text: p.doc.text(),
-        };
+        let card =
+            CardContext { run_name: &cfg.name, version: VERSION, select, pair: &cfg.pair, config_text: p.doc.text() };
         let totals = reports.first().map_or((0, 0), |r: &StageReport| {
             let get = |k: &str| r.counters.get(k).copied().unwrap_or(0) as usize;
             (get("prompts"), get("samples"))
@@ -290,20 +317,6 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
         run.write_manifest(&manifest)?;
         written
     };
-    let exports_list = if export_done {
-        exports
-            .iter()
-            .map(|&(m, b)| {
-                let dir = run.stage_dir("pairs").join(export_key(m, b));
-                let sft_files = if cfg.pair.sft { parquet_files(&dir.join("sft")) } else { Vec::new() };
-                let files = parquet_files(&dir);
-                let counts = details.get(&export_key(m, b)).cloned().unwrap_or_default();
-                Export { method: m, beta: b, dir, files, sft_files, counts }
-            })
-            .collect()
-    } else {
-        written
-    };
     let vbon_files = parquet_files(&run.root().join(rbon_pair::export::VBON_DIR));
     Ok(RunReport {
         run_dir: cfg.output.clone(),
@@ -312,6 +325,133 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
         exports_reused: export_done,
         vbon_files,
     })
+}
+
+/// Import: prompts, samples and scores shards from a candidates file.
+fn import_candidates(
+    run: &RunDir,
+    manifest: &mut Manifest,
+    chunks: &[&[CandidateGroup]],
+    rewards: &[String],
+    embedding_dim: Option<usize>,
+    fp: &str,
+    progress: &dyn Progress,
+) -> Result<StageReport, RunError> {
+    for stage in ["prompts", "samples", "scores"] {
+        invalidate(run, manifest, stage, fp, progress)?;
+    }
+    let r = run_stage(run, manifest, "samples", fp, chunks.len(), progress, |i| {
+        let groups = chunks[i];
+        let samples: usize = groups.iter().map(|g| g.samples.len()).sum();
+        let counters =
+            BTreeMap::from([("prompts".to_owned(), groups.len() as u64), ("samples".to_owned(), samples as u64)]);
+        let meta = ShardMeta { fingerprint: fp.to_owned(), counters, ..Default::default() };
+        // The samples shard is written last: its presence marks the import of shard i complete.
+        shard::write_parquet(
+            &run.shard_path("prompts", i),
+            &schema::prompts_schema(),
+            &[tables::prompts_batch(groups)?],
+            &meta,
+        )?;
+        let scores = tables::scores_batch(groups, rewards, embedding_dim)?;
+        shard::write_parquet(&run.shard_path("scores", i), &scores.schema(), &[scores], &meta)?;
+        shard::write_parquet(
+            &run.shard_path("samples", i),
+            &schema::samples_schema(),
+            &[tables::samples_batch(groups)?],
+            &meta,
+        )?;
+        Ok((meta, samples))
+    })?;
+    for stage in ["prompts", "scores"] {
+        let mut st = manifest.stages.get("samples").cloned().unwrap_or_default();
+        st.counters.retain(|k, _| (stage == "prompts") == (k == "prompts"));
+        manifest.stages.insert(stage.to_owned(), st);
+    }
+    run.write_manifest(manifest)?;
+    Ok(r)
+}
+
+#[derive(Serialize)]
+struct SampleFingerprint<'a> {
+    policy: &'a rbon_sample::PolicyConfig,
+    sample: &'a rbon_sample::SampleConfig,
+    seed: u64,
+    /// config.json and the weight files' names and sizes: a changed model redoes sampling
+    /// without hashing gigabytes of weights.
+    model: Vec<(String, u64)>,
+}
+
+fn model_identity(spec: &str) -> Result<Vec<(String, u64)>, RunError> {
+    let dir = rbon_models::ModelDir::resolve(spec).map_err(rbon_sample::SampleError::from)?;
+    let mut files = vec![dir.root().join("config.json")];
+    files.extend(dir.safetensors().map_err(rbon_sample::SampleError::from)?);
+    let mut out = Vec::new();
+    for f in files {
+        let len = std::fs::metadata(&f).map_err(|e| CoreError::io(&f, e))?.len();
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tag = if name == "config.json" { hash_file(&f)? } else { name };
+        out.push((tag, len));
+    }
+    Ok(out)
+}
+
+/// Prompts shards from the input, then the samples the policy draws for them.
+fn prompts_and_samples(
+    cfg: &PipelineConfig,
+    run: &RunDir,
+    manifest: &mut Manifest,
+    chunks: &[&[(String, Vec<Message>)]],
+    fp_prompts: &str,
+    progress: &dyn Progress,
+) -> Result<(Vec<StageReport>, String), RunError> {
+    let (Some(policy_cfg), Some(sample_cfg)) = (&cfg.policy, &cfg.sample) else {
+        return Err(CoreError::internal("prompts input without policy and sample passed validation").into());
+    };
+    let mut reports = Vec::new();
+    invalidate(run, manifest, "prompts", fp_prompts, progress)?;
+    reports.push(run_stage(run, manifest, "prompts", fp_prompts, chunks.len(), progress, |i| {
+        let rows = chunks[i];
+        let ids = arrow_array::StringArray::from_iter_values(rows.iter().map(|(id, _)| id.as_str()));
+        let msgs = rbon_core::messages::messages_array(rows.iter().map(|(_, m)| m.as_slice()));
+        let batch = arrow_array::RecordBatch::try_new(schema::prompts_schema(), vec![std::sync::Arc::new(ids), msgs])
+            .map_err(|e| CoreError::internal(format!("prompts: {e}")))?;
+        let meta = ShardMeta {
+            fingerprint: fp_prompts.to_owned(),
+            counters: BTreeMap::from([("prompts".to_owned(), rows.len() as u64)]),
+            ..Default::default()
+        };
+        shard::write_parquet(&run.shard_path("prompts", i), &schema::prompts_schema(), &[batch], &meta)?;
+        Ok((meta, rows.len()))
+    })?);
+
+    let identity = SampleFingerprint {
+        policy: policy_cfg,
+        sample: sample_cfg,
+        seed: cfg.seed,
+        model: model_identity(&policy_cfg.model)?,
+    };
+    let fp_samples = fingerprint("samples", &identity, &[fp_prompts]);
+    invalidate(run, manifest, "samples", &fp_samples, progress)?;
+    // Loaded on the first shard that needs it: a finished run does not pay for the model.
+    let mut policy: Option<rbon_sample::Policy> = None;
+    let device = rbon_models::Device::Cpu;
+    let budget = cfg.runtime.batch_tokens.max(1) as usize;
+    let rows_per_batch = (budget / (sample_cfg.max_new_tokens as usize + 64)).max(1);
+    reports.push(run_stage(run, manifest, "samples", &fp_samples, chunks.len(), progress, |i| {
+        if policy.is_none() {
+            policy = Some(rbon_sample::Policy::load(policy_cfg, &device)?);
+        }
+        let Some(pol) = policy.as_ref() else { unreachable!("loaded above") };
+        let prompts = tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
+        let mut on_prompt = |tokens: usize| progress.event(Event::Tokens { stage: "samples".into(), tokens });
+        let out = rbon_sample::sample_shard(pol, sample_cfg, cfg.seed, &prompts, rows_per_batch, &mut on_prompt)?;
+        let meta = ShardMeta { fingerprint: fp_samples.clone(), counters: out.counters, ..Default::default() };
+        let rows = out.batch.num_rows();
+        shard::write_parquet(&run.shard_path("samples", i), &schema::samples_schema(), &[out.batch], &meta)?;
+        Ok((meta, rows))
+    })?);
+    Ok((reports, fp_samples))
 }
 
 fn parquet_files(dir: &std::path::Path) -> Vec<PathBuf> {
