@@ -2,7 +2,9 @@
 //! cache forked into N rows that decode in lock-step, and finished rows are dropped.
 
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
+
+use crate::linear::Linear;
 
 use crate::config::DecoderConfig;
 use crate::error::ModelError;
@@ -78,7 +80,9 @@ struct Attention {
 }
 
 fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    if bias { candle_nn::linear_b(inp, out, true, vb) } else { candle_nn::linear_no_bias(inp, out, vb) }
+    let w = vb.get((out, inp), "weight")?;
+    let b = if bias { Some(vb.get(out, "bias")?) } else { None };
+    Ok(Linear::new(w, b))
 }
 
 impl Attention {
@@ -236,7 +240,7 @@ impl Decoder {
         let lm_head = match (with_lm_head, cfg.tie_word_embeddings) {
             (false, _) => None,
             (true, true) => Some(Linear::new(embed.embeddings().clone(), None)),
-            (true, false) => Some(candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?),
+            (true, false) => Some(linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?),
         };
         let inv_freq = cfg.inv_freq();
         Ok(Self { embed, layers, norm, lm_head, inv_freq, device: vb.device().clone(), dtype: vb.dtype(), cfg })

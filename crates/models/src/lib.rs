@@ -7,9 +7,10 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod hub;
+pub mod linear;
 
 pub use chat::{ChatTokenizer, TemplateChoice};
-pub use config::DecoderConfig;
+pub use config::{DTypeName, DecoderConfig};
 pub use decoder::{Decoder, KvCache};
 pub use error::ModelError;
 pub use hub::ModelDir;

@@ -9,9 +9,11 @@ use rbon_core::{ConfigDoc, Diagnostics};
 use rbon_pair::PairConfig;
 use rbon_regularize::{Available, SelectConfig};
 use rbon_sample::{PolicyConfig, SampleConfig};
+use rbon_score::ScoreConfig;
 
 /// The top-level sections a pipeline may have.
-pub const SECTIONS: [&str; 9] = ["name", "output", "seed", "input", "policy", "sample", "select", "pair", "runtime"];
+pub const SECTIONS: [&str; 10] =
+    ["name", "output", "seed", "input", "policy", "sample", "score", "select", "pair", "runtime"];
 
 fn default_devices() -> Vec<String> {
     vec!["cpu".to_owned()]
@@ -54,6 +56,8 @@ pub struct PipelineConfig {
     pub policy: Option<PolicyConfig>,
     /// How many responses per prompt and how they are drawn.
     pub sample: Option<SampleConfig>,
+    /// Reward models and the embedder that score sampled responses.
+    pub score: Option<ScoreConfig>,
     /// The selection rules and their β/λ grids; without it a run stops after sampling.
     pub select: Option<SelectConfig>,
     /// How pairs are built and exported.
@@ -83,6 +87,7 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
     let input: Option<InputConfig> = doc.section("input", &mut d);
     let policy: Option<PolicyConfig> = doc.get("policy").and_then(|_| doc.section("policy", &mut d));
     let sample: Option<SampleConfig> = doc.get("sample").and_then(|_| doc.section("sample", &mut d));
+    let score: Option<ScoreConfig> = doc.get("score").and_then(|_| doc.section("score", &mut d));
     let select: Option<SelectConfig> = match (doc.get("select"), &input) {
         // Prompts without reward models stop after sampling: `select` is optional there.
         (None, Some(i)) if i.candidates.is_none() => None,
@@ -105,7 +110,20 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
         }
         _ => {}
     }
-    let available = input.as_ref().and_then(|i| check_input(&doc, i, &mut d));
+    let mut available = input.as_ref().and_then(|i| check_input(&doc, i, &mut d));
+    if let Some(sc) = &score {
+        sc.check(&doc, &mut d);
+        // Sampled responses carry log-probs and token counts; the score stage adds the rest.
+        if input.as_ref().is_some_and(|i| i.path.is_some()) {
+            available = Some(Available {
+                rewards: sc.names(),
+                logprob: true,
+                num_tokens: true,
+                embedding: sc.embedding.is_some(),
+                source: "the `score` section".into(),
+            });
+        }
+    }
     if let Some(p) = &policy {
         p.check(&doc, &mut d);
     }
@@ -126,12 +144,17 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
                 "`input.candidates` already holds the responses; `policy` and `sample` apply to `input.path` prompts",
             ));
         }
-        if i.path.is_some() && doc.get("select").is_some() {
+        if i.path.is_some() && doc.get("select").is_some() && doc.get("score").is_none() {
             d.push(doc.diag(
                 "select",
-                "selecting needs reward scores, and this build has no `score` stage to compute them for sampled \
-                 responses: leave `select` out to stop after sampling, or bring candidates with rewards",
+                "selecting sampled responses needs reward scores: add a `score` section with reward models, \
+                 or leave `select` out to stop after sampling",
             ));
+        }
+        if i.candidates.is_some() && doc.get("score").is_some() {
+            d.push(
+                doc.diag("score", "`input.candidates` brings its own rewards; `score` applies to sampled responses"),
+            );
         }
     }
     if let Some(s) = &select {
@@ -153,6 +176,7 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
                 input,
                 policy,
                 sample,
+                score,
                 select,
                 pair,
                 runtime,

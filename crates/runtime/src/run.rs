@@ -33,6 +33,14 @@ pub enum RunError {
     Pair(#[from] PairError),
     #[error(transparent)]
     Sample(Box<rbon_sample::SampleError>),
+    #[error(transparent)]
+    Score(Box<rbon_score::ScoreError>),
+}
+
+impl From<rbon_score::ScoreError> for RunError {
+    fn from(e: rbon_score::ScoreError) -> Self {
+        Self::Score(Box::new(e))
+    }
 }
 
 impl From<rbon_sample::SampleError> for RunError {
@@ -48,6 +56,7 @@ impl RunError {
             Self::Core(e) => e.is_data(),
             Self::Select(SelectError::Core(e)) | Self::Pair(PairError::Core(e)) => e.is_data(),
             Self::Sample(e) => matches!(e.as_ref(), rbon_sample::SampleError::Core(c) if c.is_data()),
+            Self::Score(e) => matches!(e.as_ref(), rbon_score::ScoreError::Core(c) if c.is_data()),
             Self::Select(_) | Self::Pair(_) => true,
         }
     }
@@ -193,10 +202,20 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
             let chunks: Vec<&[(String, Vec<Message>)]> = rows.chunks(shard_size).collect();
             let (r, fp_samples) = prompts_and_samples(cfg, &run, &mut manifest, &chunks, fp, progress)?;
             reports.extend(r);
-            (chunks.len(), fp_samples)
+            match &cfg.score {
+                Some(score) => {
+                    let (r, fp_scores) =
+                        score_stage(cfg, score, &run, &mut manifest, chunks.len(), &fp_samples, progress)?;
+                    reports.push(r);
+                    (chunks.len(), fp_scores)
+                }
+                None => (chunks.len(), fp_samples),
+            }
         }
     };
-    let (Some(select), Source::Candidates { .. }) = (&cfg.select, &source) else {
+    let Some(select) =
+        cfg.select.as_ref().filter(|_| matches!(source, Source::Candidates { .. }) || cfg.score.is_some())
+    else {
         return Ok(RunReport {
             run_dir: cfg.output.clone(),
             stages: reports,
@@ -290,7 +309,8 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
         run.write_manifest(&manifest)?;
         let card =
             CardContext { run_name: &cfg.name, version: VERSION, select, pair: &cfg.pair, config_text: p.doc.text() };
-        let totals = reports.first().map_or((0, 0), |r: &StageReport| {
+        let samples_report = reports.iter().find(|r| r.stage == "samples");
+        let totals = samples_report.map_or((0, 0), |r: &StageReport| {
             let get = |k: &str| r.counters.get(k).copied().unwrap_or(0) as usize;
             (get("prompts"), get("samples"))
         });
@@ -394,6 +414,61 @@ fn model_identity(spec: &str) -> Result<Vec<(String, u64)>, RunError> {
         out.push((tag, len));
     }
     Ok(out)
+}
+
+/// The loaded reward models (with their names) and embedder.
+type Scorers = (Vec<(String, rbon_score::RewardModel)>, Option<rbon_score::Embedder>);
+
+#[derive(Serialize)]
+struct ScoreFingerprint<'a> {
+    score: &'a rbon_score::ScoreConfig,
+    models: Vec<Vec<(String, u64)>>,
+}
+
+/// Scores shards for the samples: every reward model, and the embedder.
+fn score_stage(
+    cfg: &PipelineConfig,
+    score: &rbon_score::ScoreConfig,
+    run: &RunDir,
+    manifest: &mut Manifest,
+    n_shards: usize,
+    fp_samples: &str,
+    progress: &dyn Progress,
+) -> Result<(StageReport, String), RunError> {
+    let mut models = score.rewards.iter().map(|r| model_identity(&r.model)).collect::<Result<Vec<_>, _>>()?;
+    if let Some(e) = &score.embedding {
+        models.push(model_identity(&e.model)?);
+    }
+    let fp = fingerprint("scores", &ScoreFingerprint { score, models }, &[fp_samples]);
+    invalidate(run, manifest, "scores", &fp, progress)?;
+    let device = rbon_models::Device::Cpu;
+    let batch_tokens = cfg.runtime.batch_tokens.max(1) as usize;
+    // Loaded on the first shard that needs them.
+    let mut loaded: Option<Scorers> = None;
+    let r = run_stage(run, manifest, "scores", &fp, n_shards, progress, |i| {
+        if loaded.is_none() {
+            let mut rms = Vec::new();
+            for r in &score.rewards {
+                let template = rbon_models::chat::template_choice(&r.chat_template, std::path::Path::new("."));
+                let m = rbon_score::RewardModel::load(&r.model, &template, r.dtype.dtype(), &device)?;
+                rms.push((r.name.clone(), m));
+            }
+            let emb = match &score.embedding {
+                Some(e) => Some(rbon_score::Embedder::load(&e.model, e.dtype.dtype(), &device)?),
+                None => None,
+            };
+            loaded = Some((rms, emb));
+        }
+        let Some((rms, emb)) = loaded.as_ref() else { unreachable!("loaded above") };
+        let prompts = tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
+        let samples = shard::read_parquet(&run.shard_path("samples", i))?;
+        let out = rbon_score::score_shard(rms, emb.as_ref(), &prompts, &samples, batch_tokens)?;
+        let meta = ShardMeta { fingerprint: fp.clone(), counters: out.counters, ..Default::default() };
+        let rows = out.batch.num_rows();
+        shard::write_parquet(&run.shard_path("scores", i), &out.batch.schema(), &[out.batch], &meta)?;
+        Ok((meta, rows))
+    })?;
+    Ok((r, fp))
 }
 
 /// Prompts shards from the input, then the samples the policy draws for them.

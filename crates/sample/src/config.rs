@@ -3,27 +3,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use rbon_core::{ConfigDoc, Diagnostics};
-use rbon_models::{DecoderConfig, ModelDir};
-
-/// Weight precision.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DTypeName {
-    #[default]
-    F32,
-    Bf16,
-    F16,
-}
-
-impl DTypeName {
-    pub fn dtype(self) -> rbon_models::DType {
-        match self {
-            Self::F32 => rbon_models::DType::F32,
-            Self::Bf16 => rbon_models::DType::BF16,
-            Self::F16 => rbon_models::DType::F16,
-        }
-    }
-}
+use rbon_models::{DTypeName, DecoderConfig, ModelDir};
 
 fn auto() -> String {
     "auto".to_owned()

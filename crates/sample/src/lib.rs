@@ -6,7 +6,8 @@ pub mod generate;
 pub mod sampler;
 pub mod stage;
 
-pub use config::{DTypeName, PolicyConfig, SampleConfig};
+pub use config::{PolicyConfig, SampleConfig};
 pub use generate::{FinishReason, Generated, Policy, SampleError, sample_seed};
+pub use rbon_models::DTypeName;
 pub use sampler::{Draw, SamplingParams, draw};
 pub use stage::{ShardSamples, sample_shard};

@@ -1,0 +1,165 @@
+//! Linear layers with a decode-shaped fast path. Lock-step decoding multiplies a handful of rows
+//! (one per sample) by each weight matrix. candle's CPU matmul is tuned for large products: with
+//! 2–32 rows it packs and tiles as for hundreds, and a (16×1024)·(1024×3072) product costs about
+//! ten times the single-row one, so N samples cost nearly N passes. Decoding is memory-bound:
+//! done right, N rows should cost about one read of the weights. This op streams each weight row
+//! once from memory and takes its dot product with every input row while it sits in L1.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows up to which the fast path is used.
+pub const SMALL_M: usize = 32;
+
+/// A linear layer `y = x Wᵀ + b` (weights [out, in], as in safetensors).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let fast = matches!(x.device(), Device::Cpu)
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && m <= SMALL_M;
+        let y = if fast {
+            let x2 = x.reshape((m, k))?.contiguous()?;
+            let y = x2.apply_op2_no_bwd(&self.weight.contiguous()?, &SmallMatmul)?;
+            let mut out = dims.clone();
+            if let Some(last) = out.last_mut() {
+                *last = self.weight.dim(0)?;
+            }
+            y.reshape(out)?
+        } else {
+            candle_nn::Linear::new(self.weight.clone(), None).forward(x)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x [m, k] · w [n, k]ᵀ → [m, n]` in f32 on the CPU, for small m.
+struct SmallMatmul;
+
+impl CustomOp2 for SmallMatmul {
+    fn name(&self) -> &'static str {
+        "small-m-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("small-m-matmul: f32 only");
+        };
+        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("small-m-matmul: contiguous inputs only");
+        };
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("small-m-matmul: inner dimensions {k} and {k2} differ");
+        }
+        let (x, w) = (&x[xs..xe], &w[ws..we]);
+        // Output transposed ([n, m]) so each task owns whole rows of it; transposed back below.
+        let mut yt = vec![0f32; n * m];
+        const ROWS_PER_TASK: usize = 64;
+        yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(c, out)| {
+            let j0 = c * ROWS_PER_TASK;
+            for (jj, out_row) in out.chunks_mut(m).enumerate() {
+                let wr = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
+                for (i, o) in out_row.iter_mut().enumerate() {
+                    *o = dot(&x[i * k..(i + 1) * k], wr);
+                }
+            }
+        });
+        let mut y = vec![0f32; m * n];
+        for j in 0..n {
+            for i in 0..m {
+                y[i * n + j] = yt[j * m + i];
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// Dot product, dispatched to an AVX2+FMA build where the CPU has it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function was compiled for (checked above).
+        #[allow(unsafe_code)]
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    // Compiled with AVX2/FMA enabled: LLVM keeps the 16 lanes in two ymm registers and
+    // `mul_add` becomes one fused instruction.
+    dot_lanes(a, b, f32::mul_add)
+}
+
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    // Without hardware FMA, `mul_add` is a library call: multiply and add separately.
+    dot_lanes(a, b, |x, y, acc| x * y + acc)
+}
+
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32], fma: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] = fma(x[l], y[l], acc[l]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s = fma(*x, *y, s);
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_candle_matmul() {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(1, 7, 5), (3, 64, 130), (16, 100, 257), (32, 33, 65)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let fast = Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap();
+            let slow = candle_nn::Linear::new(w, Some(b)).forward(&x).unwrap();
+            let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-3, "{m}x{k}x{n}: {diff}");
+        }
+        // 3-d input (batch, time, features) keeps its leading shape.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap();
+        assert_eq!(Linear::new(w, None).forward(&x).unwrap().dims(), &[2, 3, 4]);
+    }
+}

@@ -1,0 +1,40 @@
+//! Sampling throughput: N samples from one prompt of a given length, as `rbon run` draws them.
+//! Prints one line of JSON per setting; `scripts/bench-sample.py` runs it beside transformers.
+//!
+//! cargo run --release -p rbon-sample --example bench_sample -- MODEL_DIR N PROMPT_TOKENS NEW_TOKENS
+
+use std::time::Instant;
+
+use rbon_models::Device;
+use rbon_sample::{Policy, PolicyConfig, SampleConfig, sample_seed};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [model, n, prompt_tokens, new_tokens] = args.as_slice() else {
+        return Err("usage: bench_sample MODEL_DIR N PROMPT_TOKENS NEW_TOKENS".into());
+    };
+    let (n, prompt_tokens, new_tokens): (u32, usize, u32) = (n.parse()?, prompt_tokens.parse()?, new_tokens.parse()?);
+    let cfg = PolicyConfig {
+        model: model.clone(),
+        dtype: Default::default(),
+        chat_template: "none".into(),
+        system_prompt: None,
+    };
+    let policy = Policy::load(&cfg, &Device::Cpu)?;
+    // A prompt of exactly `prompt_tokens` ordinary ids, the same as the Python side builds.
+    let vocab = policy.decoder().config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..prompt_tokens as u32).map(|i| 100 + (i * 7919) % (vocab - 200)).collect();
+    let sample = SampleConfig { n, max_new_tokens: new_tokens, ..Default::default() };
+    let seeds: Vec<(u32, u64)> = (0..n).map(|k| (k, sample_seed(0, "bench", k))).collect();
+    // Warm-up (page in the weights).
+    policy.sample(&prompt, &SampleConfig { n: 1, max_new_tokens: 2, ..Default::default() }, &seeds[..1], 1)?;
+    let t = Instant::now();
+    let out = policy.sample(&prompt, &sample, &seeds, n as usize)?;
+    let secs = t.elapsed().as_secs_f64();
+    let tokens: usize = out.iter().map(|g| g.token_ids.len()).sum();
+    println!(
+        "{{\"impl\": \"rbon\", \"n\": {n}, \"prompt_tokens\": {prompt_tokens}, \"new_tokens\": {new_tokens}, \"generated\": {tokens}, \"seconds\": {secs:.4}, \"tokens_per_s\": {:.2}}}",
+        tokens as f64 / secs
+    );
+    Ok(())
+}

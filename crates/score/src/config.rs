@@ -1,0 +1,91 @@
+use serde::{Deserialize, Serialize};
+
+use rbon_core::{ConfigDoc, Diagnostics};
+use rbon_models::{DTypeName, ModelDir};
+
+fn auto() -> String {
+    "auto".to_owned()
+}
+
+/// One reward model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSpec {
+    /// Its column is `reward_<name>`; `select.proxy` and `select.gold` refer to it by name.
+    pub name: String,
+    /// A `*ForSequenceClassification` folder (Llama, Mistral, Qwen2, Qwen3, DeBERTa-v2/v3), or a
+    /// hub id in the local Hugging Face cache.
+    pub model: String,
+    /// Weight precision: `f32`, `bf16` or `f16`.
+    #[serde(default)]
+    pub dtype: DTypeName,
+    /// The reward model's own chat template: `auto`, `none` or a `.jinja` path (decoders only).
+    #[serde(default = "auto")]
+    pub chat_template: String,
+}
+
+/// The sentence embedder for RBoN_WD and MBR.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSpec {
+    /// A sentence-transformers folder (BERT family), e.g. all-MiniLM-L6-v2.
+    pub model: String,
+    /// Weight precision: `f32`, `bf16` or `f16`.
+    #[serde(default)]
+    pub dtype: DTypeName,
+}
+
+/// The `score` section: reward models and the embedder applied to every sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreConfig {
+    /// Reward models, each a `reward_<name>` column.
+    #[serde(default)]
+    pub rewards: Vec<RewardSpec>,
+    /// The sentence embedder (needed by `rbon_wd` and `mbr`).
+    #[serde(default)]
+    pub embedding: Option<EmbeddingSpec>,
+}
+
+impl ScoreConfig {
+    /// Reward names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.rewards.iter().map(|r| r.name.clone()).collect()
+    }
+
+    /// Every problem that shows without loading weights.
+    pub fn check(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
+        if self.rewards.is_empty() {
+            d.push(doc.diag("score.rewards", "must list at least one reward model ({ name, model })"));
+        }
+        for (i, r) in self.rewards.iter().enumerate() {
+            let path = format!("score.rewards[{i}]");
+            if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                d.push(
+                    doc.diag(
+                        &format!("{path}.name"),
+                        format!("`{}` is not allowed: use letters, digits and _", r.name),
+                    ),
+                );
+            }
+            if self.rewards[..i].iter().any(|o| o.name == r.name) {
+                d.push(doc.diag(&format!("{path}.name"), format!("`{}` is listed twice", r.name)));
+            }
+            check_folder(doc, &format!("{path}.model"), &r.model, d);
+        }
+        if let Some(e) = &self.embedding {
+            check_folder(doc, "score.embedding.model", &e.model, d);
+        }
+    }
+}
+
+fn check_folder(doc: &ConfigDoc, path: &str, spec: &str, d: &mut Diagnostics) {
+    match ModelDir::resolve(spec) {
+        Err(e) => d.push(doc.diag(path, e.to_string())),
+        Ok(dir) => {
+            if dir.file("tokenizer.json").is_none() {
+                d.push(doc.diag(path, format!("{} has no tokenizer.json", dir.root().display())));
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Sentence embeddings from sentence-transformers folders (BERT family): `modules.json`
+//! (Transformer → Pooling → optional Normalize), `1_Pooling/config.json` (mean, cls or max),
+//! `sentence_bert_config.json` (max_seq_length). The paper's RBoN_WD uses all-MiniLM-L6-v2.
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::bert;
+use rbon_models::ModelDir;
+use rbon_models::decoder::var_builder;
+
+use crate::ScoreError;
+
+/// How token vectors become one sentence vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+    Max,
+}
+
+/// A loaded sentence embedder.
+pub struct Embedder {
+    model: bert::BertModel,
+    tokenizer: tokenizers::Tokenizer,
+    pooling: Pooling,
+    normalize: bool,
+    pad: u32,
+    device: Device,
+    dim: usize,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder").field("pooling", &self.pooling).field("dim", &self.dim).finish_non_exhaustive()
+    }
+}
+
+fn candle(ctx: &str) -> impl FnOnce(candle_core::Error) -> ScoreError + '_ {
+    move |source| ScoreError::Candle { context: ctx.to_owned(), source }
+}
+
+fn json(dir: &ModelDir, name: &str) -> Result<Option<serde_json::Value>, ScoreError> {
+    match dir.file(name) {
+        None => Ok(None),
+        Some(p) => serde_json::from_str(&dir.read(name)?)
+            .map(Some)
+            .map_err(|e| ScoreError::Config(format!("{}: {e}", p.display()))),
+    }
+}
+
+impl Embedder {
+    /// Loads a sentence-transformers folder (or a plain BERT folder: mean pooling, normalised).
+    pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Self, ScoreError> {
+        let dir = ModelDir::resolve(spec)?;
+        let modules = json(&dir, "modules.json")?;
+        let types: Vec<(String, String)> = modules
+            .as_ref()
+            .and_then(|m| m.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|m| {
+                        let t = m.get("type").and_then(|t| t.as_str()).unwrap_or_default().to_owned();
+                        let p = m.get("path").and_then(|p| p.as_str()).unwrap_or_default().to_owned();
+                        (t, p)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pooling_dir = types.iter().find(|(t, _)| t.ends_with("Pooling")).map(|(_, p)| p.clone());
+        let normalize = modules.is_none() || types.iter().any(|(t, _)| t.ends_with("Normalize"));
+        let pooling = match pooling_dir {
+            Some(p) => {
+                let cfg = json(&dir, &format!("{p}/config.json"))?.unwrap_or_default();
+                let on = |k: &str| cfg.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+                if on("pooling_mode_cls_token") {
+                    Pooling::Cls
+                } else if on("pooling_mode_max_tokens") {
+                    Pooling::Max
+                } else if on("pooling_mode_mean_tokens") || cfg.is_null() {
+                    Pooling::Mean
+                } else {
+                    return Err(ScoreError::Config(format!(
+                        "{}/{p}/config.json: only mean, cls and max pooling are supported",
+                        dir.root().display()
+                    )));
+                }
+            }
+            None => Pooling::Mean,
+        };
+        let cfg_text = dir.read("config.json")?;
+        let cfg: bert::Config = serde_json::from_str(&cfg_text)
+            .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("config.json").display())))?;
+        let max_len = json(&dir, "sentence_bert_config.json")?
+            .and_then(|c| c.get("max_seq_length").and_then(|m| m.as_u64()))
+            .map_or(cfg.max_position_embeddings, |m| m as usize);
+        let vb = var_builder(&dir, dtype, device)?;
+        let ctx = format!("loading the embedder {}", dir.root().display());
+        let model = bert::BertModel::load(vb, &cfg).map_err(candle(&ctx))?;
+        let mut tokenizer = tokenizers::Tokenizer::from_file(dir.root().join("tokenizer.json"))
+            .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("tokenizer.json").display())))?;
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
+            .map_err(|e| ScoreError::Config(e.to_string()))?;
+        tokenizer.with_padding(None);
+        let pad = cfg.pad_token_id as u32;
+        Ok(Self { model, tokenizer, pooling, normalize, pad, device: device.clone(), dim: cfg.hidden_size })
+    }
+
+    /// The embedding dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Token ids of a text as the embedder reads it (truncated at max_seq_length).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ScoreError> {
+        self.tokenizer
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ScoreError::Config(format!("tokenizing for the embedder: {e}")))
+    }
+
+    /// Embeds texts, batching similar lengths up to `batch_tokens` padded tokens.
+    pub fn embed(&self, texts: &[&str], batch_tokens: usize) -> Result<Vec<Vec<f32>>, ScoreError> {
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.encode(t)).collect::<Result<_, _>>()?;
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| (ids[i].len(), i));
+        let mut out = vec![Vec::new(); ids.len()];
+        let mut start = 0;
+        while start < order.len() {
+            let mut end = start + 1;
+            while end < order.len() && (end + 1 - start) * ids[order[end]].len() <= batch_tokens.max(1) {
+                end += 1;
+            }
+            let rows: Vec<&Vec<u32>> = order[start..end].iter().map(|&i| &ids[i]).collect();
+            for (&i, e) in order[start..end].iter().zip(self.embed_batch(&rows)?) {
+                out[i] = e;
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    fn embed_batch(&self, rows: &[&Vec<u32>]) -> Result<Vec<Vec<f32>>, ScoreError> {
+        let ctx = "embedding";
+        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for r in rows {
+            ids.extend(r.iter().copied().chain(std::iter::repeat_n(self.pad, t - r.len())));
+            mask.extend(std::iter::repeat_n(1u32, r.len()).chain(std::iter::repeat_n(0, t - r.len())));
+        }
+        let shape = (rows.len(), t);
+        let ids = Tensor::from_vec(ids, shape, &self.device).map_err(candle(ctx))?;
+        let mask = Tensor::from_vec(mask, shape, &self.device).map_err(candle(ctx))?;
+        let types = ids.zeros_like().map_err(candle(ctx))?;
+        let h = self.model.forward(&ids, &types, Some(&mask)).map_err(candle(ctx))?;
+        let h: Vec<Vec<Vec<f32>>> = h.to_dtype(DType::F32).and_then(|h| h.to_vec3()).map_err(candle(ctx))?;
+        Ok(h.into_iter()
+            .zip(rows)
+            .map(|(tokens, r)| {
+                let real = &tokens[..r.len().max(1)];
+                let mut v = match self.pooling {
+                    Pooling::Cls => real[0].clone(),
+                    Pooling::Mean => {
+                        let mut acc = vec![0f64; self.dim];
+                        for tok in real {
+                            for (a, x) in acc.iter_mut().zip(tok) {
+                                *a += f64::from(*x);
+                            }
+                        }
+                        acc.iter().map(|a| (a / real.len() as f64) as f32).collect()
+                    }
+                    Pooling::Max => {
+                        (0..self.dim).map(|d| real.iter().map(|tok| tok[d]).fold(f32::MIN, f32::max)).collect()
+                    }
+                };
+                if self.normalize {
+                    let n = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt().max(1e-12);
+                    v.iter_mut().for_each(|x| *x = (f64::from(*x) / n) as f32);
+                }
+                v
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,94 @@
+//! The score stage: a samples shard in, a scores shard out (DESIGN §8): `reward_<name>` per
+//! reward model, and the embedding of each response when an embedder is configured.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::UInt32Type;
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array};
+use arrow_schema::{DataType, Field};
+use rbon_core::schema::{PROMPT_ID, RESPONSE, SAMPLE_IDX, scores_schema};
+use rbon_core::{CoreError, Message};
+
+use crate::ScoreError;
+use crate::embed::Embedder;
+use crate::reward::RewardModel;
+
+/// The scores of one shard and its counters.
+#[derive(Debug)]
+pub struct ShardScores {
+    pub batch: RecordBatch,
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Scores every sample of a shard with every reward model, and embeds the responses.
+pub fn score_shard(
+    rewards: &[(String, RewardModel)],
+    embedder: Option<&Embedder>,
+    prompts: &[(String, Vec<Message>)],
+    samples: &[RecordBatch],
+    batch_tokens: usize,
+) -> Result<ShardScores, ScoreError> {
+    let prompt_of: HashMap<&str, &[Message]> = prompts.iter().map(|(id, m)| (id.as_str(), m.as_slice())).collect();
+    let (mut ids, mut idx, mut responses) = (Vec::new(), Vec::new(), Vec::new());
+    for b in samples {
+        let col = |n: &str| b.column_by_name(n).ok_or_else(|| CoreError::internal(format!("samples: no `{n}` column")));
+        let (pid, k, resp) = (
+            col(PROMPT_ID)?.as_string::<i32>(),
+            col(SAMPLE_IDX)?.as_primitive::<UInt32Type>(),
+            col(RESPONSE)?.as_string::<i32>(),
+        );
+        for r in 0..b.num_rows() {
+            ids.push(pid.value(r).to_owned());
+            idx.push(k.value(r));
+            responses.push(resp.value(r).to_owned());
+        }
+    }
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(ids.iter())),
+        Arc::new(UInt32Array::from_iter_values(idx.iter().copied())),
+    ];
+    for (name, model) in rewards {
+        let inputs = ids
+            .iter()
+            .zip(&responses)
+            .map(|(id, resp)| {
+                let prompt = prompt_of
+                    .get(id.as_str())
+                    .ok_or_else(|| CoreError::internal(format!("prompt {id:?} has samples but no prompts row")))?;
+                model.encode(prompt, resp)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let scores = model.score(&inputs, batch_tokens)?;
+        if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+            return Err(ScoreError::NonFinite { reward: name.clone(), prompt_id: ids[i].clone(), sample_idx: idx[i] });
+        }
+        cols.push(Arc::new(Float64Array::from_iter_values(scores)));
+    }
+    let dim = match embedder {
+        Some(e) => {
+            let texts: Vec<&str> = responses.iter().map(String::as_str).collect();
+            let vecs = e.embed(&texts, batch_tokens)?;
+            let d = e.dim() as i32;
+            let mut b = FixedSizeListBuilder::new(Float32Builder::new(), d).with_field(Arc::new(Field::new(
+                "item",
+                DataType::Float32,
+                false,
+            )));
+            for v in &vecs {
+                b.values().append_slice(v);
+                b.append(true);
+            }
+            cols.push(Arc::new(b.finish()));
+            Some(d)
+        }
+        None => None,
+    };
+    let names: Vec<String> = rewards.iter().map(|(n, _)| n.clone()).collect();
+    let batch = RecordBatch::try_new(scores_schema(&names, dim), cols)
+        .map_err(|e| CoreError::internal(format!("scores: {e}")))?;
+    let counters = BTreeMap::from([("samples".to_owned(), ids.len() as u64)]);
+    Ok(ShardScores { batch, counters })
+}

@@ -1,0 +1,135 @@
+//! Parity with transformers and sentence-transformers on the fixtures of `data/models`, against
+//! the goldens `scripts/make-tiny-scorers.py` and `scripts/make-minilm-golden.py` wrote: reward
+//! scores within 1e-4 relative, embeddings with cosine ≥ 0.9999.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use rbon_core::Message;
+use rbon_models::{DType, Device, TemplateChoice};
+use rbon_score::{Embedder, RewardModel};
+use serde_json::Value;
+
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
+}
+
+fn golden(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(data().join(format!("golden/{name}.json"))).unwrap()).unwrap()
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn close(got: f64, want: f64, what: &str) {
+    assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{what}: {got} vs {want}");
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn messages(v: &Value) -> Vec<Message> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+#[test]
+fn decoder_reward_models_match_transformers() {
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+        let name = format!("tiny-rm-{arch}");
+        let m = RewardModel::load(
+            data().join("models").join(&name).to_str().unwrap(),
+            &TemplateChoice::Auto,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let g = golden(&name);
+        let cases = g["cases"].as_array().unwrap();
+        let mut inputs = Vec::new();
+        for c in cases {
+            let mut msgs = messages(&c["messages"]);
+            let response = msgs.pop().unwrap();
+            assert_eq!(response.role, "assistant");
+            let (ids, _) = m.encode(&msgs, &response.content).unwrap();
+            assert_eq!(ids, u32s(&c["input_ids"]), "{name}");
+            inputs.push((ids, Vec::new()));
+        }
+        // One at a time, then all in one padded batch.
+        for budget in [1, 1 << 20] {
+            let scores = m.score(&inputs, budget).unwrap();
+            for (s, c) in scores.iter().zip(cases) {
+                close(*s, c["score"].as_f64().unwrap(), &format!("{name} (batch budget {budget})"));
+            }
+        }
+    }
+}
+
+#[test]
+fn deberta_reward_model_matches_transformers() {
+    let m = RewardModel::load(
+        data().join("models/tiny-deberta-rm").to_str().unwrap(),
+        &TemplateChoice::None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let g = golden("tiny-deberta-rm");
+    let cases = g["cases"].as_array().unwrap();
+    let mut inputs = Vec::new();
+    for c in cases {
+        let prompt = vec![Message::user(c["question"].as_str().unwrap())];
+        let (ids, types) = m.encode(&prompt, c["answer"].as_str().unwrap()).unwrap();
+        assert_eq!(ids, u32s(&c["input_ids"]));
+        assert_eq!(types, u32s(&c["token_type_ids"]));
+        inputs.push((ids, types));
+    }
+    for budget in [1, 1 << 20] {
+        for (s, c) in m.score(&inputs, budget).unwrap().iter().zip(cases) {
+            close(*s, c["score"].as_f64().unwrap(), &format!("deberta (batch budget {budget})"));
+        }
+    }
+}
+
+fn check_embedder(folder: &Path, golden: &Value) {
+    let e = Embedder::load(folder.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let cases = golden["cases"].as_array().unwrap();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    for (t, c) in texts.iter().zip(cases) {
+        assert_eq!(e.encode(t).unwrap(), u32s(&c["input_ids"]), "{t:?}");
+    }
+    for budget in [1, 1 << 20] {
+        let got = e.embed(&texts, budget).unwrap();
+        for ((g, c), t) in got.iter().zip(cases).zip(&texts) {
+            let c = cosine(g, &f32s(&c["embedding"]));
+            assert!(c >= 0.9999, "{t:?}: cosine {c}");
+            let norm: f32 = g.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
+        }
+    }
+}
+
+#[test]
+fn tiny_sentence_embedder_matches_sentence_transformers() {
+    check_embedder(&data().join("models/tiny-minilm"), &golden("tiny-minilm"));
+}
+
+/// The paper's embedder, fetched by `scripts/fetch-minilm.sh` (CI runs it); skipped when absent.
+#[test]
+fn all_minilm_l6_v2_matches_sentence_transformers() {
+    let folder = data().join("models/all-minilm-l6-v2");
+    if !folder.join("config.json").is_file() {
+        eprintln!("skipping: {} is absent (run scripts/fetch-minilm.sh)", folder.display());
+        return;
+    }
+    check_embedder(&folder, &golden("all-minilm-l6-v2"));
+}
