@@ -131,6 +131,7 @@ fn export_files(run: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 fn repository_pipelines_run() {
     let out = tempfile::tempdir().unwrap();
     for (name, check) in [
+        ("demo", "demo/pairs/rbon_kl/beta=0.01/train-00000-of-00001.parquet"),
         ("byo", "byo/pairs/rbon_wd/beta=0.1/train-00000-of-00001.parquet"),
         ("byo-variants", "byo-variants/vbon/train-00000-of-00001.parquet"),
     ] {
@@ -742,7 +743,7 @@ fn sampling_config_errors() {
             "policy.dtype: unknown variant `f64`, expected one of `f32`, `bf16`, `f16`",
         ),
         (good.replace("sample:\n  n: 4\n  max_new_tokens: 12\n  top_k: 40\n", ""), "missing `sample`"),
-        (format!("{good}select:\n  proxy: rm\n"), "select: selecting needs reward scores"),
+        (format!("{good}select:\n  proxy: rm\n"), "select: selecting sampled responses needs reward scores: add a `score` section"),
     ];
     for (yaml, expected) in cases {
         f.write("p.yaml", &yaml);

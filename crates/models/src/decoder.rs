@@ -12,11 +12,32 @@ use crate::hub::ModelDir;
 
 type Result<T> = std::result::Result<T, candle_core::Error>;
 
-/// Keys and values of every layer for a batch of rows that share one length.
-#[derive(Debug, Clone)]
+/// Keys and values of every layer for a batch of rows that share one length. Each layer's
+/// buffers have room to grow along the sequence, so a decode step writes one position in place
+/// instead of copying the whole cache (not `Clone`: clones would share the buffers).
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+}
+
+/// Appends `new` [b, h, t, d] after `len` positions of `buf` [b, h, cap, d], growing it when
+/// full; returns the valid part [b, h, len + t, d].
+fn append(buf: &mut Option<Tensor>, new: &Tensor, len: usize) -> Result<Tensor> {
+    let (b, h, t, d) = new.dims4()?;
+    let cap = buf.as_ref().map_or(0, |x| x.dim(2).unwrap_or(0));
+    if len + t > cap {
+        let grown = Tensor::zeros((b, h, (len + t).max(2 * cap).max(64), d), new.dtype(), new.device())?;
+        if let Some(old) = buf.as_ref()
+            && len > 0
+        {
+            grown.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        }
+        *buf = Some(grown);
+    }
+    let Some(x) = buf.as_ref() else { candle_core::bail!("kv buffer missing") };
+    x.slice_set(&new.contiguous()?, 2, len)?;
+    x.narrow(2, 0, len + t)
 }
 
 impl KvCache {
@@ -111,6 +132,7 @@ impl Attention {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
+        len: usize,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
@@ -127,11 +149,15 @@ impl Attention {
         let v = shape(self.v.forward(x)?, self.kv_heads, &None)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
+        let (mut kb, mut vb) = match cache.take() {
+            Some((kb, vb)) => (Some(kb), Some(vb)),
+            None => (None, None),
         };
-        *cache = Some((k.clone(), v.clone()));
+        let k = append(&mut kb, &k, len)?;
+        let v = append(&mut vb, &v, len)?;
+        if let (Some(kb), Some(vb)) = (kb, vb) {
+            *cache = Some((kb, vb));
+        }
         let s = k.dim(2)?;
         // Grouped-query attention without copying K/V: the `rep` query heads of each KV head
         // become extra rows of one matmul against that KV head.
@@ -296,7 +322,7 @@ impl Decoder {
         let mask = self.mask(start, t, start + t)?;
         let mut x = self.embed.forward(ids)?;
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.attn.forward(&layer.ln1.forward(&x)?, &cos, &sin, mask.as_ref(), c)?;
+            let h = layer.attn.forward(&layer.ln1.forward(&x)?, &cos, &sin, mask.as_ref(), c, start)?;
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.ln2.forward(&x)?)?;
             x = (x + h)?;

@@ -8,8 +8,10 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Rows up to which the fast path is used.
-pub const SMALL_M: usize = 32;
+/// Rows up to which the fast path is used: measured on 2 cores, it beats candle's matmul up to
+/// here (2 rows: 0.22 ms against 1.43 ms for 1024×3072; 8 rows: 0.93 against 1.60 ms) and loses
+/// beyond (16 rows: 2.0 against 1.8 ms), where candle's packing pays off.
+pub const SMALL_M: usize = 8;
 
 /// A linear layer `y = x Wᵀ + b` (weights [out, in], as in safetensors).
 #[derive(Debug, Clone)]
@@ -81,12 +83,8 @@ impl CustomOp2 for SmallMatmul {
         const ROWS_PER_TASK: usize = 64;
         yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(c, out)| {
             let j0 = c * ROWS_PER_TASK;
-            for (jj, out_row) in out.chunks_mut(m).enumerate() {
-                let wr = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
-                for (i, o) in out_row.iter_mut().enumerate() {
-                    *o = dot(&x[i * k..(i + 1) * k], wr);
-                }
-            }
+            let rows = out.len() / m;
+            block(x, &w[j0 * k..(j0 + rows) * k], out, m, k);
         });
         let mut y = vec![0f32; m * n];
         for j in 0..n {
@@ -98,32 +96,41 @@ impl CustomOp2 for SmallMatmul {
     }
 }
 
-/// Dot product, dispatched to an AVX2+FMA build where the CPU has it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// `out[j * m + i] = x_i · w_j` for the weight rows `w` of one task, dispatched to an AVX2+FMA
+/// build where the CPU has it.
+fn block(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function was compiled for (checked above).
         #[allow(unsafe_code)]
-        return unsafe { dot_avx2(a, b) };
+        unsafe {
+            block_avx2(x, w, out, m, k)
+        };
+        return;
     }
-    dot_portable(a, b)
+    block_with(x, w, out, m, k, |a, b, c| a * b + c);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    // Compiled with AVX2/FMA enabled: LLVM keeps the 16 lanes in two ymm registers and
-    // `mul_add` becomes one fused instruction.
-    dot_lanes(a, b, f32::mul_add)
+fn block_avx2(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize) {
+    // The same code compiled with AVX2/FMA: each lane array lives in a ymm register and
+    // `mul_add` is one fused instruction.
+    block_with(x, w, out, m, k, f32::mul_add)
 }
 
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    // Without hardware FMA, `mul_add` is a library call: multiply and add separately.
-    dot_lanes(a, b, |x, y, acc| x * y + acc)
+/// Each weight row is loaded once and dotted with every input row while it sits in L1.
+#[inline(always)]
+fn block_with(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, fma: impl Fn(f32, f32, f32) -> f32 + Copy) {
+    for (j, wr) in w.chunks_exact(k).enumerate() {
+        for i in 0..m {
+            out[j * m + i] = dot(&x[i * k..(i + 1) * k], wr, fma);
+        }
+    }
 }
 
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32], fma: impl Fn(f32, f32, f32) -> f32) -> f32 {
+fn dot(a: &[f32], b: &[f32], fma: impl Fn(f32, f32, f32) -> f32) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
     let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));

@@ -6,6 +6,7 @@
 use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use rbon_core::Message;
 use rbon_core::seed::derive_seed;
 use rbon_models::{ChatTokenizer, Decoder, Device, ModelDir, Tensor, chat::template_choice};
@@ -166,9 +167,13 @@ impl Policy {
             loop {
                 let mut next = Vec::with_capacity(active.len());
                 let mut keep = Vec::with_capacity(active.len());
+                // One uniform per row from its own generator, then the draws in parallel: each is
+                // a pure function of its row's logits and uniform.
+                let us: Vec<f64> = active.iter().map(|&r| rows[r].rng.random::<f64>()).collect();
+                let draws: Vec<_> = logits.par_iter().zip(us.par_iter()).map(|(l, &u)| draw(l, &params, u)).collect();
                 for (slot, &r) in active.iter().enumerate() {
                     let row = &mut rows[r];
-                    let d = draw(&logits[slot], &params, row.rng.random::<f64>());
+                    let d = draws[slot];
                     row.tokens.push(d.token);
                     row.logprob += d.logprob;
                     if eos.contains(&d.token) {

@@ -41,6 +41,24 @@ fn by_logit_desc(logits: &[f32]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + 
 /// the row's own seeded generator, so the draw does not depend on the other rows).
 pub fn draw(logits: &[f32], p: &SamplingParams, u: f64) -> Draw {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let truncating = p.top_k > 0 && p.top_k < logits.len() || p.top_p < 1.0 || p.min_p > 0.0;
+    if p.temperature == 1.0 && !truncating {
+        // The common RBoN case: one exp per token serves both the draw and the log-sum-exp.
+        let w: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let lse = f64::from(max) + total.ln();
+        let target = u * total;
+        let mut acc = 0.0;
+        let mut pick = w.iter().rposition(|&x| x > 0.0).unwrap_or(0);
+        for (t, x) in w.iter().enumerate() {
+            acc += x;
+            if target < acc {
+                pick = t;
+                break;
+            }
+        }
+        return Draw { token: pick as u32, logprob: f64::from(logits[pick]) - lse };
+    }
     let lse = f64::from(max) + logits.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln();
     let lp = |t: usize| f64::from(logits[t]) - lse;
     if p.temperature <= 0.0 || logits.len() == 1 {
@@ -50,7 +68,6 @@ pub fn draw(logits: &[f32], p: &SamplingParams, u: f64) -> Draw {
     }
     let inv_t = 1.0 / f64::from(p.temperature);
     let weight = |t: u32| (f64::from(logits[t as usize] - max) * inv_t).exp();
-    let truncating = p.top_k > 0 && p.top_k < logits.len() || p.top_p < 1.0 || p.min_p > 0.0;
     if !truncating {
         // Plain multinomial over the whole vocabulary in id order: no sort at all.
         let total: f64 = (0..logits.len() as u32).map(weight).sum();
