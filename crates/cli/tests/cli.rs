@@ -743,7 +743,10 @@ fn sampling_config_errors() {
             "policy.dtype: unknown variant `f64`, expected one of `f32`, `bf16`, `f16`",
         ),
         (good.replace("sample:\n  n: 4\n  max_new_tokens: 12\n  top_k: 40\n", ""), "missing `sample`"),
-        (format!("{good}select:\n  proxy: rm\n"), "select: selecting sampled responses needs reward scores: add a `score` section"),
+        (
+            format!("{good}select:\n  proxy: rm\n"),
+            "select: selecting sampled responses needs reward scores: add a `score` section",
+        ),
     ];
     for (yaml, expected) in cases {
         f.write("p.yaml", &yaml);

@@ -7,7 +7,7 @@ use candle_transformers::models::bert;
 use rbon_models::ModelDir;
 use rbon_models::decoder::var_builder;
 
-use crate::ScoreError;
+use crate::{ScoreError, candle, length_batches};
 
 /// How token vectors become one sentence vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,10 +32,6 @@ impl std::fmt::Debug for Embedder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Embedder").field("pooling", &self.pooling).field("dim", &self.dim).finish_non_exhaustive()
     }
-}
-
-fn candle(ctx: &str) -> impl FnOnce(candle_core::Error) -> ScoreError + '_ {
-    move |source| ScoreError::Candle { context: ctx.to_owned(), source }
 }
 
 fn json(dir: &ModelDir, name: &str) -> Result<Option<serde_json::Value>, ScoreError> {
@@ -121,20 +117,13 @@ impl Embedder {
     /// Embeds texts, batching similar lengths up to `batch_tokens` padded tokens.
     pub fn embed(&self, texts: &[&str], batch_tokens: usize) -> Result<Vec<Vec<f32>>, ScoreError> {
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.encode(t)).collect::<Result<_, _>>()?;
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| (ids[i].len(), i));
+        let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
         let mut out = vec![Vec::new(); ids.len()];
-        let mut start = 0;
-        while start < order.len() {
-            let mut end = start + 1;
-            while end < order.len() && (end + 1 - start) * ids[order[end]].len() <= batch_tokens.max(1) {
-                end += 1;
-            }
-            let rows: Vec<&Vec<u32>> = order[start..end].iter().map(|&i| &ids[i]).collect();
-            for (&i, e) in order[start..end].iter().zip(self.embed_batch(&rows)?) {
+        for rows in length_batches(&lens, batch_tokens) {
+            let batch: Vec<&Vec<u32>> = rows.iter().map(|&i| &ids[i]).collect();
+            for (&i, e) in rows.iter().zip(self.embed_batch(&batch)?) {
                 out[i] = e;
             }
-            start = end;
         }
         Ok(out)
     }

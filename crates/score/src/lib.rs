@@ -25,3 +25,37 @@ pub enum ScoreError {
     #[error(transparent)]
     Core(#[from] rbon_core::CoreError),
 }
+
+pub(crate) fn candle(ctx: &str) -> impl FnOnce(candle_core::Error) -> ScoreError + '_ {
+    move |source| ScoreError::Candle { context: ctx.to_owned(), source }
+}
+
+/// Input indices grouped for batching: sorted by length (then index) so rows of one batch pad
+/// little, each batch holding at most `budget` padded tokens (at least one row).
+pub(crate) fn length_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| (lens[i], i));
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        // Sorted by length: a batch's last row is its longest.
+        let mut end = start + 1;
+        while end < order.len() && (end + 1 - start) * lens[order[end]] <= budget.max(1) {
+            end += 1;
+        }
+        out.push(order[start..end].to_vec());
+        start = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn batches_respect_the_budget_and_cover_every_input() {
+        let lens = [5, 1, 9, 3, 3, 20];
+        let b = super::length_batches(&lens, 10);
+        assert_eq!(b, vec![vec![1, 3, 4], vec![0], vec![2], vec![5]]);
+        assert_eq!(super::length_batches(&lens, 1).len(), 6);
+    }
+}

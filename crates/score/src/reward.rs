@@ -11,7 +11,7 @@ use rbon_core::Message;
 use rbon_models::decoder::var_builder;
 use rbon_models::{ChatTokenizer, Decoder, DecoderConfig, ModelDir, TemplateChoice};
 
-use crate::ScoreError;
+use crate::{ScoreError, candle, length_batches};
 
 /// A loaded reward model.
 #[derive(Debug)]
@@ -41,10 +41,6 @@ impl std::fmt::Debug for DebertaRm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DebertaRm").finish_non_exhaustive()
     }
-}
-
-fn candle(ctx: &str) -> impl FnOnce(candle_core::Error) -> ScoreError + '_ {
-    move |source| ScoreError::Candle { context: ctx.to_owned(), source }
 }
 
 /// The (question, answer) texts a text-pair reward model sees: the prompt's turns joined by
@@ -131,22 +127,13 @@ impl RewardModel {
     /// Scores encoded inputs (from [`Self::encode`]), batching rows of similar length up to
     /// `batch_tokens` padded tokens. Returns one score per input, in input order.
     pub fn score(&self, inputs: &[(Vec<u32>, Vec<u32>)], batch_tokens: usize) -> Result<Vec<f64>, ScoreError> {
-        let mut order: Vec<usize> = (0..inputs.len()).collect();
-        order.sort_by_key(|&i| (inputs[i].0.len(), i));
+        let lens: Vec<usize> = inputs.iter().map(|i| i.0.len()).collect();
         let mut out = vec![0.0; inputs.len()];
-        let mut start = 0;
-        while start < order.len() {
-            // Sorted by length: the batch's last row is its longest.
-            let mut end = start + 1;
-            while end < order.len() && (end + 1 - start) * inputs[order[end]].0.len() <= batch_tokens.max(1) {
-                end += 1;
-            }
-            let rows = &order[start..end];
+        for rows in length_batches(&lens, batch_tokens) {
             let scores = self.score_batch(&rows.iter().map(|&i| &inputs[i]).collect::<Vec<_>>())?;
             for (&i, s) in rows.iter().zip(scores) {
                 out[i] = s;
             }
-            start = end;
         }
         Ok(out)
     }
