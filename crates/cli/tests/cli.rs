@@ -755,3 +755,37 @@ fn sampling_config_errors() {
         assert!(text(&o).contains(expected), "expected {expected:?} in:\n{}", text(&o));
     }
 }
+
+#[test]
+fn full_pipeline_pairs_do_not_depend_on_shard_size() {
+    let f = Fixture::new(1, 1);
+    let models = repo().join("data/models");
+    let full = |out: &str, shard: usize| {
+        sample_pipeline(out, shard)
+            + &format!(
+                "score:\n  rewards:\n    - {{ name: proxy, model: {} }}\n    - {{ name: gold, model: {} }}\n  embedding: {{ model: {} }}\n\
+                 select:\n  proxy: proxy\n  gold: [gold]\n  betas: [0.01, 1.0]\n",
+                models.join("tiny-rm-llama").display(),
+                models.join("tiny-deberta-rm").display(),
+                models.join("tiny-minilm").display()
+            )
+    };
+    f.write("a.yaml", &full("a", 1));
+    f.write("b.yaml", &full("b", 4));
+    for y in ["a.yaml", "b.yaml"] {
+        let o = f.run(&["run", y]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let (a, b) = (export_files(&f.path().join("a")), export_files(&f.path().join("b")));
+    assert_eq!(a.len(), b.len());
+    let mut rows = 0;
+    for ((pa, _), (pb, _)) in a.iter().zip(&b) {
+        assert_eq!(pa, pb);
+        if pa.extension().is_some_and(|e| e == "parquet") {
+            let (ra, rb) = (read(&f.path().join("a").join(pa)), read(&f.path().join("b").join(pa)));
+            assert_eq!(ra, rb, "{}", pa.display());
+            rows += ra.num_rows();
+        }
+    }
+    assert!(rows > 0);
+}

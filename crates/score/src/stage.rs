@@ -50,18 +50,26 @@ pub fn score_shard(
         Arc::new(StringArray::from_iter_values(ids.iter())),
         Arc::new(UInt32Array::from_iter_values(idx.iter().copied())),
     ];
+    // Batches never span prompts: a prompt's scores then depend only on its own samples, not on
+    // which prompts share its shard, so shard size cannot move a score by a rounding.
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+    for r in 0..ids.len() {
+        match groups.last_mut() {
+            Some(g) if ids[g.start] == ids[r] => g.end = r + 1,
+            _ => groups.push(r..r + 1),
+        }
+    }
     for (name, model) in rewards {
-        let inputs = ids
-            .iter()
-            .zip(&responses)
-            .map(|(id, resp)| {
-                let prompt = prompt_of
-                    .get(id.as_str())
-                    .ok_or_else(|| CoreError::internal(format!("prompt {id:?} has samples but no prompts row")))?;
-                model.encode(prompt, resp)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let scores = model.score(&inputs, batch_tokens)?;
+        let mut scores = Vec::with_capacity(ids.len());
+        for g in &groups {
+            let id = &ids[g.start];
+            let prompt = prompt_of
+                .get(id.as_str())
+                .ok_or_else(|| CoreError::internal(format!("prompt {id:?} has samples but no prompts row")))?;
+            let inputs =
+                responses[g.clone()].iter().map(|resp| model.encode(prompt, resp)).collect::<Result<Vec<_>, _>>()?;
+            scores.extend(model.score(&inputs, batch_tokens)?);
+        }
         if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
             return Err(ScoreError::NonFinite { reward: name.clone(), prompt_id: ids[i].clone(), sample_idx: idx[i] });
         }
@@ -69,8 +77,11 @@ pub fn score_shard(
     }
     let dim = match embedder {
         Some(e) => {
-            let texts: Vec<&str> = responses.iter().map(String::as_str).collect();
-            let vecs = e.embed(&texts, batch_tokens)?;
+            let mut vecs = Vec::with_capacity(ids.len());
+            for g in &groups {
+                let texts: Vec<&str> = responses[g.clone()].iter().map(String::as_str).collect();
+                vecs.extend(e.embed(&texts, batch_tokens)?);
+            }
             let d = e.dim() as i32;
             let mut b = FixedSizeListBuilder::new(Float32Builder::new(), d).with_field(Arc::new(Field::new(
                 "item",
