@@ -789,3 +789,73 @@ fn full_pipeline_pairs_do_not_depend_on_shard_size() {
     }
     assert!(rows > 0);
 }
+
+#[test]
+fn candidates_get_exactly_what_they_lack() {
+    let f = Fixture::new(1, 1);
+    let models = repo().join("data/models");
+    // Only a proxy reward: log-probs, the gold reward and embeddings come from the config.
+    let mut lines = String::new();
+    for p in 0..4 {
+        for k in 0..3 {
+            writeln!(
+                lines,
+                r#"{{"prompt_id": "p{p}", "prompt": "Question {p}?", "sample_idx": {k}, "response": "Answer number {k} to {p}.", "reward_proxy": {}, "num_tokens": {}}}"#,
+                (p * 3 + k) as f64 * 0.5 - 2.0,
+                5 + k
+            )
+            .unwrap();
+        }
+    }
+    f.write("bare.jsonl", &lines);
+    let yaml = format!(
+        "output: out\ninput:\n  candidates: bare.jsonl\npolicy:\n  model: {}\nscore:\n  rewards:\n    - {{ name: gold, model: {} }}\n  embedding: {{ model: {} }}\n\
+         select:\n  proxy: proxy\n  gold: [gold]\n  betas: [0.1]\n",
+        models.join("tiny-qwen2").display(),
+        models.join("tiny-rm-llama").display(),
+        models.join("tiny-minilm").display()
+    );
+    f.write("p.yaml", &yaml);
+    let o = f.run(&["run", "p.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let scores = read(&f.path().join("out/scores/shard-00000.parquet"));
+    let names: Vec<String> = scores.schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, ["prompt_id", "sample_idx", "reward_proxy", "reward_gold", "embedding"]);
+    let gold = scores.column_by_name("reward_gold").unwrap().as_primitive::<arrow_array::types::Float64Type>();
+    assert!(gold.values().windows(2).any(|w| w[0] != w[1]), "gold rewards are all equal");
+    let samples = read(&f.path().join("out/samples/shard-00000.parquet"));
+    let lp = samples.column_by_name("logprob").unwrap().as_primitive::<arrow_array::types::Float64Type>();
+    assert_eq!(lp.null_count(), 0);
+    assert!(lp.values().iter().all(|&x| x < 0.0));
+    // Teacher forcing under the policy's template, the response closed by its EOS.
+    let policy = rbon_sample::Policy::load(
+        &rbon_sample::PolicyConfig {
+            model: models.join("tiny-qwen2").display().to_string(),
+            dtype: Default::default(),
+            chat_template: "auto".into(),
+            system_prompt: None,
+        },
+        &rbon_models::Device::Cpu,
+    )
+    .unwrap();
+    let prompt = policy.prompt_ids(&[rbon_core::Message::user("Question 0?")]).unwrap();
+    let mut ids = policy.tokenizer().encode_text("Answer number 0 to 0.").unwrap();
+    ids.push(policy.tokenizer().eos_ids()[0]);
+    let want: f64 = policy.score(&prompt, &ids).unwrap().iter().sum();
+    assert!((lp.value(0) - want).abs() < 1e-9, "{} vs {want}", lp.value(0));
+    // The file's own token counts are kept.
+    let nt = samples.column_by_name("num_tokens").unwrap().as_primitive::<arrow_array::types::UInt32Type>();
+    assert_eq!(&nt.values()[..3], &[5, 6, 7]);
+    assert!(f.path().join("out/pairs/rbon_wd/beta=0.1/train-00000-of-00001.parquet").is_file());
+
+    // Asking to compute what the file already has is an error.
+    let dup = yaml.replace("name: gold", "name: proxy").replace("gold: [gold]", "gold: []");
+    f.write("q.yaml", &dup);
+    let o = f.run(&["validate", "q.yaml"]);
+    assert_eq!(o.status.code(), Some(78));
+    assert!(
+        text(&o).contains("score.rewards[0].name: the candidates file bare.jsonl already has `reward_proxy`"),
+        "{}",
+        text(&o)
+    );
+}

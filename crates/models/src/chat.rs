@@ -159,6 +159,14 @@ impl ChatTokenizer {
             .map_err(|e| ModelError::Tokenizer { path: self.origin.clone(), message: e.to_string() })
     }
 
+    /// Token ids of plain text (a response), no special tokens added.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ModelError::Tokenizer { path: self.origin.clone(), message: e.to_string() })
+    }
+
     /// Text of token ids, special tokens (EOS) skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         self.tokenizer

@@ -123,6 +123,33 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
                 source: "the `score` section".into(),
             });
         }
+        // Candidates: the score section adds rewards (and an embedding) the file lacks.
+        if let Some(a) = available.as_mut().filter(|_| input.as_ref().is_some_and(|i| i.candidates.is_some())) {
+            for (i, r) in sc.rewards.iter().enumerate() {
+                if a.rewards.contains(&r.name) {
+                    d.push(doc.diag(
+                        &format!("score.rewards[{i}].name"),
+                        format!("{} already has `reward_{}`; score only what it lacks", a.source, r.name),
+                    ));
+                }
+            }
+            if sc.embedding.is_some() && a.embedding {
+                d.push(doc.diag("score.embedding", format!("{} already has `embedding`", a.source)));
+            }
+            a.rewards.extend(sc.names());
+            a.embedding |= sc.embedding.is_some();
+            a.source = format!("{} with the `score` section", a.source);
+        }
+    }
+    // Candidates: the policy adds log-probs (and token counts) by teacher forcing.
+    if let Some(a) = available.as_mut().filter(|_| input.as_ref().is_some_and(|i| i.candidates.is_some()))
+        && doc.get("policy").is_some()
+    {
+        if a.logprob {
+            d.push(doc.diag("policy", format!("{} already has `logprob`; leave `policy` out", a.source)));
+        }
+        a.logprob = true;
+        a.num_tokens = true;
     }
     if let Some(p) = &policy {
         p.check(&doc, &mut d);
@@ -138,10 +165,10 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
         if i.path.is_some() && !has_sample {
             d.push(doc.diag("sample", "missing `sample`: how many responses per prompt, and how"));
         }
-        if i.candidates.is_some() && (has_policy || has_sample) {
+        if i.candidates.is_some() && has_sample {
             d.push(doc.diag(
-                if has_policy { "policy" } else { "sample" },
-                "`input.candidates` already holds the responses; `policy` and `sample` apply to `input.path` prompts",
+                "sample",
+                "`input.candidates` already holds the responses; `sample` applies to `input.path` prompts",
             ));
         }
         if i.path.is_some() && doc.get("select").is_some() && doc.get("score").is_none() {
@@ -150,11 +177,6 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
                 "selecting sampled responses needs reward scores: add a `score` section with reward models, \
                  or leave `select` out to stop after sampling",
             ));
-        }
-        if i.candidates.is_some() && doc.get("score").is_some() {
-            d.push(
-                doc.diag("score", "`input.candidates` brings its own rewards; `score` applies to sampled responses"),
-            );
         }
     }
     if let Some(s) = &select {

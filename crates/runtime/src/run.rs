@@ -195,8 +195,24 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     let (n_shards, fp_scores) = match &source {
         Source::Candidates { groups, rewards, embedding_dim, fp } => {
             let chunks: Vec<&[CandidateGroup]> = groups.chunks(shard_size).collect();
-            reports.push(import_candidates(&run, &mut manifest, &chunks, rewards, *embedding_dim, fp, progress)?);
-            (chunks.len(), fp.clone())
+            // What the file lacks and the config can compute: log-probs with the policy, rewards
+            // and embeddings with the score section. Their models join the import fingerprint.
+            let mut identity = vec![fp.clone()];
+            if let Some(pc) = &cfg.policy {
+                identity.push(fingerprint("policy", &(pc, model_identity(&pc.model)?), &[]));
+            }
+            if let Some(sc) = &cfg.score {
+                let mut models = sc.rewards.iter().map(|r| model_identity(&r.model)).collect::<Result<Vec<_>, _>>()?;
+                if let Some(e) = &sc.embedding {
+                    models.push(model_identity(&e.model)?);
+                }
+                identity.push(fingerprint("score", &ScoreFingerprint { score: sc, models }, &[]));
+            }
+            let refs: Vec<&str> = identity.iter().map(String::as_str).collect();
+            let fp = fingerprint("import", &(), &refs);
+            let complete = Completion { cfg, rewards, embedding_dim: *embedding_dim };
+            reports.push(import_candidates(&run, &mut manifest, &chunks, &complete, &fp, progress)?);
+            (chunks.len(), fp)
         }
         Source::Prompts { rows, fp } => {
             let chunks: Vec<&[(String, Vec<Message>)]> = rows.chunks(shard_size).collect();
@@ -348,20 +364,113 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
 }
 
 /// Import: prompts, samples and scores shards from a candidates file.
+/// What the candidates file brings, and the config that fills in what it lacks.
+struct Completion<'a> {
+    cfg: &'a PipelineConfig,
+    rewards: &'a [String],
+    embedding_dim: Option<usize>,
+}
+
+/// The models that complete candidates, loaded on the first shard that needs them.
+#[derive(Default)]
+struct Completers {
+    policy: Option<rbon_sample::Policy>,
+    scorers: Option<Scorers>,
+}
+
+impl Completion<'_> {
+    /// Reward names after completion, in column order: the file's, then the score section's.
+    fn reward_names(&self) -> Vec<String> {
+        let mut names = self.rewards.to_vec();
+        if let Some(sc) = &self.cfg.score {
+            names.extend(sc.names());
+        }
+        names
+    }
+
+    /// Fills log-probs (and token counts), rewards and embeddings the file lacks.
+    fn fill(&self, groups: &mut [CandidateGroup], models: &mut Completers) -> Result<Option<usize>, RunError> {
+        let device = rbon_models::Device::Cpu;
+        let budget = self.cfg.runtime.batch_tokens.max(1) as usize;
+        if let Some(pc) = &self.cfg.policy {
+            if models.policy.is_none() {
+                models.policy = Some(rbon_sample::Policy::load(pc, &device)?);
+            }
+            let Some(policy) = models.policy.as_ref() else { unreachable!("loaded above") };
+            // Imported responses are complete: scored with the policy's EOS after them.
+            let eos = policy.tokenizer().eos_ids().first().copied();
+            for g in groups.iter_mut() {
+                let prompt = policy.prompt_ids(&g.messages)?;
+                for s in &mut g.samples {
+                    let mut ids =
+                        policy.tokenizer().encode_text(&s.response).map_err(rbon_sample::SampleError::from)?;
+                    ids.extend(eos);
+                    s.logprob = Some(policy.score(&prompt, &ids)?.iter().sum());
+                    s.num_tokens.get_or_insert(ids.len() as u32);
+                }
+            }
+        }
+        let mut dim = self.embedding_dim;
+        if let Some(sc) = &self.cfg.score {
+            if models.scorers.is_none() {
+                models.scorers = Some(load_scorers(sc, &device)?);
+            }
+            let Some((rms, emb)) = models.scorers.as_ref() else { unreachable!("loaded above") };
+            for g in groups.iter_mut() {
+                for (_, m) in rms {
+                    let inputs = g
+                        .samples
+                        .iter()
+                        .map(|s| m.encode(&g.messages, &s.response).map_err(RunError::from))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    for (s, r) in g.samples.iter_mut().zip(m.score(&inputs, budget)?) {
+                        s.rewards.push(r);
+                    }
+                }
+                if let Some(e) = emb {
+                    let texts: Vec<&str> = g.samples.iter().map(|s| s.response.as_str()).collect();
+                    let vecs = e.embed(&texts, budget)?;
+                    for (s, v) in g.samples.iter_mut().zip(vecs) {
+                        s.embedding = Some(v);
+                    }
+                    dim = Some(e.dim());
+                }
+            }
+        }
+        Ok(dim)
+    }
+}
+
+fn load_scorers(sc: &rbon_score::ScoreConfig, device: &rbon_models::Device) -> Result<Scorers, RunError> {
+    let mut rms = Vec::new();
+    for r in &sc.rewards {
+        let template = rbon_models::chat::template_choice(&r.chat_template, std::path::Path::new("."));
+        rms.push((r.name.clone(), rbon_score::RewardModel::load(&r.model, &template, r.dtype.dtype(), device)?));
+    }
+    let emb = match &sc.embedding {
+        Some(e) => Some(rbon_score::Embedder::load(&e.model, e.dtype.dtype(), device)?),
+        None => None,
+    };
+    Ok((rms, emb))
+}
+
 fn import_candidates(
     run: &RunDir,
     manifest: &mut Manifest,
     chunks: &[&[CandidateGroup]],
-    rewards: &[String],
-    embedding_dim: Option<usize>,
+    complete: &Completion,
     fp: &str,
     progress: &dyn Progress,
 ) -> Result<StageReport, RunError> {
     for stage in ["prompts", "samples", "scores"] {
         invalidate(run, manifest, stage, fp, progress)?;
     }
+    let rewards = complete.reward_names();
+    let mut models = Completers::default();
     let r = run_stage(run, manifest, "samples", fp, chunks.len(), progress, |i| {
-        let groups = chunks[i];
+        let mut owned = chunks[i].to_vec();
+        let embedding_dim = complete.fill(&mut owned, &mut models)?;
+        let groups = owned.as_slice();
         let samples: usize = groups.iter().map(|g| g.samples.len()).sum();
         let counters =
             BTreeMap::from([("prompts".to_owned(), groups.len() as u64), ("samples".to_owned(), samples as u64)]);
@@ -373,7 +482,7 @@ fn import_candidates(
             &[tables::prompts_batch(groups)?],
             &meta,
         )?;
-        let scores = tables::scores_batch(groups, rewards, embedding_dim)?;
+        let scores = tables::scores_batch(groups, &rewards, embedding_dim)?;
         shard::write_parquet(&run.shard_path("scores", i), &scores.schema(), &[scores], &meta)?;
         shard::write_parquet(
             &run.shard_path("samples", i),
@@ -447,17 +556,7 @@ fn score_stage(
     let mut loaded: Option<Scorers> = None;
     let r = run_stage(run, manifest, "scores", &fp, n_shards, progress, |i| {
         if loaded.is_none() {
-            let mut rms = Vec::new();
-            for r in &score.rewards {
-                let template = rbon_models::chat::template_choice(&r.chat_template, std::path::Path::new("."));
-                let m = rbon_score::RewardModel::load(&r.model, &template, r.dtype.dtype(), &device)?;
-                rms.push((r.name.clone(), m));
-            }
-            let emb = match &score.embedding {
-                Some(e) => Some(rbon_score::Embedder::load(&e.model, e.dtype.dtype(), &device)?),
-                None => None,
-            };
-            loaded = Some((rms, emb));
+            loaded = Some(load_scorers(score, &device)?);
         }
         let Some((rms, emb)) = loaded.as_ref() else { unreachable!("loaded above") };
         let prompts = tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
