@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Scoring throughput, rbon beside sentence-transformers and transformers, on the same folders
+and texts: embeddings/s with all-MiniLM-L6-v2 (scripts/fetch-minilm.sh), and reward scores/s
+with a random-weight Qwen2-shaped sequence-classification model made here (57 M parameters).
+
+The texts are 512 synthetic responses of 20 to 200 words. Both sides batch: sentence-transformers
+with batch_size 32, transformers with right-padded batches of 16 sorted by length, rbon with its
+token budget (16 384 padded tokens).
+
+Needs: pip install torch transformers sentence-transformers.
+Usage: python3 scripts/bench-score.py [--threads 2] [--texts 512]
+"""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+WORDS = ("the quick brown fox jumps over a lazy dog while models learn to rank answers by how "
+         "helpful honest and harmless they are in every case we test").split()
+
+
+def texts(n):
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200))) for _ in range(n)]
+
+
+def make_rm(path):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, num_labels=1, pad_token_id=2,
+                      tie_word_embeddings=False)
+    m = Qwen2ForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.05)
+    m.save_pretrained(path)
+    tok = os.path.join(ROOT, "data", "tokenizers", "tiny-bpe")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(tok, f), "rb") as a, open(os.path.join(path, f), "wb") as b:
+            b.write(a.read())
+
+
+def rbon(kind, model, path, threads):
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    out = subprocess.run(["cargo", "run", "--quiet", "--release", "-p", "rbon-score", "--example", "bench_score", "--",
+                          kind, model, path, "16384"], cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["per_s"]
+
+
+def st_embed(model, ts, threads):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    m = SentenceTransformer(model, device="cpu")
+    m.encode(ts[:8])
+    t = time.perf_counter()
+    m.encode(ts, batch_size=32)
+    return len(ts) / (time.perf_counter() - t)
+
+
+def hf_reward(model, ts, threads):
+    import torch
+    from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    torch.set_num_threads(threads)
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(model, "tokenizer.json"), pad_token="<pad>")
+    tok.padding_side = "right"
+    m = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32).eval()
+    texts_ = ["Please answer the question.\n\n" + t for t in ts]
+    order = sorted(range(len(texts_)), key=lambda i: len(texts_[i]))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(order), 16):
+            batch = [texts_[i] for i in order[s:s + 16]]
+            enc = tok(batch, return_tensors="pt", padding=True)
+            m(**enc)
+    return len(ts) / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--texts", type=int, default=512)
+    ap.add_argument("--minilm", default=os.path.join(ROOT, "data", "models", "all-minilm-l6-v2"))
+    ap.add_argument("--rm", default="/tmp/rbon-bench-qwen2-rm-57m")
+    args = ap.parse_args()
+    ts = texts(args.texts)
+    path = "/tmp/rbon-bench-texts.txt"
+    with open(path, "w") as f:
+        f.write("\n".join(ts) + "\n")
+    make_rm(args.rm)
+    print(f"{args.texts} texts of 20-200 words, {args.threads} threads")
+    print(f"{'what':>28} | {'reference /s':>12} | {'rbon /s':>8} | speed-up")
+    ref, ours = st_embed(args.minilm, ts, args.threads), rbon("embed", args.minilm, path, args.threads)
+    print(f"{'MiniLM embeddings':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
+    ref, ours = hf_reward(args.rm, ts, args.threads), rbon("reward", args.rm, path, args.threads)
+    print(f"{'Qwen2-57M reward scores':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
