@@ -19,7 +19,7 @@ pub enum ScoreError {
     #[error("{0}")]
     Config(String),
     #[error("{context}: {source}")]
-    Candle { context: String, source: candle_core::Error },
+    Candle { context: String, source: Box<candle_core::Error> },
     #[error("reward `{reward}` of prompt {prompt_id:?} sample {sample_idx} is not finite")]
     NonFinite { reward: String, prompt_id: String, sample_idx: u32 },
     #[error(transparent)]
@@ -27,7 +27,7 @@ pub enum ScoreError {
 }
 
 pub(crate) fn candle(ctx: &str) -> impl FnOnce(candle_core::Error) -> ScoreError + '_ {
-    move |source| ScoreError::Candle { context: ctx.to_owned(), source }
+    move |source| ScoreError::Candle { context: ctx.to_owned(), source: Box::new(source) }
 }
 
 /// Input indices grouped for batching: sorted by length (then index) so rows of one batch pad
