@@ -393,10 +393,7 @@ impl Completion<'_> {
         let device = rbon_models::Device::Cpu;
         let budget = self.cfg.runtime.batch_tokens.max(1) as usize;
         if let Some(pc) = &self.cfg.policy {
-            if models.policy.is_none() {
-                models.policy = Some(rbon_sample::Policy::load(pc, &device)?);
-            }
-            let Some(policy) = models.policy.as_ref() else { unreachable!("loaded above") };
+            let policy = loaded(&mut models.policy, || Ok(rbon_sample::Policy::load(pc, &device)?))?;
             // Imported responses are complete: scored with the policy's EOS after them.
             let eos = policy.tokenizer().eos_ids().first().copied();
             for g in groups.iter_mut() {
@@ -412,10 +409,7 @@ impl Completion<'_> {
         }
         let mut dim = self.embedding_dim;
         if let Some(sc) = &self.cfg.score {
-            if models.scorers.is_none() {
-                models.scorers = Some(load_scorers(sc, &device)?);
-            }
-            let Some((rms, emb)) = models.scorers.as_ref() else { unreachable!("loaded above") };
+            let (rms, emb) = loaded(&mut models.scorers, || load_scorers(sc, &device))?;
             for g in groups.iter_mut() {
                 for (_, m) in rms {
                     let inputs = g
@@ -439,6 +433,14 @@ impl Completion<'_> {
         }
         Ok(dim)
     }
+}
+
+/// Models are loaded on the first shard that needs them: a finished run does not pay for them.
+fn loaded<T>(slot: &mut Option<T>, load: impl FnOnce() -> Result<T, RunError>) -> Result<&T, RunError> {
+    if slot.is_none() {
+        *slot = Some(load()?);
+    }
+    slot.as_ref().ok_or_else(|| CoreError::internal("a model slot is empty after loading").into())
 }
 
 fn load_scorers(sc: &rbon_score::ScoreConfig, device: &rbon_models::Device) -> Result<Scorers, RunError> {
@@ -553,12 +555,9 @@ fn score_stage(
     let device = rbon_models::Device::Cpu;
     let batch_tokens = cfg.runtime.batch_tokens.max(1) as usize;
     // Loaded on the first shard that needs them.
-    let mut loaded: Option<Scorers> = None;
+    let mut scorers: Option<Scorers> = None;
     let r = run_stage(run, manifest, "scores", &fp, n_shards, progress, |i| {
-        if loaded.is_none() {
-            loaded = Some(load_scorers(score, &device)?);
-        }
-        let Some((rms, emb)) = loaded.as_ref() else { unreachable!("loaded above") };
+        let (rms, emb) = loaded(&mut scorers, || load_scorers(score, &device))?;
         let prompts = tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
         let samples = shard::read_parquet(&run.shard_path("samples", i))?;
         let out = rbon_score::score_shard(rms, emb.as_ref(), &prompts, &samples, batch_tokens)?;
@@ -613,10 +612,7 @@ fn prompts_and_samples(
     let budget = cfg.runtime.batch_tokens.max(1) as usize;
     let rows_per_batch = (budget / (sample_cfg.max_new_tokens as usize + 64)).max(1);
     reports.push(run_stage(run, manifest, "samples", &fp_samples, chunks.len(), progress, |i| {
-        if policy.is_none() {
-            policy = Some(rbon_sample::Policy::load(policy_cfg, &device)?);
-        }
-        let Some(pol) = policy.as_ref() else { unreachable!("loaded above") };
+        let pol = loaded(&mut policy, || Ok(rbon_sample::Policy::load(policy_cfg, &device)?))?;
         let prompts = tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
         let mut on_prompt = |tokens: usize| progress.event(Event::Tokens { stage: "samples".into(), tokens });
         let out = rbon_sample::sample_shard(pol, sample_cfg, cfg.seed, &prompts, rows_per_batch, &mut on_prompt)?;
