@@ -16,6 +16,8 @@ use rbon_runtime::{RunOptions, RunReport};
 const EXIT_CONFIG: u8 = 78;
 /// Exit code for bad input data (sysexits EX_DATAERR).
 const EXIT_DATA: u8 = 65;
+/// Exit code after Ctrl-C (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(Parser)]
 #[command(name = "rbon", version, about = "Regularized Best-of-N preference datasets for DPO")]
@@ -59,13 +61,26 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(d) => return config_failure(&d),
             };
-            let ui = Ui::new(quiet);
-            let res = rbon_runtime::run(&pipeline, RunOptions { force }, &ui);
+            let ui = std::sync::Arc::new(Ui::new(quiet));
+            // First Ctrl-C: finish the shards in flight, then stop; the second quits at once.
+            let handler_ui = ui.clone();
+            let _ = ctrlc::set_handler(move || {
+                if handler_ui.stop.swap(true, Ordering::SeqCst) {
+                    std::process::exit(EXIT_INTERRUPTED.into());
+                }
+                handler_ui.line("interrupt: finishing the shards in flight (press Ctrl-C again to quit now)".into());
+            });
+            let res = rbon_runtime::run(&pipeline, RunOptions { force }, ui.as_ref());
             ui.clear();
             match res {
                 Ok(report) => {
                     print_summary(&report);
                     ExitCode::SUCCESS
+                }
+                Err(e @ rbon_runtime::RunError::Interrupted { .. }) => {
+                    eprintln!("{e}");
+                    eprintln!("resume with: rbon run {}", file.display());
+                    ExitCode::from(EXIT_INTERRUPTED)
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -95,6 +110,8 @@ struct Ui {
     /// Tokens generated in the current stage, and when it started, for tokens/s.
     tokens: AtomicU64,
     started: Mutex<Option<std::time::Instant>>,
+    /// Set by the first Ctrl-C.
+    stop: AtomicBool,
 }
 
 impl Ui {
@@ -106,6 +123,7 @@ impl Ui {
             all_skipped: AtomicBool::new(false),
             tokens: AtomicU64::new(0),
             started: Mutex::new(None),
+            stop: AtomicBool::new(false),
         }
     }
     fn clear(&self) {
@@ -127,6 +145,10 @@ impl Ui {
 }
 
 impl Progress for Ui {
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
     fn event(&self, e: Event) {
         match e {
             Event::Invalidated { stage, reason } => self.line(format!("{stage}: earlier output discarded ({reason})")),

@@ -859,3 +859,44 @@ fn candidates_get_exactly_what_they_lack() {
         text(&o)
     );
 }
+
+#[test]
+fn ctrl_c_finishes_shards_in_flight_and_says_how_to_resume() {
+    let f = Fixture::new(1500, 6);
+    f.write("a.yaml", &pipeline("c.jsonl", "stopped", 5, BETAS));
+    f.write("b.yaml", &pipeline("c.jsonl", "clean", 5, BETAS));
+    assert!(f.run(&["run", "b.yaml"]).status.success());
+    let child = Command::new(env!("CARGO_BIN_EXE_rbon"))
+        .args(["run", "a.yaml"])
+        .current_dir(f.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let marker = f.path().join("stopped/selections/shard-00010.parquet");
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "the run never reached selection");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted after selections") && err.contains("resume with: rbon run a.yaml"), "{err}");
+    let stopped = f.path().join("stopped");
+    assert!(!stopped.join("selections/shard-00299.parquet").exists(), "the run was not interrupted");
+    for e in fs::read_dir(stopped.join("selections")).unwrap().flatten() {
+        assert!(!e.file_name().to_string_lossy().contains(".tmp-"), "{}", e.path().display());
+    }
+    let o = f.run(&["run", "a.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (a, b) = (export_files(&stopped), export_files(&f.path().join("clean")));
+    assert_eq!(a.len(), b.len());
+    for ((pa, ba), (_, bb)) in a.iter().zip(&b) {
+        if pa.extension().is_some_and(|e| e == "parquet") {
+            assert!(ba == bb, "{} differs after resume", pa.display());
+        }
+    }
+}

@@ -21,9 +21,15 @@ pub enum Event {
     Wrote { path: std::path::PathBuf },
 }
 
-/// Receives progress events; must be cheap and must not block for long.
+/// Receives progress events; must be cheap and must not block for long. It is also how the
+/// caller asks a run to stop: stages check between shards.
 pub trait Progress: Send + Sync {
     fn event(&self, event: Event);
+
+    /// True once the caller wants the run to stop after the shards in flight (e.g. on Ctrl-C).
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 /// Discards every event.

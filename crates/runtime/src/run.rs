@@ -27,6 +27,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub enum RunError {
     #[error(transparent)]
     Core(#[from] CoreError),
+    /// Stopped on request after writing the shards in flight.
+    #[error("interrupted after {stage}: {done} of {total} shards written")]
+    Interrupted { stage: String, done: usize, total: usize },
     #[error(transparent)]
     Select(#[from] SelectError),
     #[error(transparent)]
@@ -54,6 +57,7 @@ impl RunError {
     pub fn is_data(&self) -> bool {
         match self {
             Self::Core(e) => e.is_data(),
+            Self::Interrupted { .. } => false,
             Self::Select(SelectError::Core(e)) | Self::Pair(PairError::Core(e)) => e.is_data(),
             Self::Sample(e) => matches!(e.as_ref(), rbon_sample::SampleError::Core(c) if c.is_data()),
             Self::Score(e) => matches!(e.as_ref(), rbon_score::ScoreError::Core(c) if c.is_data()),
@@ -682,11 +686,19 @@ fn run_stage(
     run.write_manifest(m)?;
     progress.event(Event::StageStarted { stage: stage.to_owned(), total: n_shards, skipped: reused });
     let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+    let mut written = reused;
     for (i, d) in done.into_iter().enumerate() {
         let meta = match d {
             Some(meta) => meta,
             None => {
+                // Between shards: what is written stays, the rest is left for a rerun.
+                if progress.stop_requested() {
+                    m.stages.entry(stage.to_owned()).or_default().done = written;
+                    run.write_manifest(m)?;
+                    return Err(RunError::Interrupted { stage: stage.to_owned(), done: written, total: n_shards });
+                }
                 let (meta, rows) = work(i)?;
+                written += 1;
                 progress.event(Event::ShardDone { stage: stage.to_owned(), shard: i, rows });
                 meta
             }
