@@ -127,6 +127,28 @@ fn export_files(run: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// Waits until a running `rbon` has written `path`; fails if it ends first or never gets there.
+fn wait_for(path: &Path, child: &mut std::process::Child) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "the run never wrote {}", path.display());
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be stopped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The two runs' exports are the same files with the same bytes.
+fn assert_same_exports(a: &Path, b: &Path) {
+    let (a, b) = (export_files(a), export_files(b));
+    assert_eq!(a.len(), b.len());
+    for ((pa, ba), (pb, bb)) in a.iter().zip(&b) {
+        assert_eq!(pa, pb);
+        if pa.extension().is_some_and(|e| e == "parquet") {
+            assert!(ba == bb, "{} differs", pa.display());
+        }
+    }
+}
+
 #[test]
 fn repository_pipelines_run() {
     let out = tempfile::tempdir().unwrap();
@@ -509,13 +531,7 @@ fn sigkill_mid_run_then_resume_gives_identical_pairs() {
         .spawn()
         .unwrap();
     // Kill once selection is under way: some shards written, most not.
-    let marker = f.path().join("killed/selections/shard-00010.parquet");
-    let start = Instant::now();
-    while !marker.exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "the run never reached selection");
-        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for(&f.path().join("killed/selections/shard-00010.parquet"), &mut child);
     child.kill().unwrap();
     child.wait().unwrap();
     let killed = f.path().join("killed");
@@ -527,15 +543,7 @@ fn sigkill_mid_run_then_resume_gives_identical_pairs() {
     assert!(o.status.success(), "{t}");
     assert!(t.contains("samples: all 300 shards already done, skipped"), "{t}");
     assert!(t.contains("of 300 shards already done, skipped"), "{t}");
-    let a = export_files(&killed);
-    let b = export_files(&f.path().join("clean"));
-    assert_eq!(a.len(), b.len());
-    for ((pa, ba), (pb, bb)) in a.iter().zip(&b) {
-        assert_eq!(pa, pb);
-        if pa.extension().is_some_and(|e| e == "parquet") {
-            assert!(ba == bb, "{} differs after resume", pa.display());
-        }
-    }
+    assert_same_exports(&killed, &f.path().join("clean"));
     // No temporary files survive the resume.
     for stage in ["prompts", "samples", "scores", "selections", "pairs"] {
         for e in fs::read_dir(killed.join(stage)).unwrap().flatten() {
@@ -866,19 +874,14 @@ fn ctrl_c_finishes_shards_in_flight_and_says_how_to_resume() {
     f.write("a.yaml", &pipeline("c.jsonl", "stopped", 5, BETAS));
     f.write("b.yaml", &pipeline("c.jsonl", "clean", 5, BETAS));
     assert!(f.run(&["run", "b.yaml"]).status.success());
-    let child = Command::new(env!("CARGO_BIN_EXE_rbon"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
         .args(["run", "a.yaml"])
         .current_dir(f.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let marker = f.path().join("stopped/selections/shard-00010.parquet");
-    let start = Instant::now();
-    while !marker.exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "the run never reached selection");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for(&f.path().join("stopped/selections/shard-00010.parquet"), &mut child);
     let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let out = child.wait_with_output().unwrap();
@@ -892,11 +895,5 @@ fn ctrl_c_finishes_shards_in_flight_and_says_how_to_resume() {
     }
     let o = f.run(&["run", "a.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
-    let (a, b) = (export_files(&stopped), export_files(&f.path().join("clean")));
-    assert_eq!(a.len(), b.len());
-    for ((pa, ba), (_, bb)) in a.iter().zip(&b) {
-        if pa.extension().is_some_and(|e| e == "parquet") {
-            assert!(ba == bb, "{} differs after resume", pa.display());
-        }
-    }
+    assert_same_exports(&stopped, &f.path().join("clean"));
 }
