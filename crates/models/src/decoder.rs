@@ -50,11 +50,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Rows in the batch (0 before the first forward pass).
-    pub fn rows(&self) -> usize {
-        self.layers.iter().flatten().next().map_or(0, |(k, _)| k.dim(0).unwrap_or(0))
-    }
-
     /// Copies row 0 of a cache into `n` rows: the shared prefill becomes N independent rows.
     pub fn fork(&self, n: usize) -> Result<Self> {
         let idx = Tensor::zeros(n, DType::U32, self.device()?)?;

@@ -416,11 +416,8 @@ impl Completion<'_> {
             let (rms, emb) = loaded(&mut models.scorers, || load_scorers(sc, &device))?;
             for g in groups.iter_mut() {
                 for (_, m) in rms {
-                    let inputs = g
-                        .samples
-                        .iter()
-                        .map(|s| m.encode(&g.messages, &s.response).map_err(RunError::from))
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let inputs =
+                        g.samples.iter().map(|s| m.encode(&g.messages, &s.response)).collect::<Result<Vec<_>, _>>()?;
                     for (s, r) in g.samples.iter_mut().zip(m.score(&inputs, budget)?) {
                         s.rewards.push(r);
                     }
