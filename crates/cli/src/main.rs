@@ -1,18 +1,19 @@
 //! `rbon`: builds DPO preference datasets with Regularized Best-of-N.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rbon_core::{Event, Progress};
-use rbon_runtime::{RunOptions, RunReport};
+use rbon_runtime::{RunError, RunOptions, RunReport};
 
-/// Exit code for a configuration error (sysexits EX_CONFIG).
+/// Exit code for a configuration or usage error (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
 /// Exit code for bad input data (sysexits EX_DATAERR).
 const EXIT_DATA: u8 = 65;
@@ -38,11 +39,31 @@ enum Command {
         /// Print only errors and the final summary.
         #[arg(long, short)]
         quiet: bool,
+        /// This process's rank (shard i belongs to rank i mod world size). Also read from
+        /// SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or RANK.
+        #[arg(long)]
+        rank: Option<usize>,
+        /// How many ranks share the run directory. Also read from SLURM_ARRAY_TASK_COUNT or WORLD_SIZE.
+        #[arg(long)]
+        world_size: Option<usize>,
     },
     /// Check a pipeline YAML and its inputs without running anything; reports every problem.
     Validate {
         /// The pipeline YAML.
         file: PathBuf,
+    },
+    /// Merge a run that several ranks made: check every shard and write the exports.
+    Finalize {
+        /// The run directory (the pipeline's `output`).
+        run_dir: PathBuf,
+        /// Print only errors and the final summary.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Show a run's progress per stage and per rank.
+    Status {
+        /// The run directory (the pipeline's `output`).
+        run_dir: PathBuf,
     },
 }
 
@@ -56,39 +77,77 @@ fn main() -> ExitCode {
             }
             Err(d) => config_failure(&d),
         },
-        Command::Run { file, force, quiet } => {
-            let pipeline = match rbon_runtime::load(&file) {
-                Ok(p) => p,
-                Err(d) => return config_failure(&d),
-            };
-            let ui = std::sync::Arc::new(Ui::new(quiet));
-            // First Ctrl-C: finish the shards in flight, then stop; the second quits at once.
-            let handler_ui = ui.clone();
-            let _ = ctrlc::set_handler(move || {
-                if handler_ui.stop.swap(true, Ordering::SeqCst) {
-                    std::process::exit(EXIT_INTERRUPTED.into());
-                }
-                handler_ui.line("interrupt: finishing the shards in flight (press Ctrl-C again to quit now)".into());
-            });
-            let res = rbon_runtime::run(&pipeline, RunOptions { force }, ui.as_ref());
+        Command::Run { file, force, quiet, rank, world_size } => run(&file, force, quiet, rank, world_size),
+        Command::Finalize { run_dir, quiet } => {
+            let ui = Ui::new(quiet);
+            let res = rbon_runtime::finalize(&run_dir, &ui);
             ui.clear();
             match res {
                 Ok(report) => {
                     print_summary(&report);
                     ExitCode::SUCCESS
                 }
-                Err(e @ rbon_runtime::RunError::Interrupted { .. }) => {
-                    eprintln!("{e}");
-                    eprintln!("resume with: rbon run {}", file.display());
-                    ExitCode::from(EXIT_INTERRUPTED)
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(if e.is_data() { EXIT_DATA } else { 1 })
-                }
+                Err(e) => failure(&e),
             }
         }
+        Command::Status { run_dir } => match rbon_runtime::status(&run_dir) {
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => failure(&e),
+        },
     }
+}
+
+fn run(file: &Path, force: bool, quiet: bool, rank: Option<usize>, world_size: Option<usize>) -> ExitCode {
+    let pipeline = match rbon_runtime::load(file) {
+        Ok(p) => p,
+        Err(d) => return config_failure(&d),
+    };
+    let ranks = match rbon_runtime::ranks::resolve(rank, world_size, |k| std::env::var(k).ok()) {
+        Ok(r) => r,
+        Err(m) => {
+            eprintln!("error: {m}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let ui = std::sync::Arc::new(Ui::new(quiet));
+    // First Ctrl-C: finish the shards in flight, then stop; the second quits at once.
+    let handler_ui = ui.clone();
+    let _ = ctrlc::set_handler(move || {
+        if handler_ui.stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(EXIT_INTERRUPTED.into());
+        }
+        handler_ui.line("interrupt: finishing the shards in flight (press Ctrl-C again to quit now)".into());
+    });
+    let res = rbon_runtime::run(&pipeline, RunOptions { force, ranks }, ui.as_ref());
+    ui.clear();
+    match res {
+        Ok(report) => {
+            print_summary(&report);
+            ExitCode::SUCCESS
+        }
+        Err(e @ RunError::Interrupted { .. }) => {
+            eprintln!("{e}");
+            let mut cmd = format!("rbon run {}", file.display());
+            if ranks.world_size > 1 {
+                cmd.push_str(&format!(" --rank {} --world-size {}", ranks.rank, ranks.world_size));
+            }
+            eprintln!("resume with: {cmd}");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+        Err(e) => failure(&e),
+    }
+}
+
+fn failure(e: &RunError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(match e {
+        RunError::Usage(_) => EXIT_CONFIG,
+        e if e.is_data() => EXIT_DATA,
+        _ => 1,
+    })
 }
 
 fn config_failure(d: &rbon_core::Diagnostics) -> ExitCode {
@@ -100,47 +159,95 @@ fn config_failure(d: &rbon_core::Diagnostics) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-/// Draws progress events: bars on a terminal, plain lines otherwise.
+/// One stage's live figures.
+struct StageView {
+    bar: Option<ProgressBar>,
+    total: usize,
+    done: usize,
+    tokens: u64,
+    rows: u64,
+    busy: Duration,
+    started: Instant,
+    last_log: Instant,
+    skipped_all: bool,
+}
+
+impl StageView {
+    /// Tokens/s while sampling, samples/s while scoring, from the time the workers spent.
+    fn rate(&self, stage: &str) -> Option<String> {
+        let secs = self.busy.as_secs_f64();
+        match stage {
+            "samples" if self.tokens > 0 => {
+                let wall = self.started.elapsed().as_secs_f64();
+                (wall > 0.0).then(|| format!("{:.0} tok/s", self.tokens as f64 / wall))
+            }
+            "scores" if secs > 0.0 => Some(format!("{:.1} samples/s", self.rows as f64 / secs)),
+            _ => None,
+        }
+    }
+}
+
+/// Draws progress events: a bar per running stage on a terminal; plain lines otherwise (at
+/// most one per stage every ten seconds, for batch logs).
 struct Ui {
     quiet: bool,
     tty: bool,
-    bar: Mutex<Option<ProgressBar>>,
-    /// The current stage reused every shard: its summary line would repeat the skip line.
-    all_skipped: AtomicBool,
-    /// Tokens generated in the current stage, and when it started, for tokens/s.
-    tokens: AtomicU64,
-    started: Mutex<Option<std::time::Instant>>,
+    multi: MultiProgress,
+    stages: Mutex<BTreeMap<String, StageView>>,
     /// Set by the first Ctrl-C.
     stop: AtomicBool,
 }
 
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
 impl Ui {
     fn new(quiet: bool) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let target = if tty && !quiet { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
         Self {
             quiet,
-            tty: std::io::stderr().is_terminal(),
-            bar: Mutex::new(None),
-            all_skipped: AtomicBool::new(false),
-            tokens: AtomicU64::new(0),
-            started: Mutex::new(None),
+            tty,
+            multi: MultiProgress::with_draw_target(target),
+            stages: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
         }
     }
+
     fn clear(&self) {
-        if let Ok(mut b) = self.bar.lock()
-            && let Some(b) = b.take()
-        {
-            b.finish_and_clear();
+        if let Ok(mut st) = self.stages.lock() {
+            for v in st.values_mut() {
+                if let Some(b) = v.bar.take() {
+                    b.finish_and_clear();
+                }
+            }
         }
+        let _ = self.multi.clear();
     }
+
     fn line(&self, s: String) {
         if self.quiet {
             return;
         }
-        match self.bar.lock().ok().as_ref().and_then(|b| b.as_ref()) {
-            Some(b) => b.println(s),
-            None => eprintln!("{s}"),
+        if self.tty {
+            let _ = self.multi.println(&s);
+        } else {
+            eprintln!("{s}");
         }
+    }
+
+    fn bar(&self, stage: &str, total: usize, skipped: usize) -> Option<ProgressBar> {
+        if !self.tty || self.quiet {
+            return None;
+        }
+        let bar = self.multi.add(ProgressBar::new(total as u64).with_position(skipped as u64));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} shards  eta {eta}  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(stage.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(bar)
     }
 }
 
@@ -150,61 +257,79 @@ impl Progress for Ui {
     }
 
     fn event(&self, e: Event) {
+        let mut log = None;
         match e {
-            Event::Invalidated { stage, reason } => self.line(format!("{stage}: earlier output discarded ({reason})")),
+            Event::Invalidated { stage, reason } => log = Some(format!("{stage}: earlier output discarded ({reason})")),
+            Event::Info { message } => log = Some(message),
             Event::StageStarted { stage, total, skipped } => {
-                self.all_skipped.store(skipped == total, Ordering::Relaxed);
-                self.tokens.store(0, Ordering::Relaxed);
-                if let Ok(mut s) = self.started.lock() {
-                    *s = Some(std::time::Instant::now());
-                }
                 if skipped == total {
-                    self.line(format!("{stage}: all {total} shards already done, skipped"));
-                    return;
+                    log = Some(format!("{stage}: all {total} shards already done, skipped"));
+                } else if skipped > 0 {
+                    log = Some(format!("{stage}: {skipped} of {total} shards already done, skipped"));
                 }
-                if skipped > 0 {
-                    self.line(format!("{stage}: {skipped} of {total} shards already done, skipped"));
+                let bar = if skipped < total { self.bar(&stage, total, skipped) } else { None };
+                let now = Instant::now();
+                let view = StageView {
+                    bar,
+                    total,
+                    done: skipped,
+                    tokens: 0,
+                    rows: 0,
+                    busy: Duration::ZERO,
+                    started: now,
+                    last_log: now,
+                    skipped_all: skipped == total,
+                };
+                if let Ok(mut st) = self.stages.lock() {
+                    st.insert(stage, view);
                 }
-                if self.tty && !self.quiet {
-                    let bar = ProgressBar::new(total as u64).with_position(skipped as u64);
-                    bar.set_style(
-                        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} shards  eta {eta}  {msg}")
-                            .unwrap_or_else(|_| ProgressStyle::default_bar())
-                            .progress_chars("=> "),
-                    );
-                    bar.set_prefix(stage);
-                    bar.enable_steady_tick(Duration::from_millis(200));
-                    if let Ok(mut b) = self.bar.lock() {
-                        *b = Some(bar);
+            }
+            Event::ShardDone { stage, rows, busy, .. } => {
+                if let Ok(mut st) = self.stages.lock()
+                    && let Some(v) = st.get_mut(&stage)
+                {
+                    v.done += 1;
+                    v.rows += rows as u64;
+                    v.busy += busy;
+                    let rate = v.rate(&stage).unwrap_or_default();
+                    if let Some(b) = &v.bar {
+                        b.inc(1);
+                        b.set_message(rate);
+                    } else if !self.tty && v.last_log.elapsed() >= LOG_EVERY && v.done < v.total {
+                        v.last_log = Instant::now();
+                        log = Some(format!("{stage}: {}/{} shards {rate}", v.done, v.total));
                     }
                 }
             }
-            Event::ShardDone { .. } => {
-                if let Ok(b) = self.bar.lock()
-                    && let Some(b) = b.as_ref()
-                {
-                    b.inc(1);
-                }
-            }
             Event::StageFinished { stage, counters, elapsed } => {
-                self.clear();
-                if self.all_skipped.load(Ordering::Relaxed) {
-                    return;
+                if let Ok(mut st) = self.stages.lock()
+                    && let Some(v) = st.get_mut(&stage)
+                {
+                    if let Some(b) = v.bar.take() {
+                        b.finish_and_clear();
+                        self.multi.remove(&b);
+                    }
+                    if !v.skipped_all {
+                        let parts: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                        let rate = v.rate(&stage).map(|r| format!(", {r}")).unwrap_or_default();
+                        log = Some(format!("{stage}: done in {:.2?}{rate} ({})", elapsed, parts.join(", ")));
+                    }
                 }
-                let parts: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
-                self.line(format!("{stage}: done in {:.2?} ({})", elapsed, parts.join(", ")));
             }
             Event::Wrote { .. } => {}
-            Event::Tokens { tokens, .. } => {
-                let total = self.tokens.fetch_add(tokens as u64, Ordering::Relaxed) + tokens as u64;
-                let secs = self.started.lock().ok().and_then(|s| *s).map_or(0.0, |t| t.elapsed().as_secs_f64());
-                if let Ok(b) = self.bar.lock()
-                    && let Some(b) = b.as_ref()
-                    && secs > 0.0
+            Event::Tokens { stage, tokens } => {
+                if let Ok(mut st) = self.stages.lock()
+                    && let Some(v) = st.get_mut(&stage)
                 {
-                    b.set_message(format!("{:.0} tok/s", total as f64 / secs));
+                    v.tokens += tokens as u64;
+                    if let (Some(b), Some(rate)) = (&v.bar, v.rate(&stage)) {
+                        b.set_message(rate);
+                    }
                 }
             }
+        }
+        if let Some(l) = log {
+            self.line(l);
         }
     }
 }
@@ -214,6 +339,9 @@ fn print_summary(r: &RunReport) {
         r.stages.iter().find(|s| s.stage == stage).and_then(|s| s.counters.get(k)).copied().unwrap_or(0)
     };
     println!("run: {}", r.run_dir.display());
+    if r.ranks.world_size > 1 && !r.finalized {
+        println!("  rank {} of {}: its shards are done", r.ranks.rank, r.ranks.world_size);
+    }
     let prompts = get("prompts", "prompts").max(get("samples", "prompts"));
     print!("  prompts {prompts}, samples {}", get("samples", "samples"));
     if r.stages.iter().any(|s| s.counters.contains_key("tokens")) {
@@ -223,8 +351,14 @@ fn print_summary(r: &RunReport) {
         print!(", selections {}", get("selections", "selections"));
     }
     println!();
+    let busy: Vec<String> =
+        r.stages.iter().filter(|s| !s.busy.is_zero()).map(|s| format!("{} {:.2?}", s.stage, s.busy)).collect();
+    if !busy.is_empty() {
+        println!("  time per stage: {}", busy.join(", "));
+    }
     if !r.stages.iter().any(|s| s.stage == "pairs") {
-        println!("  stopped after sampling: no `select` section");
+        let last = if r.stages.iter().any(|s| s.stage == "scores") { "scoring" } else { "sampling" };
+        println!("  stopped after {last}: no `select` section");
         return;
     }
     println!(
@@ -234,6 +368,10 @@ fn print_summary(r: &RunReport) {
         get("pairs", "dropped_identical_text"),
         get("pairs", "dropped_below_margin")
     );
+    if !r.finalized {
+        println!("  when every rank is done: rbon finalize {}", r.run_dir.display());
+        return;
+    }
     let files: usize = r.exports.iter().map(|e| e.files.len()).sum();
     let sft: usize = r.exports.iter().map(|e| e.sft_files.len()).sum();
     let state = if r.exports_reused { "up to date" } else { "written" };

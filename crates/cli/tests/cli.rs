@@ -393,7 +393,7 @@ fn bad_configs() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "gpu device",
             format!("{good}runtime:\n  devices: [cuda:0, tpu]\n"),
             vec![
-                "runtime.devices[0]: `cuda:0` is not supported by this build",
+                "runtime.devices[0]: `cuda:0`: this build of rbon has no CUDA support",
                 "runtime.devices[1]: unknown device `tpu`",
             ],
         ),
@@ -541,8 +541,9 @@ fn sigkill_mid_run_then_resume_gives_identical_pairs() {
     let o = f.run(&["run", "a.yaml"]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("samples: all 300 shards already done, skipped"), "{t}");
-    assert!(t.contains("of 300 shards already done, skipped"), "{t}");
+    // Stages stream: the import ran ahead of selection, which ran ahead of pairing.
+    assert!(t.contains("samples: ") && t.contains("of 300 shards already done, skipped"), "{t}");
+    assert!(t.contains("selections: ") && t.contains("pairs: "), "{t}");
     assert_same_exports(&killed, &f.path().join("clean"));
     // No temporary files survive the resume.
     for stage in ["prompts", "samples", "scores", "selections", "pairs"] {
@@ -764,20 +765,23 @@ fn sampling_config_errors() {
     }
 }
 
+/// The whole pipeline (sample, score, select, pair) on the tiny models.
+fn full_pipeline(out: &str, shard: usize) -> String {
+    let models = repo().join("data/models");
+    sample_pipeline(out, shard)
+        + &format!(
+            "score:\n  rewards:\n    - {{ name: proxy, model: {} }}\n    - {{ name: gold, model: {} }}\n  embedding: {{ model: {} }}\n\
+             select:\n  proxy: proxy\n  gold: [gold]\n  betas: [0.01, 1.0]\n",
+            models.join("tiny-rm-llama").display(),
+            models.join("tiny-deberta-rm").display(),
+            models.join("tiny-minilm").display()
+        )
+}
+
 #[test]
 fn full_pipeline_pairs_do_not_depend_on_shard_size() {
     let f = Fixture::new(1, 1);
-    let models = repo().join("data/models");
-    let full = |out: &str, shard: usize| {
-        sample_pipeline(out, shard)
-            + &format!(
-                "score:\n  rewards:\n    - {{ name: proxy, model: {} }}\n    - {{ name: gold, model: {} }}\n  embedding: {{ model: {} }}\n\
-                 select:\n  proxy: proxy\n  gold: [gold]\n  betas: [0.01, 1.0]\n",
-                models.join("tiny-rm-llama").display(),
-                models.join("tiny-deberta-rm").display(),
-                models.join("tiny-minilm").display()
-            )
-    };
+    let full = full_pipeline;
     f.write("a.yaml", &full("a", 1));
     f.write("b.yaml", &full("b", 4));
     for y in ["a.yaml", "b.yaml"] {
@@ -887,7 +891,8 @@ fn ctrl_c_finishes_shards_in_flight_and_says_how_to_resume() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("interrupted after selections") && err.contains("resume with: rbon run a.yaml"), "{err}");
+    assert!(err.contains("interrupted: ") && err.contains("shards went through every stage"), "{err}");
+    assert!(err.contains("resume with: rbon run a.yaml"), "{err}");
     let stopped = f.path().join("stopped");
     assert!(!stopped.join("selections/shard-00299.parquet").exists(), "the run was not interrupted");
     for e in fs::read_dir(stopped.join("selections")).unwrap().flatten() {
@@ -896,4 +901,122 @@ fn ctrl_c_finishes_shards_in_flight_and_says_how_to_resume() {
     let o = f.run(&["run", "a.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
     assert_same_exports(&stopped, &f.path().join("clean"));
+}
+
+#[test]
+fn two_ranks_then_finalize_equal_one_rank_and_status_shows_each_rank() {
+    let f = Fixture::new(1, 1);
+    f.write("one.yaml", &full_pipeline("one", 1));
+    f.write("two.yaml", &full_pipeline("two", 1));
+    // Two workers on the same device: the same shards, whatever the worker count.
+    f.write("workers.yaml", &format!("{}runtime:\n  devices: [cpu, cpu]\n", full_pipeline("workers", 1)));
+    for y in ["one.yaml", "workers.yaml"] {
+        let o = f.run(&["run", y]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let o = f.run(&["status", "one"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("6 shards, 1 rank") && t.contains("pairs") && t.contains("6/6 100%"), "{t}");
+    assert!(t.contains("exports: written"), "{t}");
+
+    // --force cannot be given to one rank of several.
+    let o = f.run(&["run", "two.yaml", "--force", "--rank", "0", "--world-size", "2"]);
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(!f.path().join("two").exists());
+
+    // Rank 0 from the command line, then finalize too early.
+    let o = f.run(&["run", "two.yaml", "--rank", "0", "--world-size", "2"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("rank 0 of 2: 3 of 6 shards") && t.contains("rbon finalize two"), "{t}");
+    assert!(!f.path().join("two/pairs/bon").exists(), "a rank of several wrote exports");
+    let o = f.run(&["finalize", "two"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("rank 1 of 2 has not run here yet"), "{}", text(&o));
+    let o = f.run(&["status", "two"]);
+    let t = text(&o);
+    assert!(t.contains("rank 0") && t.contains("rank 1") && t.contains("not started: rank 1"), "{t}");
+    assert!(t.contains("3/6  50%") && t.contains("3/3") && t.contains("0/3"), "{t}");
+
+    // Rank 1 as a Slurm array task.
+    let o = Command::new(env!("CARGO_BIN_EXE_rbon"))
+        .args(["run", "two.yaml"])
+        .current_dir(f.path())
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("SLURM_ARRAY_TASK_COUNT", "2")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("rank 1 of 2: 3 of 6 shards"), "{}", text(&o));
+    let o = f.run(&["status", "two"]);
+    assert!(text(&o).contains("every shard is done: run `rbon finalize two`"), "{}", text(&o));
+    let o = f.run(&["finalize", "two"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("exports written"), "{}", text(&o));
+    assert!(text(&f.run(&["status", "two"])).contains("exports: written"));
+    assert_same_exports(&f.path().join("one"), &f.path().join("two"));
+    assert_same_exports(&f.path().join("one"), &f.path().join("workers"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.path().join("two/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["stages"]["samples"]["counters"]["samples"], 24);
+    assert_eq!(manifest["stages"]["pairs"]["done"], 6);
+}
+
+#[test]
+fn two_rank_processes_at_once_equal_one_rank() {
+    let f = Fixture::new(1, 1);
+    f.write("one.yaml", &full_pipeline("one", 2));
+    f.write("two.yaml", &full_pipeline("two", 2));
+    assert!(f.run(&["run", "one.yaml"]).status.success());
+    let spawn = |rank: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rbon"))
+            .args(["run", "two.yaml", "--world-size", "2"])
+            .current_dir(f.path())
+            .env("JOB_COMPLETION_INDEX", rank)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("0"), spawn("1"));
+    for c in [a, b] {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let o = f.run(&["finalize", "two"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_exports(&f.path().join("one"), &f.path().join("two"));
+}
+
+#[test]
+fn sigkill_mid_sampling_then_resume_gives_identical_pairs() {
+    let f = Fixture::new(1, 1);
+    // Every demo prompt, one per shard, with enough tokens that sampling takes a while.
+    let slow = |out: &str| {
+        full_pipeline(out, 1)
+            .replace("limit: 6", "limit: 24")
+            .replace("n: 4", "n: 8")
+            .replace("max_new_tokens: 12", "max_new_tokens: 40")
+    };
+    f.write("a.yaml", &slow("killed"));
+    f.write("b.yaml", &slow("clean"));
+    assert!(f.run(&["run", "b.yaml"]).status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
+        .args(["run", "a.yaml"])
+        .current_dir(f.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&f.path().join("killed/samples/shard-00002.parquet"), &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = f.path().join("killed");
+    assert!(!killed.join("samples/shard-00023.parquet").exists(), "the run was not interrupted");
+    let o = f.run(&["run", "a.yaml"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("of 24 shards already done, skipped"), "{t}");
+    assert_same_exports(&killed, &f.path().join("clean"));
 }

@@ -193,17 +193,23 @@ fn for_each_line(
     Ok(())
 }
 
-/// Reads a user's Parquet file; a file that does not decode is bad input, not an I/O failure.
-fn read_parquet_file(path: &Path) -> Result<Vec<RecordBatch>> {
-    crate::shard::read_parquet(path).map_err(|e| match e {
-        CoreError::Parquet { source, .. } => {
-            CoreError::data(path.display().to_string(), format!("unreadable Parquet: {source}"))
+/// Reads a user's Parquet file batch by batch (bounded memory); a file that does not decode is
+/// bad input, not an I/O failure. `f` returns false to stop.
+fn for_each_parquet_batch(path: &Path, mut f: impl FnMut(RecordBatch) -> Result<bool>) -> Result<()> {
+    let bad =
+        |e: &dyn std::fmt::Display| CoreError::data(path.display().to_string(), format!("unreadable Parquet: {e}"));
+    let file = File::open(path).map_err(|e| CoreError::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| bad(&e))?
+        .with_batch_size(1024)
+        .build()
+        .map_err(|e| bad(&e))?;
+    for batch in reader {
+        if !f(batch.map_err(|e| bad(&e))?)? {
+            break;
         }
-        CoreError::Arrow { source, .. } => {
-            CoreError::data(path.display().to_string(), format!("unreadable Parquet: {source}"))
-        }
-        other => other,
-    })
+    }
+    Ok(())
 }
 
 fn json_messages(v: &Value) -> Option<Vec<Message>> {
@@ -278,6 +284,19 @@ fn value_to_id(v: &Value) -> Option<String> {
 
 /// Reads prompts as `InputConfig` describes them. Duplicate ids are an error naming both rows.
 pub fn read_prompts(cfg: &InputConfig) -> Result<Vec<PromptRow>> {
+    let mut out = Vec::new();
+    for_each_prompt(cfg, |row| {
+        out.push(row);
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+/// Streams prompts as `InputConfig` describes them, in input order, to `f` (which returns false
+/// to stop early); returns how many were passed. Only the ids seen so far are kept (a 16-byte
+/// digest and the row's location each), so memory does not grow with the prompts' text.
+/// Duplicate ids are an error naming both rows; an input without prompts is an error.
+pub fn for_each_prompt(cfg: &InputConfig, mut f: impl FnMut(PromptRow) -> Result<bool>) -> Result<usize> {
     let spec = cfg.path.as_deref().ok_or_else(|| CoreError::data("input.path", "no prompt input configured"))?;
     let files = resolve_files(spec).map_err(|m| CoreError::data("input.path", m))?;
     let limit = cfg.limit.map(|l| l as usize).unwrap_or(usize::MAX);
@@ -287,21 +306,22 @@ pub fn read_prompts(cfg: &InputConfig) -> Result<Vec<PromptRow>> {
         (None, None, InputFormat::HhRlhf) => ("chosen".to_owned(), false),
         (None, None, InputFormat::Auto) => (PROMPT.to_owned(), false),
     };
-    let mut out: Vec<PromptRow> = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut push = |row: PromptRow, out: &mut Vec<PromptRow>| -> Result<bool> {
-        if let Some(&first) = seen.get(&row.prompt_id) {
+    let mut count = 0usize;
+    let mut seen: HashMap<[u8; 16], String> = HashMap::new();
+    let mut push = |row: PromptRow| -> Result<bool> {
+        let digest = crate::seed::digest16(row.prompt_id.as_bytes());
+        if let Some(first) = seen.get(&digest) {
             return Err(CoreError::data(
                 &row.location,
                 format!(
-                    "duplicate prompt id {:?}: also at {} (give each prompt a distinct id, or drop the repeat)",
-                    row.prompt_id, out[first].location
+                    "duplicate prompt id {:?}: also at {first} (give each prompt a distinct id, or drop the repeat)",
+                    row.prompt_id
                 ),
             ));
         }
-        seen.insert(row.prompt_id.clone(), out.len());
-        out.push(row);
-        Ok(out.len() < limit)
+        seen.insert(digest, row.location.clone());
+        count += 1;
+        Ok(f(row)? && count < limit)
     };
     let to_messages = |loc: &str, text: Option<&str>, msgs: Option<Vec<Message>>| -> Result<Vec<Message>> {
         let m = match (cfg.format, text, msgs) {
@@ -328,14 +348,12 @@ pub fn read_prompts(cfg: &InputConfig) -> Result<Vec<PromptRow>> {
         Ok(m)
     };
     'files: for file in &files {
-        if out.len() >= limit {
-            break;
-        }
         match file_kind(file) {
             Some(FileKind::Parquet) => {
                 let shown = file.display();
                 let mut row0 = 0usize;
-                for batch in read_parquet_file(file)? {
+                let mut stop = false;
+                for_each_parquet_batch(file, |batch| {
                     let col = batch.column_by_name(&column).ok_or_else(|| {
                         CoreError::data(
                             shown.to_string(),
@@ -378,11 +396,16 @@ pub fn read_prompts(cfg: &InputConfig) -> Result<Vec<PromptRow>> {
                             }
                             None => prompt_id_of(&msgs),
                         };
-                        if !push(PromptRow { prompt_id, messages: msgs, location: loc }, &mut out)? {
-                            break 'files;
+                        if !push(PromptRow { prompt_id, messages: msgs, location: loc })? {
+                            stop = true;
+                            return Ok(false);
                         }
                     }
                     row0 += batch.num_rows();
+                    Ok(true)
+                })?;
+                if stop {
+                    break 'files;
                 }
             }
             _ => {
@@ -404,7 +427,7 @@ pub fn read_prompts(cfg: &InputConfig) -> Result<Vec<PromptRow>> {
                         })?,
                         None => prompt_id_of(&msgs),
                     };
-                    let more = push(PromptRow { prompt_id, messages: msgs, location: loc }, &mut out)?;
+                    let more = push(PromptRow { prompt_id, messages: msgs, location: loc })?;
                     stop = !more;
                     Ok(more)
                 })?;
@@ -414,10 +437,10 @@ pub fn read_prompts(cfg: &InputConfig) -> Result<Vec<PromptRow>> {
             }
         }
     }
-    if out.is_empty() {
+    if count == 0 {
         return Err(CoreError::data(spec, "the input holds no prompts"));
     }
-    Ok(out)
+    Ok(count)
 }
 
 fn columns_of(batch: &RecordBatch) -> String {
@@ -649,17 +672,18 @@ pub fn read_candidates(path: &Path, limit: Option<u64>) -> Result<Candidates> {
     let shown = path.display().to_string();
     if file_kind(path) == Some(FileKind::Parquet) {
         let mut row0 = 0usize;
-        'batches: for batch in read_parquet_file(path)? {
+        for_each_parquet_batch(path, |batch| {
             let cols = ParquetColumns::new(&batch, &header, &shown)?;
             for r in 0..batch.num_rows() {
                 let loc = format!("{shown}: row {}", row0 + r);
                 let (pid, msgs, s) = cols.row(r, loc)?;
                 if !g.add(pid, msgs, s)? {
-                    break 'batches;
+                    return Ok(false);
                 }
             }
             row0 += batch.num_rows();
-        }
+            Ok(true)
+        })?;
     } else {
         for_each_json(path, |loc, obj| {
             let (pid, msgs, s) = json_candidate(&loc, &obj, &header)?;

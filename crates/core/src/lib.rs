@@ -18,5 +18,5 @@ pub use config::{ConfigDoc, Diagnostic, Diagnostics};
 pub use error::{CoreError, Result};
 pub use messages::Message;
 pub use progress::{Event, NoProgress, Progress};
-pub use rundir::{Manifest, RunDir, StageState};
+pub use rundir::{Manifest, RankState, RunDir, StageState};
 pub use shard::ShardMeta;

@@ -11,12 +11,15 @@ pub enum Event {
     StageStarted { stage: String, total: usize, skipped: usize },
     /// Tokens were generated (for a tokens/s readout).
     Tokens { stage: String, tokens: usize },
-    /// One shard was written.
-    ShardDone { stage: String, shard: usize, rows: usize },
-    /// A stage finished; `counters` sums every shard's counters (reused ones included).
+    /// One shard was written, in `busy` time.
+    ShardDone { stage: String, shard: usize, rows: usize, busy: Duration },
+    /// A stage finished; `counters` sums every shard's counters (reused ones included), and
+    /// `elapsed` is the time its workers spent (stages overlap, so these do not add up to the wall time).
     StageFinished { stage: String, counters: BTreeMap<String, u64>, elapsed: Duration },
     /// A stage's earlier output was discarded because its configuration or inputs changed.
     Invalidated { stage: String, reason: String },
+    /// Something worth a line (which shards this rank owns, the devices in use).
+    Info { message: String },
     /// A file was written outside the shard stages (exports, cards).
     Wrote { path: std::path::PathBuf },
 }

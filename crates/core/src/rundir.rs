@@ -16,7 +16,9 @@ use crate::shard::{self, ShardMeta};
 /// The stages that own a directory in the run directory, in pipeline order.
 pub const STAGE_DIRS: [&str; 5] = ["prompts", "samples", "scores", "selections", "pairs"];
 /// Other entries rbon writes there.
-pub const OWNED_FILES: [&str; 4] = ["pipeline.yaml", "manifest.json", "report", "vbon"];
+pub const OWNED_FILES: [&str; 5] = ["pipeline.yaml", "manifest.json", "report", "vbon", RANKS_DIR];
+/// Where each rank records its plan and progress.
+pub const RANKS_DIR: &str = "ranks";
 
 /// Hash of a stage's own configuration and its inputs' fingerprints. Configs serialize with a
 /// fixed field order (no hash maps), so equal configs give equal fingerprints.
@@ -58,6 +60,31 @@ pub struct Manifest {
     pub stages: BTreeMap<String, StageState>,
 }
 
+/// One rank's plan and progress, `ranks/rank-00003.json`, written only by that rank (so ranks
+/// never contend for a file on a shared filesystem). `rbon status` and `rbon finalize` read them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankState {
+    pub rank: usize,
+    pub world_size: usize,
+    /// Shards of the whole run (all ranks).
+    pub shards: usize,
+    /// The shard stages in pipeline order.
+    pub chain: Vec<String>,
+    /// Per stage: fingerprint, and this rank's shards (`shards` = owned, `done`, counters).
+    pub stages: BTreeMap<String, StageState>,
+    /// Fingerprint the merged exports must carry.
+    pub export_fingerprint: String,
+    /// Every owned shard went through every stage.
+    pub complete: bool,
+}
+
+impl RankState {
+    /// The shards rank `rank` of `world_size` owns among `shards`.
+    pub fn owned(rank: usize, world_size: usize, shards: usize) -> impl Iterator<Item = usize> {
+        (rank..shards).step_by(world_size.max(1))
+    }
+}
+
 /// Holds a run directory's lock.
 #[derive(Debug)]
 pub struct RunLock(#[allow(dead_code)] fs::File);
@@ -73,6 +100,11 @@ impl RunDir {
     pub fn create(root: &Path) -> Result<Self> {
         fs::create_dir_all(root).map_err(|e| CoreError::io(root, e))?;
         Ok(Self { root: root.to_owned() })
+    }
+
+    /// An existing run directory (one with `manifest.json`).
+    pub fn open(root: &Path) -> Option<Self> {
+        root.join("manifest.json").is_file().then(|| Self { root: root.to_owned() })
     }
 
     pub fn root(&self) -> &Path {
@@ -129,7 +161,16 @@ impl RunDir {
     /// Takes the directory's lock so two runs cannot interleave their writes; held until the
     /// returned guard is dropped (the OS releases it if the process dies).
     pub fn lock(&self) -> Result<RunLock> {
-        let p = self.root.join(".lock");
+        self.lock_named(".lock", "another rbon process is using this run directory")
+    }
+
+    /// Takes the lock of one rank: ranks share the directory, but a rank runs once at a time.
+    pub fn lock_rank(&self, rank: usize) -> Result<RunLock> {
+        self.lock_named(&format!(".lock-rank-{rank:05}"), &format!("another rbon process is running rank {rank} here"))
+    }
+
+    fn lock_named(&self, name: &str, busy: &str) -> Result<RunLock> {
+        let p = self.root.join(name);
         let f = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -138,10 +179,9 @@ impl RunDir {
             .map_err(|e| CoreError::io(&p, e))?;
         match f.try_lock() {
             Ok(()) => Ok(RunLock(f)),
-            Err(fs::TryLockError::WouldBlock) => Err(CoreError::RunDir {
-                path: self.root.clone(),
-                message: "another rbon process is using this run directory".into(),
-            }),
+            Err(fs::TryLockError::WouldBlock) => {
+                Err(CoreError::RunDir { path: self.root.clone(), message: busy.to_owned() })
+            }
             Err(fs::TryLockError::Error(e)) => Err(CoreError::io(&p, e)),
         }
     }
@@ -165,6 +205,50 @@ impl RunDir {
         let mut bytes = serde_json::to_vec_pretty(m).unwrap_or_default();
         bytes.push(b'\n');
         shard::write_atomic(&self.manifest_path(), &bytes)
+    }
+
+    pub fn rank_path(&self, rank: usize) -> PathBuf {
+        self.root.join(RANKS_DIR).join(format!("rank-{rank:05}.json"))
+    }
+
+    pub fn write_rank(&self, r: &RankState) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(r).unwrap_or_default();
+        bytes.push(b'\n');
+        shard::write_atomic(&self.rank_path(r.rank), &bytes)
+    }
+
+    /// Every rank file, by rank.
+    pub fn read_ranks(&self) -> Result<BTreeMap<usize, RankState>> {
+        let dir = self.root.join(RANKS_DIR);
+        let mut out = BTreeMap::new();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with("rank-") && name.ends_with(".json")) {
+                continue;
+            }
+            let p = e.path();
+            let bytes = fs::read(&p).map_err(|err| CoreError::io(&p, err))?;
+            let r: RankState = serde_json::from_slice(&bytes).map_err(|err| CoreError::RunDir {
+                path: p.clone(),
+                message: format!("unreadable rank file: {err}"),
+            })?;
+            out.insert(r.rank, r);
+        }
+        Ok(out)
+    }
+
+    /// Removes rank files of other world sizes (a rerun with fewer or more ranks).
+    pub fn remove_other_ranks(&self, world_size: usize) -> Result<()> {
+        for (rank, r) in self.read_ranks()? {
+            if r.world_size != world_size || rank >= world_size {
+                let p = self.rank_path(rank);
+                fs::remove_file(&p).map_err(|e| CoreError::io(&p, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Freezes the config text that produced the run.

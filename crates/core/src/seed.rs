@@ -54,6 +54,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
+/// The first 16 bytes of SHA-256: a compact key for sets of ids (collisions are out of reach).
+pub fn digest16(bytes: &[u8]) -> [u8; 16] {
+    let d = Sha256::digest(bytes);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -171,13 +171,21 @@ pub fn read_meta(path: &Path) -> Result<Option<ShardMeta>> {
 
 /// Removes temporary files left in `dir` by writers that were killed.
 pub fn remove_stale_temps(dir: &Path) -> Result<()> {
+    remove_stale_temps_of(dir, |_| true)
+}
+
+/// Removes the temporary files left in `dir` that `mine(shard index, if it is a shard's)`
+/// selects: with several ranks in one directory, each clears only its own (another rank's may
+/// be in flight).
+pub fn remove_stale_temps_of(dir: &Path, mine: impl Fn(Option<usize>) -> bool) -> Result<()> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(());
     };
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.contains(".tmp-") && e.path().is_file() {
+        let index = name.strip_prefix(".shard-").and_then(|r| r.get(..5)).and_then(|d| d.parse::<usize>().ok());
+        if mine(index) && name.starts_with('.') && name.contains(".tmp-") && e.path().is_file() {
             fs::remove_file(e.path()).map_err(|err| CoreError::io(e.path(), err))?;
         }
     }

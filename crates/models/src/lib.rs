@@ -16,4 +16,4 @@ pub use error::ModelError;
 pub use hub::ModelDir;
 
 /// Re-exported so stages name devices and dtypes without depending on candle themselves.
-pub use candle_core::{DType, Device, Tensor};
+pub use candle_core::{DType, Device, DeviceLocation, Tensor};

@@ -215,6 +215,35 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
     }
 }
 
+/// The parts of a frozen pipeline (`RUN_DIR/pipeline.yaml`) that merging a finished run needs.
+/// Read without the checks against inputs and model folders, which `rbon finalize` may not see
+/// from where it runs.
+#[derive(Debug, Clone)]
+pub struct Frozen {
+    pub name: String,
+    pub select: Option<SelectConfig>,
+    pub pair: PairConfig,
+    pub text: String,
+}
+
+/// Reads a frozen pipeline for `rbon finalize`.
+pub fn load_frozen(path: &Path) -> Result<Frozen, Diagnostics> {
+    let doc = ConfigDoc::load(path)?;
+    let mut d = Diagnostics::default();
+    let name: Option<String> = doc.value("name", &mut d);
+    let select: Option<SelectConfig> = doc.get("select").and_then(|_| doc.section("select", &mut d));
+    let pair: Option<PairConfig> = doc.section("pair", &mut d);
+    match (d.is_empty(), pair) {
+        (true, Some(pair)) => Ok(Frozen { name: name.unwrap_or_default(), select, pair, text: doc.text().to_owned() }),
+        _ => {
+            if d.is_empty() {
+                d.push(doc.diag("pair", "missing `pair`"));
+            }
+            Err(d)
+        }
+    }
+}
+
 fn check_input(doc: &ConfigDoc, i: &InputConfig, d: &mut Diagnostics) -> Option<Available> {
     if i.shard_size == 0 {
         d.push(doc.diag("input.shard_size", "0 is not allowed: must be at least 1"));
@@ -272,28 +301,12 @@ fn check_input(doc: &ConfigDoc, i: &InputConfig, d: &mut Diagnostics) -> Option<
     }
 }
 
-/// Whether a device string is well formed, and whether this build can use it.
-pub fn check_device(dev: &str) -> Result<(), String> {
-    let ok_form = dev == "cpu"
-        || dev == "metal"
-        || dev == "cuda:*"
-        || dev.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    if !ok_form {
-        return Err(format!("unknown device `{dev}`; expected cpu, cuda:N, cuda:* or metal"));
-    }
-    // Selection and pairing run on the CPU; GPU devices arrive with the model stages.
-    if dev != "cpu" {
-        return Err(format!("`{dev}` is not supported by this build of rbon, which runs on cpu only"));
-    }
-    Ok(())
-}
-
 fn check_runtime(doc: &ConfigDoc, r: &RuntimeConfig, d: &mut Diagnostics) {
     if r.devices.is_empty() {
         d.push(doc.diag("runtime.devices", "must name at least one device (e.g. [cpu])"));
     }
     for (i, dev) in r.devices.iter().enumerate() {
-        if let Err(m) = check_device(dev) {
+        if let Err(m) = crate::devices::check_device(dev) {
             d.push(doc.diag(&format!("runtime.devices[{i}]"), m));
         }
     }
