@@ -1020,3 +1020,37 @@ fn sigkill_mid_sampling_then_resume_gives_identical_pairs() {
     assert!(t.contains("of 24 shards already done, skipped"), "{t}");
     assert_same_exports(&killed, &f.path().join("clean"));
 }
+
+#[test]
+fn a_failing_stage_stops_the_pipeline_without_hanging() {
+    let f = Fixture::new(40, 4);
+    f.write("a.yaml", &pipeline("c.jsonl", "out", 1, BETAS));
+    assert!(f.run(&["run", "a.yaml"]).status.success());
+    // Selection cannot write: the upstream stages must stop too, and the process must end.
+    let sel = f.path().join("out/selections");
+    fs::remove_dir_all(&sel).unwrap();
+    fs::write(&sel, "in the way").unwrap();
+    fs::remove_dir_all(f.path().join("out/samples")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
+        .args(["run", "a.yaml"])
+        .current_dir(f.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("the run hung after a stage failed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("selections"), "{err}");
+    // The import did not run ahead through all 40 shards after the failure.
+    let imported = fs::read_dir(f.path().join("out/samples")).unwrap().count();
+    assert!(imported < 40, "{imported} samples shards written after the failure");
+}
