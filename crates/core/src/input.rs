@@ -556,27 +556,84 @@ pub fn candidates_header(path: &Path) -> Result<CandidatesHeader> {
     Ok(h)
 }
 
-struct Grouper {
-    header: CandidatesHeader,
-    embedding_dim: Option<usize>,
-    groups: Vec<CandidateGroup>,
-    index: HashMap<String, usize>,
-    prompt_loc: Vec<String>,
-    limit: usize,
+/// What checking a candidates file found, without keeping its text: enough to stream it again
+/// shard by shard ([`stream_candidates`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CandidatesIndex {
+    pub header: CandidatesHeader,
+    pub embedding_dim: Option<usize>,
+    /// Rows of each prompt kept (the first `limit`), in order of first appearance.
+    pub group_rows: Vec<u32>,
+    /// The first row whose `num_tokens` is 0, if any.
+    pub zero_num_tokens: Option<String>,
 }
 
-impl Grouper {
-    /// Adds one sample; samples of prompts beyond the first `limit` are skipped (the file need
-    /// not be grouped by prompt, so reading goes on to the end).
-    fn add(&mut self, prompt_id: String, messages: Vec<Message>, s: CandidateSample) -> Result<bool> {
+impl CandidatesIndex {
+    pub fn prompts(&self) -> usize {
+        self.group_rows.len()
+    }
+}
+
+/// Per-prompt state while checking: digests and sample indices, not the text.
+struct ScanGroup {
+    messages: [u8; 16],
+    first_loc: String,
+    /// Sorted.
+    sample_idx: Vec<u32>,
+}
+
+fn messages_digest(messages: &[Message]) -> [u8; 16] {
+    crate::seed::digest16(canonical(messages).as_bytes())
+}
+
+/// Calls `f(prompt_id, messages, sample)` for every row of a candidates file, in file order.
+fn for_each_candidate(
+    path: &Path,
+    header: &CandidatesHeader,
+    mut f: impl FnMut(String, Vec<Message>, CandidateSample) -> Result<bool>,
+) -> Result<()> {
+    let shown = path.display().to_string();
+    if file_kind(path) == Some(FileKind::Parquet) {
+        let mut row0 = 0usize;
+        for_each_parquet_batch(path, |batch| {
+            let cols = ParquetColumns::new(&batch, header, &shown)?;
+            for r in 0..batch.num_rows() {
+                let loc = format!("{shown}: row {}", row0 + r);
+                let (pid, msgs, s) = cols.row(r, loc)?;
+                if !f(pid, msgs, s)? {
+                    return Ok(false);
+                }
+            }
+            row0 += batch.num_rows();
+            Ok(true)
+        })
+    } else {
+        for_each_json(path, |loc, obj| {
+            let (pid, msgs, s) = json_candidate(&loc, &obj, header)?;
+            f(pid, msgs, s)
+        })
+    }
+}
+
+/// Checks every row of a candidates file (DESIGN §7) and indexes its first `limit` prompts,
+/// keeping per prompt only digests and sample indices: a large file is not held in memory.
+pub fn scan_candidates(path: &Path, limit: Option<u64>) -> Result<CandidatesIndex> {
+    let header = candidates_header(path)?;
+    let limit = limit.map(|l| l as usize).unwrap_or(usize::MAX);
+    let mut index: HashMap<[u8; 16], usize> = HashMap::new();
+    let mut groups: Vec<ScanGroup> = Vec::new();
+    let mut embedding_dim: Option<usize> = None;
+    let mut zero_num_tokens = None;
+    let mut duplicate: Option<(String, String, u32)> = None;
+    for_each_candidate(path, &header, |prompt_id, messages, s| {
         if let Some(e) = &s.embedding
             && e.iter().all(|&x| x == 0.0)
         {
             return Err(CoreError::data(&s.location, "`embedding` is the zero vector, which has no direction"));
         }
         if let Some(dim) = s.embedding.as_ref().map(Vec::len) {
-            match self.embedding_dim {
-                None => self.embedding_dim = Some(dim),
+            match embedding_dim {
+                None => embedding_dim = Some(dim),
                 Some(d) if d != dim => {
                     return Err(CoreError::data(
                         &s.location,
@@ -589,21 +646,22 @@ impl Grouper {
                 return Err(CoreError::data(&s.location, "embedding is empty"));
             }
         }
-        let gi = match self.index.get(&prompt_id) {
+        let key = crate::seed::digest16(prompt_id.as_bytes());
+        let gi = match index.get(&key) {
             Some(&gi) => {
-                if self.groups[gi].messages != messages {
+                if groups[gi].messages != messages_digest(&messages) {
                     return Err(CoreError::data(
                         &s.location,
                         format!(
                             "prompt differs from the one at {} for the same prompt_id {prompt_id:?}",
-                            self.prompt_loc[gi]
+                            groups[gi].first_loc
                         ),
                     ));
                 }
                 gi
             }
             None => {
-                if self.groups.len() >= self.limit {
+                if groups.len() >= limit {
                     return Ok(true);
                 }
                 if let Some(last) = messages.last()
@@ -617,36 +675,114 @@ impl Grouper {
                         ),
                     ));
                 }
-                self.index.insert(prompt_id.clone(), self.groups.len());
-                self.prompt_loc.push(s.location.clone());
-                self.groups.push(CandidateGroup { prompt_id, messages, samples: Vec::new() });
-                self.groups.len() - 1
+                index.insert(key, groups.len());
+                groups.push(ScanGroup {
+                    messages: messages_digest(&messages),
+                    first_loc: s.location.clone(),
+                    sample_idx: Vec::new(),
+                });
+                groups.len() - 1
             }
         };
-        if let Some(prev) = self.groups[gi].samples.iter().find(|p| p.sample_idx == s.sample_idx) {
-            return Err(CoreError::data(
-                &s.location,
-                format!(
-                    "duplicate sample_idx {} for prompt_id {:?}: also at {}",
-                    s.sample_idx, self.groups[gi].prompt_id, prev.location
-                ),
-            ));
+        let idx = &mut groups[gi].sample_idx;
+        match idx.binary_search(&s.sample_idx) {
+            Ok(_) => {
+                // Rare: find the first row again to name it.
+                duplicate = Some((s.location.clone(), prompt_id, s.sample_idx));
+                return Ok(false);
+            }
+            Err(at) => idx.insert(at, s.sample_idx),
         }
-        self.groups[gi].samples.push(s);
+        if s.num_tokens == Some(0) && zero_num_tokens.is_none() {
+            zero_num_tokens = Some(s.location.clone());
+        }
         Ok(true)
+    })?;
+    if let Some((loc, prompt_id, k)) = duplicate {
+        let mut first = String::new();
+        for_each_candidate(path, &header, |pid, _, s| {
+            if pid == prompt_id && s.sample_idx == k {
+                first = s.location;
+                return Ok(false);
+            }
+            Ok(true)
+        })?;
+        return Err(CoreError::data(
+            loc,
+            format!("duplicate sample_idx {k} for prompt_id {prompt_id:?}: also at {first}"),
+        ));
     }
+    if groups.is_empty() {
+        return Err(CoreError::data(path.display().to_string(), "the file holds no candidates"));
+    }
+    Ok(CandidatesIndex {
+        header,
+        embedding_dim,
+        group_rows: groups.iter().map(|g| g.sample_idx.len() as u32).collect(),
+        zero_num_tokens,
+    })
+}
 
-    fn finish(mut self) -> Candidates {
-        for g in &mut self.groups {
-            g.samples.sort_by_key(|s| s.sample_idx);
+/// Streams a checked candidates file in shards of `shard_size` prompts (in order of first
+/// appearance), calling `f(shard, groups)` for each shard `want(shard)` selects once all its rows
+/// are read. Rows are buffered only until their shard is complete, so a file grouped by prompt
+/// (as generators write them) streams in bounded memory; shards come in the order they complete.
+pub fn stream_candidates(
+    path: &Path,
+    index: &CandidatesIndex,
+    shard_size: usize,
+    want: impl Fn(usize) -> bool,
+    mut f: impl FnMut(usize, Vec<CandidateGroup>) -> Result<bool>,
+) -> Result<()> {
+    let shard_size = shard_size.max(1);
+    let n = index.prompts();
+    let mut rows_needed: Vec<u64> = vec![0; n.div_ceil(shard_size)];
+    for (g, r) in index.group_rows.iter().enumerate() {
+        rows_needed[g / shard_size] += u64::from(*r);
+    }
+    let mut ordinal: HashMap<[u8; 16], usize> = HashMap::new();
+    let mut pending: HashMap<usize, (Vec<Option<CandidateGroup>>, u64)> = HashMap::new();
+    let mut failure = None;
+    for_each_candidate(path, &index.header, |prompt_id, messages, s| {
+        let key = crate::seed::digest16(prompt_id.as_bytes());
+        let gi = match ordinal.get(&key) {
+            Some(&g) => g,
+            // Prompts past the first `limit` are skipped, as the scan did.
+            None if ordinal.len() < n => {
+                let g = ordinal.len();
+                ordinal.insert(key, g);
+                g
+            }
+            None => return Ok(true),
+        };
+        let shard = gi / shard_size;
+        if !want(shard) {
+            return Ok(true);
         }
-        Candidates {
-            rewards: self.header.rewards,
-            has_logprob: self.header.has_logprob,
-            has_num_tokens: self.header.has_num_tokens,
-            embedding_dim: self.embedding_dim,
-            groups: self.groups,
+        let (groups, seen) =
+            pending.entry(shard).or_insert_with(|| (vec![None; (n - shard * shard_size).min(shard_size)], 0));
+        let slot = &mut groups[gi - shard * shard_size];
+        slot.get_or_insert_with(|| CandidateGroup { prompt_id, messages, samples: Vec::new() }).samples.push(s);
+        *seen += 1;
+        if *seen == rows_needed[shard] {
+            let (groups, _) = pending.remove(&shard).unwrap_or_default();
+            let mut groups: Vec<CandidateGroup> = groups.into_iter().flatten().collect();
+            for g in &mut groups {
+                g.samples.sort_by_key(|s| s.sample_idx);
+            }
+            match f(shard, groups) {
+                Ok(more) => return Ok(more),
+                Err(e) => {
+                    failure = Some(e);
+                    return Ok(false);
+                }
+            }
         }
+        Ok(true)
+    })?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -658,42 +794,28 @@ fn finite(loc: &str, col: &str, v: Option<f64>) -> Result<f64> {
     }
 }
 
-/// Reads a candidates file (DESIGN §7), keeping the first `limit` prompts.
+/// Reads a candidates file (DESIGN §7), keeping the first `limit` prompts, all in memory.
 pub fn read_candidates(path: &Path, limit: Option<u64>) -> Result<Candidates> {
-    let header = candidates_header(path)?;
-    let mut g = Grouper {
-        header: header.clone(),
-        embedding_dim: None,
-        groups: Vec::new(),
-        index: HashMap::new(),
-        prompt_loc: Vec::new(),
-        limit: limit.map(|l| l as usize).unwrap_or(usize::MAX),
-    };
-    let shown = path.display().to_string();
-    if file_kind(path) == Some(FileKind::Parquet) {
-        let mut row0 = 0usize;
-        for_each_parquet_batch(path, |batch| {
-            let cols = ParquetColumns::new(&batch, &header, &shown)?;
-            for r in 0..batch.num_rows() {
-                let loc = format!("{shown}: row {}", row0 + r);
-                let (pid, msgs, s) = cols.row(r, loc)?;
-                if !g.add(pid, msgs, s)? {
-                    return Ok(false);
-                }
-            }
-            row0 += batch.num_rows();
+    let index = scan_candidates(path, limit)?;
+    let mut shards: Vec<(usize, Vec<CandidateGroup>)> = Vec::new();
+    stream_candidates(
+        path,
+        &index,
+        1,
+        |_| true,
+        |i, g| {
+            shards.push((i, g));
             Ok(true)
-        })?;
-    } else {
-        for_each_json(path, |loc, obj| {
-            let (pid, msgs, s) = json_candidate(&loc, &obj, &header)?;
-            g.add(pid, msgs, s)
-        })?;
-    }
-    if g.groups.is_empty() {
-        return Err(CoreError::data(&shown, "the file holds no candidates"));
-    }
-    Ok(g.finish())
+        },
+    )?;
+    shards.sort_by_key(|(i, _)| *i);
+    Ok(Candidates {
+        rewards: index.header.rewards,
+        has_logprob: index.header.has_logprob,
+        has_num_tokens: index.header.has_num_tokens,
+        embedding_dim: index.embedding_dim,
+        groups: shards.into_iter().flat_map(|(_, g)| g).collect(),
+    })
 }
 
 fn json_candidate(
@@ -1135,6 +1257,57 @@ mod tests {
         let cfg = InputConfig { messages_column: Some("nope".into()), ..cfg };
         let e = read_prompts(&cfg).unwrap_err().to_string();
         assert!(e.contains("no column `nope`; columns: conv, text"), "{e}");
+    }
+
+    #[test]
+    fn candidates_stream_by_shard_in_any_row_order() {
+        let d = tempfile::tempdir().unwrap();
+        let row = |p: usize, k: u32| {
+            format!(
+                "{{\"prompt_id\": \"p{p}\", \"prompt\": \"q{p}\", \"sample_idx\": {k}, \"response\": \"r{p}-{k}\", \"reward_x\": {p}.5}}\n"
+            )
+        };
+        // Sample-major order: every prompt's rows are spread over the whole file.
+        let text: String = (0..3u32).rev().flat_map(|k| (0..5).map(move |p| (p, k))).map(|(p, k)| row(p, k)).collect();
+        let p = write(d.path(), "s.jsonl", &text);
+        let all = read_candidates(&p, Some(4)).unwrap();
+        assert_eq!(all.groups.len(), 4);
+        assert!(all.groups.iter().all(|g| g.samples.iter().map(|s| s.sample_idx).eq(0..3)));
+        let index = scan_candidates(&p, Some(4)).unwrap();
+        assert_eq!(index.group_rows, vec![3, 3, 3, 3]);
+        let mut got = Vec::new();
+        stream_candidates(
+            &p,
+            &index,
+            3,
+            |i| i == 1,
+            |i, g| {
+                got.push((i, g));
+                Ok(true)
+            },
+        )
+        .unwrap();
+        // Shard 1 holds the 4th prompt only (the limit), complete and sorted.
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, 1);
+        assert_eq!(got[0].1, all.groups[3..].to_vec());
+        // A grouped file streams its shards as they complete, in file order.
+        let text: String = (0..5).flat_map(|p| (0..2).map(move |k| (p, k))).map(|(p, k)| row(p, k)).collect();
+        let p = write(d.path(), "g.jsonl", &text);
+        let index = scan_candidates(&p, None).unwrap();
+        let mut order = Vec::new();
+        stream_candidates(
+            &p,
+            &index,
+            2,
+            |_| true,
+            |i, g| {
+                order.push((i, g.len()));
+                Ok(true)
+            },
+        )
+        .unwrap();
+        assert_eq!(order, vec![(0, 2), (1, 2), (2, 1)]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use rbon_core::input::{PromptRow, for_each_prompt};
+use rbon_core::input::{PromptRow, for_each_prompt, stream_candidates};
 use rbon_core::shard::ShardMeta;
 use rbon_core::{CoreError, Event, Manifest, RankState, StageState};
 use rbon_models::Device;
@@ -407,14 +407,33 @@ impl Feed<'_> {
                     self.shard(i, || stages::prompts(self.ctx, i, &chunk))?;
                 }
             }
-            Source::Candidates { groups, rewards, embedding_dim, .. } => {
-                let complete = Completion { cfg: self.ctx.cfg, rewards, embedding_dim: *embedding_dim };
+            Source::Candidates { path, index, .. } => {
+                let complete = Completion {
+                    cfg: self.ctx.cfg,
+                    rewards: &index.header.rewards,
+                    embedding_dim: index.embedding_dim,
+                };
                 let mut models = Completers::default();
-                for (i, chunk) in groups.chunks(shard_size).enumerate() {
-                    let go = self.shard(i, || stages::import(self.ctx, i, chunk, &complete, &mut models, device))?;
-                    if !go {
-                        break;
+                // Shards imported earlier go straight on; the others are streamed from the file.
+                let n_shards = index.prompts().div_ceil(shard_size);
+                for i in (0..n_shards).filter(|&i| self.ranks.owns(i) && self.done[i]) {
+                    if !self.shard(i, || Err(CoreError::internal("an imported shard was redone").into()))? {
+                        return Ok(());
                     }
+                }
+                let want = |i: usize| self.ranks.owns(i) && !self.done[i];
+                let mut failure = None;
+                stream_candidates(path, index, shard_size, want, |i, groups| {
+                    match self.shard(i, || stages::import(self.ctx, i, &groups, &complete, &mut models, device)) {
+                        Ok(more) => Ok(more),
+                        Err(e) => {
+                            failure = Some(e);
+                            Ok(false)
+                        }
+                    }
+                })?;
+                if let Some(e) = failure {
+                    return Err(e);
                 }
             }
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use rbon_core::input::{CandidateGroup, InputConfig, for_each_prompt, read_candidates, resolve_files};
+use rbon_core::input::{CandidatesIndex, InputConfig, for_each_prompt, resolve_files, scan_candidates};
 use rbon_core::rundir::{RANKS_DIR, fingerprint};
 use rbon_core::shard;
 use rbon_core::{CoreError, Event, Manifest, Progress, RunDir};
@@ -156,18 +156,18 @@ struct ScoreFingerprint<'a> {
     models: Vec<Vec<(String, u64)>>,
 }
 
-/// What a run starts from, checked in full before the run directory is touched. Prompts are
-/// only counted here and streamed again by the pipeline; candidates are grouped in memory
-/// (their rows need not be grouped by prompt in the file).
+/// What a run starts from, checked in full before the run directory is touched. Neither is
+/// held in memory: prompts are counted and candidates indexed here, and both are streamed again
+/// by the pipeline.
 pub(crate) enum Source {
-    Candidates { groups: Vec<CandidateGroup>, rewards: Vec<String>, embedding_dim: Option<usize>, fp: String },
+    Candidates { path: PathBuf, index: CandidatesIndex, fp: String },
     Prompts { count: usize, fp: String },
 }
 
 impl Source {
     fn prompts(&self) -> usize {
         match self {
-            Self::Candidates { groups, .. } => groups.len(),
+            Self::Candidates { index, .. } => index.prompts(),
             Self::Prompts { count, .. } => *count,
         }
     }
@@ -177,22 +177,15 @@ fn read_source(cfg: &PipelineConfig) -> Result<Source, RunError> {
     if let Some(c) = cfg.input.candidates.as_deref() {
         let path = PathBuf::from(c);
         let file_sha256 = hash_file(&path)?;
-        let cands = read_candidates(&path, cfg.input.limit)?;
+        let index = scan_candidates(&path, cfg.input.limit)?;
         if let Some(select) = &cfg.select
             && select.methods.iter().any(|m| m.needs_num_tokens())
+            && let Some(loc) = &index.zero_num_tokens
         {
-            let zero = cands.groups.iter().flat_map(|g| &g.samples).find(|s| s.num_tokens == Some(0));
-            if let Some(s) = zero {
-                return Err(CoreError::data(&s.location, "`num_tokens` is 0; rbon_len divides by the length").into());
-            }
+            return Err(CoreError::data(loc, "`num_tokens` is 0; rbon_len divides by the length").into());
         }
         let fp = fingerprint("import", &ImportFingerprint { input: &cfg.input, files_sha256: vec![file_sha256] }, &[]);
-        return Ok(Source::Candidates {
-            groups: cands.groups,
-            rewards: cands.rewards,
-            embedding_dim: cands.embedding_dim,
-            fp,
-        });
+        return Ok(Source::Candidates { path, index, fp });
     }
     let spec = cfg.input.path.as_deref().unwrap_or_default();
     let files = resolve_files(spec).map_err(|m| CoreError::data("input.path", m))?;
