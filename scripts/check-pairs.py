@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Checks a run's exports the way trainers read them: every pair export loads with
 pyarrow.parquet.read_table, has the columns of DESIGN §8 with TRL's conversational types, and
-no pair has chosen == rejected; SFT exports (prompt-completion) and the vBoN table, when the run
+no pair has chosen == rejected, chosen_message/rejected_message are the same responses as single
+messages, and pairs/dataset_info.json registers every export file for LLaMA-Factory (sharegpt
+ranking, OpenAI tags); SFT exports (prompt-completion) and the vBoN table, when the run
 has them, have their documented columns and the vBoN weights match their formula.
 
 Usage: python3 scripts/check-pairs.py RUN_DIR      (needs: pip install pyarrow)
@@ -18,6 +20,7 @@ import pyarrow.parquet as pq
 COLUMNS = [
     "prompt_id", "method", "beta", "prompt", "chosen", "rejected",
     "chosen_index", "rejected_index", "score_chosen", "score_rejected", "margin",
+    "chosen_message", "rejected_message",
 ]
 
 SFT_COLUMNS = ["prompt_id", "method", "beta", "prompt", "completion", "sample_idx"]
@@ -45,12 +48,30 @@ def main(run):
             assert r["chosen_index"] != r["rejected_index"], (f, r["prompt_id"])
             assert abs(r["margin"] - (r["score_chosen"] - r["score_rejected"])) < 1e-12, (f, r["prompt_id"])
             assert r["prompt"] and r["prompt"][-1]["role"] == "user", (f, r["prompt_id"])
+            assert r["chosen_message"] == r["chosen"][0], (f, r["prompt_id"])
+            assert r["rejected_message"] == r["rejected"][0], (f, r["prompt_id"])
         rows += t.num_rows
         card = os.path.join(os.path.dirname(f), "README.md")
         assert os.path.isfile(card), card
     print(f"pairs ok: {len(files)} files, {rows} rows load with pyarrow {pa.__version__}")
+    check_dataset_info(run, files)
     check_sft(run)
     check_vbon(run)
+
+
+def check_dataset_info(run, files):
+    import json
+
+    with open(os.path.join(run, "pairs", "dataset_info.json")) as fh:
+        info = json.load(fh)
+    named = sorted(os.path.join(run, "pairs", e["file_name"]) for e in info.values())
+    assert named == files, (named, files)
+    for name, e in info.items():
+        assert e["formatting"] == "sharegpt" and e["ranking"] is True, name
+        assert e["columns"] == {"messages": "prompt", "chosen": "chosen_message", "rejected": "rejected_message"}, name
+        assert e["tags"] == {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                             "assistant_tag": "assistant", "system_tag": "system"}, name
+    print(f"dataset_info.json ok: {len(info)} LLaMA-Factory entries")
 
 
 def check_messages(t, f, col):

@@ -60,6 +60,15 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Summarise a run: per (method, β) the rewards of the pick against BoN, oracle and random;
+    /// writes report/ (summary.parquet, report.md, plots) and prints the main table.
+    Report {
+        /// The run directory (the pipeline's `output`).
+        run_dir: PathBuf,
+        /// Skip the plots.
+        #[arg(long)]
+        no_plots: bool,
+    },
     /// Show a run's progress per stage and per rank.
     Status {
         /// The run directory (the pipeline's `output`).
@@ -88,6 +97,20 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => failure(&e),
+            }
+        }
+        Command::Report { run_dir, no_plots } => {
+            let opts = rbon_report::ReportOptions { plots: !no_plots };
+            match rbon_report::build_report(&run_dir, opts) {
+                Ok(r) => {
+                    print!("{}", r.terminal_table());
+                    println!("wrote {} files under {}", r.files.len(), r.dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
             }
         }
         Command::Status { run_dir } => match rbon_runtime::status(&run_dir) {
@@ -383,5 +406,17 @@ fn print_summary(r: &RunReport) {
     );
     if !r.vbon_files.is_empty() {
         println!("  vBoN weights: {} files under {}/vbon/", r.vbon_files.len(), r.run_dir.display());
+    }
+    if let Some(rep) = &r.report {
+        if let Some(t) = &rep.tuning {
+            let best: Vec<String> = t.best().iter().map(|(m, b)| format!("{} β={b}", m.as_str())).collect();
+            println!("  tuned β: {}", best.join(", "));
+        }
+        println!(
+            "  report: {}/report.md ({} files; `rbon report {}` prints it)",
+            rep.dir.display(),
+            rep.files.len(),
+            r.run_dir.display()
+        );
     }
 }

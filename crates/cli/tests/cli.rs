@@ -210,7 +210,9 @@ fn run_writes_pairs_then_rerun_skips_everything() {
                 "rejected_index",
                 "score_chosen",
                 "score_rejected",
-                "margin"
+                "margin",
+                "chosen_message",
+                "rejected_message"
             ]
         );
         let content = |col: &str, r: usize| {

@@ -56,6 +56,16 @@ pub fn messages_array<'a>(rows: impl IntoIterator<Item = &'a [Message]>) -> Arra
     Arc::new(lb.finish())
 }
 
+/// Builds a `struct<role, content>` column, one message per row.
+pub fn message_array<'a>(rows: impl IntoIterator<Item = &'a Message>) -> ArrayRef {
+    let (roles, contents): (Vec<&str>, Vec<&str>) =
+        rows.into_iter().map(|m| (m.role.as_str(), m.content.as_str())).unzip();
+    let fields = message_fields();
+    let cols: Vec<ArrayRef> =
+        vec![Arc::new(arrow_array::StringArray::from(roles)), Arc::new(arrow_array::StringArray::from(contents))];
+    Arc::new(StructArray::new(fields, cols, None))
+}
+
 /// Reads conversation `row` of a messages column (list or large list of struct<role, content>,
 /// string fields of any width). `None` when the column has another type or the row is null.
 pub fn read_messages(col: &dyn Array, row: usize) -> Option<Vec<Message>> {

@@ -27,6 +27,10 @@ pub const REJECTED_INDEX: &str = "rejected_index";
 pub const SCORE_CHOSEN: &str = "score_chosen";
 pub const SCORE_REJECTED: &str = "score_rejected";
 pub const MARGIN: &str = "margin";
+/// The chosen and rejected responses as one message each (`struct<role, content>`), the shape
+/// LLaMA-Factory's sharegpt ranking format requires, beside TRL's one-message lists.
+pub const CHOSEN_MESSAGE: &str = "chosen_message";
+pub const REJECTED_MESSAGE: &str = "rejected_message";
 pub const ROLE: &str = "role";
 pub const CONTENT: &str = "content";
 
@@ -117,4 +121,32 @@ pub fn pairs_schema() -> SchemaRef {
         Field::new(SCORE_REJECTED, DataType::Float64, false),
         Field::new(MARGIN, DataType::Float64, false),
     ]))
+}
+
+/// One chat message, `struct<role, content>`.
+pub fn message_type() -> DataType {
+    DataType::Struct(message_fields())
+}
+
+/// Conversational exports: the pairs columns, then `chosen_message` and `rejected_message` (the
+/// same responses as single messages, for LLaMA-Factory).
+pub fn pairs_export_schema() -> SchemaRef {
+    let mut fields: Vec<Field> = pairs_schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(CHOSEN_MESSAGE, message_type(), false));
+    fields.push(Field::new(REJECTED_MESSAGE, message_type(), false));
+    Arc::new(Schema::new(fields))
+}
+
+/// Standard-format exports: prompt, chosen and rejected as plain strings rendered with the
+/// policy's chat template, with the pairs' metadata.
+pub fn pairs_standard_schema() -> SchemaRef {
+    let fields: Vec<Field> = pairs_schema()
+        .fields()
+        .iter()
+        .map(|f| match f.name().as_str() {
+            PROMPT | CHOSEN | REJECTED => Field::new(f.name(), DataType::Utf8, false),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
 }

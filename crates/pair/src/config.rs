@@ -1,3 +1,7 @@
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
 use rbon_core::{ConfigDoc, Diagnostics};
@@ -26,37 +30,178 @@ impl RejectedRule {
     }
 }
 
+/// How prompt, chosen and rejected are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairFormat {
+    /// Message lists (TRL's conversational format): each trainer applies its own chat template.
+    #[default]
+    Conversational,
+    /// Plain strings rendered with the policy's chat template (TRL's standard format): the
+    /// prompt ends with the generation prompt, and the responses carry no trailing EOS, which
+    /// trainers append themselves.
+    Standard,
+}
+
+/// The file type of the exports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// `train-0000i-of-0000N.parquet`.
+    #[default]
+    Parquet,
+    /// `train-0000i-of-0000N.jsonl`, one JSON object per line.
+    Jsonl,
+}
+
+impl FileFormat {
+    /// The file extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Parquet => "parquet",
+            Self::Jsonl => "jsonl",
+        }
+    }
+}
+
+/// An entry of `pair.betas`: a β (or λ) value, or `best`, the β that `select.tune` picks per method.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BetaChoice {
+    Value(f64),
+    Best,
+}
+
+impl<'de> Deserialize<'de> for BetaChoice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = BetaChoice;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a β value or `best`")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<BetaChoice, E> {
+                Ok(BetaChoice::Value(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<BetaChoice, E> {
+                Ok(BetaChoice::Value(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<BetaChoice, E> {
+                Ok(BetaChoice::Value(v as f64))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BetaChoice, E> {
+                match v {
+                    "best" => Ok(BetaChoice::Best),
+                    other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The `pair` section as written in the YAML.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPairConfig {
+    #[serde(default)]
+    rejected: RejectedRule,
+    #[serde(default)]
+    min_margin: f64,
+    #[serde(default)]
+    methods: Option<Vec<Method>>,
+    #[serde(default)]
+    betas: Option<Vec<BetaChoice>>,
+    #[serde(default)]
+    sft: bool,
+    #[serde(default)]
+    vbon: bool,
+    #[serde(default)]
+    format: PairFormat,
+    #[serde(default)]
+    file_format: FileFormat,
+}
+
+impl From<RawPairConfig> for PairConfig {
+    fn from(r: RawPairConfig) -> Self {
+        let best_at = r.betas.as_ref().and_then(|bs| bs.iter().position(|b| *b == BetaChoice::Best));
+        let best_count = r.betas.as_ref().map_or(0, |bs| bs.iter().filter(|b| **b == BetaChoice::Best).count());
+        let betas = r.betas.map(|bs| {
+            bs.into_iter()
+                .filter_map(|b| match b {
+                    BetaChoice::Value(v) => Some(v),
+                    BetaChoice::Best => None,
+                })
+                .collect()
+        });
+        Self {
+            rejected: r.rejected,
+            min_margin: r.min_margin,
+            methods: r.methods,
+            betas,
+            best: best_at.is_some(),
+            sft: r.sft,
+            vbon: r.vbon,
+            format: r.format,
+            file_format: r.file_format,
+            best_betas: BTreeMap::new(),
+            best_at: best_at.map(|i| (i, best_count)),
+        }
+    }
+}
+
 /// The `pair` section: how chosen/rejected pairs are built and which are exported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawPairConfig")]
 pub struct PairConfig {
     /// `worst` (argmin proxy reward, default), `random` (seeded per prompt) or `second`
     /// (runner-up under the chosen method's objective).
-    #[serde(default)]
     pub rejected: RejectedRule,
     /// Pairs whose proxy margin (score_chosen − score_rejected) is below this are dropped.
-    #[serde(default)]
     pub min_margin: f64,
     /// Export only these methods (default: every method in `select.methods`).
-    #[serde(default)]
     pub methods: Option<Vec<Method>>,
     /// Export only these β values (default: all of `select.betas`, and all of `select.lambdas`
-    /// for `bon_unc`); methods without β always export.
-    #[serde(default)]
+    /// for `bon_unc`); methods without β always export. The YAML list may also hold `best`,
+    /// which is kept apart in [`PairConfig::best`].
     pub betas: Option<Vec<f64>>,
+    /// `pair.betas` lists `best`: export each method at the β that `select.tune` picks (filled
+    /// into [`PairConfig::best_betas`] by whoever runs the tuning before pairing).
+    pub best: bool,
     /// Also write each export's SFT half (`<export>/sft/`: prompt + the chosen completion, TRL's
     /// prompt-completion format), the SFT term of BoNBoN alignment.
-    #[serde(default)]
     pub sft: bool,
     /// Also write `vbon/`: every sample with log π_ref, its reward CDF and its variational-BoN
     /// log-weight.
-    #[serde(default)]
     pub vbon: bool,
+    /// `conversational` (message lists, default) or `standard` (strings rendered with the
+    /// policy's chat template).
+    pub format: PairFormat,
+    /// `parquet` (default) or `jsonl`.
+    pub file_format: FileFormat,
+    /// The tuned β per method that `best` stands for; not part of the YAML.
+    #[serde(skip)]
+    pub best_betas: BTreeMap<Method, f64>,
+    /// Where `best` sat in the YAML list and how often it was listed, for diagnostics; set by
+    /// deserialization.
+    #[serde(skip)]
+    pub best_at: Option<(usize, usize)>,
 }
 
 impl Default for PairConfig {
     fn default() -> Self {
-        Self { rejected: RejectedRule::Worst, min_margin: 0.0, methods: None, betas: None, sft: false, vbon: false }
+        Self {
+            rejected: RejectedRule::Worst,
+            min_margin: 0.0,
+            methods: None,
+            betas: None,
+            best: false,
+            sft: false,
+            vbon: false,
+            format: PairFormat::Conversational,
+            file_format: FileFormat::Parquet,
+            best_betas: BTreeMap::new(),
+            best_at: None,
+        }
     }
 }
 
@@ -72,10 +217,22 @@ impl PairConfig {
             .collect()
     }
 
-    /// Whether (method, β) is exported.
+    /// Whether (method, β) is exported. With `best`, a method's tuned β (from
+    /// [`PairConfig::best_betas`]) is exported besides any values listed.
     pub fn exports(&self, select: &SelectConfig, method: Method, beta: f64) -> bool {
+        let listed = |bs: &Vec<f64>| bs.contains(&beta);
+        let tuned = self.best && self.best_betas.get(&method) == Some(&beta);
         self.export_methods(select).contains(&method)
-            && (!method.uses_beta() || self.betas.as_ref().is_none_or(|bs| bs.contains(&beta)))
+            && (!method.uses_beta() || tuned || self.betas.as_ref().is_none_or(listed))
+    }
+
+    /// The position in the YAML list `pair.betas` of the i-th β value in [`PairConfig::betas`].
+    fn beta_path(&self, i: usize) -> String {
+        let shift = match self.best_at {
+            Some((at, n)) if at <= i => n,
+            _ => 0,
+        };
+        format!("pair.betas[{}]", i + shift)
     }
 
     /// Every problem with this section (`select` is `None` when it did not parse).
@@ -100,8 +257,20 @@ impl PairConfig {
                 }
             }
         }
+        if let Some((at, n)) = self.best_at {
+            let path = format!("pair.betas[{at}]");
+            if select.tune.is_none() {
+                diags.push(doc.diag(
+                    &path,
+                    "`best` needs `select.tune` (the tuning subset and gold reward that pick β per method)",
+                ));
+            }
+            if n > 1 {
+                diags.push(doc.diag(&path, "`best` is listed twice"));
+            }
+        }
         for m in self.export_methods(select) {
-            if !select.grid(m).iter().any(|&b| self.exports(select, m, b)) {
+            if !self.best && !select.grid(m).iter().any(|&b| self.exports(select, m, b)) {
                 let grid = if m == Method::BonUnc { "select.lambdas" } else { "select.betas" };
                 diags.push(doc.diag(
                     "pair.betas",
@@ -112,12 +281,66 @@ impl PairConfig {
         if let Some(bs) = &self.betas {
             for (i, b) in bs.iter().enumerate() {
                 if !select.betas.contains(b) && !select.lambdas.contains(b) {
-                    diags.push(doc.diag(
-                        &format!("pair.betas[{i}]"),
-                        format!("β = {b} is not in select.betas or select.lambdas"),
-                    ));
+                    diags.push(
+                        doc.diag(&self.beta_path(i), format!("β = {b} is not in select.betas or select.lambdas")),
+                    );
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn parse(yaml: &str) -> (PairConfig, SelectConfig, Vec<String>) {
+        let doc = ConfigDoc::parse(Path::new("p.yaml"), yaml).unwrap();
+        let mut d = Diagnostics::default();
+        let select: SelectConfig = doc.section("select", &mut d).unwrap();
+        let pair: PairConfig = doc.section("pair", &mut d).unwrap();
+        pair.check(&doc, Some(&select), &mut d);
+        (pair, select, d.iter().map(|x| format!("{}: {}", x.path, x.message)).collect())
+    }
+
+    const SELECT: &str =
+        "select:\n  proxy: proxy\n  gold: [gold]\n  methods: [bon, rbon_kl, rbon_wd]\n  betas: [0.1, 0.5, 1.0]\n";
+
+    #[test]
+    fn best_exports_the_tuned_beta_of_each_method() {
+        let tune = "  tune: { gold: gold, fraction: 0.5 }\n";
+        let (mut pair, select, problems) =
+            parse(&format!("{SELECT}{tune}pair:\n  betas: [best, 1.0]\n  format: standard\n  file_format: jsonl\n"));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(pair.best);
+        assert_eq!(pair.betas, Some(vec![1.0]));
+        assert_eq!((pair.format, pair.file_format), (PairFormat::Standard, FileFormat::Jsonl));
+        // Before tuning only the listed β exports; after, each method's own best too.
+        assert!(!pair.exports(&select, Method::RbonKl, 0.1));
+        pair.best_betas = BTreeMap::from([(Method::RbonKl, 0.1), (Method::RbonWd, 0.5)]);
+        assert!(pair.exports(&select, Method::RbonKl, 0.1));
+        assert!(!pair.exports(&select, Method::RbonKl, 0.5));
+        assert!(pair.exports(&select, Method::RbonWd, 0.5));
+        assert!(pair.exports(&select, Method::RbonWd, 1.0));
+        assert!(pair.exports(&select, Method::Bon, 0.0));
+    }
+
+    #[test]
+    fn best_needs_select_tune_and_positions_stay_right() {
+        let (_, _, problems) = parse(&format!("{SELECT}pair:\n  betas: [0.5, best, 0.3]\n"));
+        assert_eq!(
+            problems,
+            [
+                "pair.betas[1]: `best` needs `select.tune` (the tuning subset and gold reward that pick β per method)",
+                "pair.betas[2]: β = 0.3 is not in select.betas or select.lambdas",
+            ]
+        );
+        let doc = ConfigDoc::parse(Path::new("p.yaml"), "pair:\n  betas: [worst]\n").unwrap();
+        let mut d = Diagnostics::default();
+        assert!(doc.section::<PairConfig>("pair", &mut d).is_none());
+        assert!(d.iter().any(|x| x.message.contains("expected a β value or `best`")), "{d}");
     }
 }

@@ -20,7 +20,10 @@ use rbon_core::tables::{self, SampleScores};
 use rbon_core::{CoreError, Message, RunDir};
 use rbon_regularize::{Method, SelectConfig, group_proxy, vbon_weights};
 
-use crate::config::PairConfig;
+use std::io::{BufWriter, Write as _};
+
+use crate::config::{FileFormat, PairConfig, PairFormat};
+use crate::format::{self, ChatRender};
 use crate::stage::{DropReason, PairError, export_key};
 
 /// Rows per exported Parquet file.
@@ -54,7 +57,62 @@ pub struct Export {
 /// The file name of part `i` of `n`: `train-00000-of-00003.parquet`, the layout the Hugging Face
 /// Hub and `load_dataset` read as a train split.
 pub fn part_name(i: usize, n: usize) -> String {
-    format!("train-{i:05}-of-{n:05}.parquet")
+    part_file(i, n, FileFormat::Parquet)
+}
+
+/// [`part_name`] with the extension of `format`.
+pub fn part_file(i: usize, n: usize, format: FileFormat) -> String {
+    format!("train-{i:05}-of-{n:05}.{}", format.extension())
+}
+
+/// How an export is written besides what the config says.
+#[derive(Clone, Copy, Default)]
+pub struct ExportOptions<'a> {
+    /// Renders prompts and responses for `pair.format: standard` (the policy's chat template).
+    pub render: Option<&'a dyn ChatRender>,
+}
+
+impl std::fmt::Debug for ExportOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportOptions").field("render", &self.render.is_some()).finish()
+    }
+}
+
+/// An open part file: Parquet through the atomic shard writer, or JSON lines (inside a staged
+/// folder, which is itself swapped into place whole).
+enum Sink {
+    Parquet(Box<ParquetSink>),
+    Jsonl { path: PathBuf, file: BufWriter<fs::File>, rows: usize },
+}
+
+impl Sink {
+    fn rows(&self) -> usize {
+        match self {
+            Sink::Parquet(p) => p.rows(),
+            Sink::Jsonl { rows, .. } => *rows,
+        }
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), CoreError> {
+        match self {
+            Sink::Parquet(p) => p.write(batch),
+            Sink::Jsonl { path, file, rows } => {
+                file.write_all(format::jsonl(batch)?.as_bytes()).map_err(|e| CoreError::io(path.as_path(), e))?;
+                *rows += batch.num_rows();
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(self) -> Result<(), CoreError> {
+        match self {
+            Sink::Parquet(p) => (*p).finish().map(|_| ()),
+            Sink::Jsonl { path, file, .. } => {
+                let f = file.into_inner().map_err(|e| CoreError::io(path.as_path(), e.into_error()))?;
+                f.sync_all().map_err(|e| CoreError::io(path.as_path(), e))
+            }
+        }
+    }
 }
 
 /// A folder built under a temporary sibling name and swapped into place when complete, so an
@@ -97,18 +155,20 @@ impl Staged {
 struct Parts {
     dir: PathBuf,
     schema: SchemaRef,
+    format: FileFormat,
     parts: usize,
     files: Vec<String>,
-    sink: Option<ParquetSink>,
+    sink: Option<Sink>,
     pending: Vec<RecordBatch>,
     pending_rows: usize,
 }
 
 impl Parts {
-    fn create(dir: PathBuf, schema: SchemaRef, expected_rows: usize) -> Result<Self, CoreError> {
+    fn create(dir: PathBuf, schema: SchemaRef, expected_rows: usize, format: FileFormat) -> Result<Self, CoreError> {
         fs::create_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
         let parts = expected_rows.div_ceil(ROWS_PER_FILE).max(1);
-        let mut p = Self { dir, schema, parts, files: Vec::new(), sink: None, pending: Vec::new(), pending_rows: 0 };
+        let mut p =
+            Self { dir, schema, format, parts, files: Vec::new(), sink: None, pending: Vec::new(), pending_rows: 0 };
         p.next()?;
         Ok(p)
     }
@@ -117,13 +177,20 @@ impl Parts {
         if let Some(s) = self.sink.take() {
             s.finish()?;
         }
-        let name = part_name(self.files.len(), self.parts);
-        self.sink = Some(ParquetSink::create(
-            &self.dir.join(&name),
-            &self.schema,
-            &ShardMeta::default(),
-            Some(ROW_GROUP_ROWS),
-        )?);
+        let name = part_file(self.files.len(), self.parts, self.format);
+        let path = self.dir.join(&name);
+        self.sink = Some(match self.format {
+            FileFormat::Parquet => Sink::Parquet(Box::new(ParquetSink::create(
+                &path,
+                &self.schema,
+                &ShardMeta::default(),
+                Some(ROW_GROUP_ROWS),
+            )?)),
+            FileFormat::Jsonl => {
+                let file = fs::File::create(&path).map_err(|e| CoreError::io(&path, e))?;
+                Sink::Jsonl { path, file: BufWriter::new(file), rows: 0 }
+            }
+        });
         self.files.push(name);
         Ok(())
     }
@@ -148,7 +215,7 @@ impl Parts {
 
     fn write_rows(&mut self, mut batch: RecordBatch) -> Result<(), CoreError> {
         while batch.num_rows() > 0 {
-            let rows = self.sink.as_ref().map_or(ROWS_PER_FILE, ParquetSink::rows);
+            let rows = self.sink.as_ref().map_or(ROWS_PER_FILE, Sink::rows);
             if rows == ROWS_PER_FILE {
                 if self.files.len() == self.parts {
                     // Counts come from the same shards; more rows means they changed under us.
@@ -195,7 +262,35 @@ pub fn write_exports(
     totals: (usize, usize),
     card: &CardContext,
 ) -> Result<Vec<Export>, PairError> {
+    write_exports_with(run, shards, exports, counts, totals, card, ExportOptions::default())
+}
+
+/// [`write_exports`] with options: `opts.render` is required by `pair.format: standard`.
+/// Conversational exports also get `pairs/dataset_info.json` for LLaMA-Factory.
+pub fn write_exports_with(
+    run: &RunDir,
+    shards: usize,
+    exports: &[(Method, f64)],
+    counts: &BTreeMap<String, BTreeMap<String, u64>>,
+    totals: (usize, usize),
+    card: &CardContext,
+    opts: ExportOptions,
+) -> Result<Vec<Export>, PairError> {
     let (prompts, samples) = totals;
+    let file_format = card.pair.file_format;
+    let render = match (card.pair.format, opts.render) {
+        (PairFormat::Standard, None) => {
+            return Err(PairError::Core(CoreError::internal(
+                "pair.format: standard needs the policy's chat template to render the pairs, and none was given",
+            )));
+        }
+        (PairFormat::Standard, r) => r,
+        (PairFormat::Conversational, _) => None,
+    };
+    let export_schema = match render {
+        Some(_) => schema::pairs_standard_schema(),
+        None => schema::pairs_export_schema(),
+    };
     let pairs_dir = run.stage_dir("pairs");
     let count = |key: &str| counts.get(key).and_then(|c| c.get("pairs")).copied().unwrap_or(0) as usize;
     let mut staged = Vec::new();
@@ -203,9 +298,9 @@ pub fn write_exports(
     let mut sft = Vec::new();
     for &(m, b) in exports {
         let st = Staged::new(pairs_dir.join(export_key(m, b)))?;
-        dpo.push(Parts::create(st.tmp.clone(), schema::pairs_schema(), count(&export_key(m, b)))?);
+        dpo.push(Parts::create(st.tmp.clone(), export_schema.clone(), count(&export_key(m, b)), file_format)?);
         if card.pair.sft {
-            sft.push(Parts::create(st.tmp.join("sft"), sft_schema(), prompts)?);
+            sft.push(Parts::create(st.tmp.join("sft"), sft_schema(), prompts, file_format)?);
         }
         staged.push(st);
     }
@@ -213,7 +308,7 @@ pub fn write_exports(
     let mut vbon = match card.pair.vbon {
         true => {
             let st = Staged::new(vbon_dir.clone())?;
-            let parts = Parts::create(st.tmp.clone(), vbon_schema(), samples)?;
+            let parts = Parts::create(st.tmp.clone(), vbon_schema(), samples, file_format)?;
             Some((st, parts))
         }
         false => {
@@ -228,7 +323,14 @@ pub fn write_exports(
         for batch in shard::read_parquet(&path)? {
             let (methods, betas) = method_beta(&batch, &path)?;
             for (parts, &(m, b)) in dpo.iter_mut().zip(exports) {
-                parts.write(filter(&batch, &mask(&methods, &betas, m, b))?)?;
+                let rows = filter(&batch, &mask(&methods, &betas, m, b))?;
+                if rows.num_rows() == 0 {
+                    continue;
+                }
+                parts.write(match render {
+                    Some(r) => format::standard_batch(&rows, r)?,
+                    None => format::conversational_batch(&rows)?,
+                })?;
             }
         }
         if !card.pair.sft && vbon.is_none() {
@@ -267,6 +369,7 @@ pub fn write_exports(
         }
     }
     let mut out = Vec::new();
+    let mut info: Vec<(String, Vec<String>)> = Vec::new();
     let mut sft = sft.into_iter();
     for ((parts, st), &(m, b)) in dpo.into_iter().zip(staged).zip(exports) {
         let names = parts.finish()?;
@@ -282,6 +385,8 @@ pub fn write_exports(
             None => Vec::new(),
         };
         let dir = st.commit()?;
+        let key = export_key(m, b);
+        info.push((format!("{}_beta={b}", m.as_str()), names.iter().map(|n| format!("{key}/{n}")).collect()));
         let files = names.iter().map(|n| dir.join(n)).collect();
         let sft_files = sft_names.iter().map(|n| dir.join("sft").join(n)).collect();
         out.push(Export { method: m, beta: b, dir, files, sft_files, counts: c });
@@ -290,6 +395,13 @@ pub fn write_exports(
         let names = v.finish()?;
         shard::write_atomic(&st.tmp.join("README.md"), vbon_card(card, samples, names.len()).as_bytes())?;
         st.commit()?;
+    }
+    // LLaMA-Factory reads the conversational exports through this file (`dataset_dir: <run>/pairs`).
+    let info_path = pairs_dir.join(DATASET_INFO);
+    if render.is_none() && !info.is_empty() {
+        shard::write_atomic(&info_path, format::dataset_info(&info).as_bytes())?;
+    } else if info_path.exists() {
+        fs::remove_file(&info_path).map_err(|e| CoreError::io(&info_path, e))?;
     }
     Ok(out)
 }
@@ -306,6 +418,9 @@ fn method_beta(batch: &RecordBatch, path: &std::path::Path) -> Result<(StringArr
 fn mask(methods: &StringArray, betas: &Float64Array, m: Method, b: f64) -> BooleanArray {
     (0..methods.len()).map(|r| Some(methods.value(r) == m.as_str() && betas.value(r) == b)).collect()
 }
+
+/// LLaMA-Factory's dataset registry, written at `pairs/dataset_info.json`.
+pub const DATASET_INFO: &str = "dataset_info.json";
 
 /// Folder of the variational-BoN export in the run directory.
 pub const VBON_DIR: &str = "vbon";
@@ -415,7 +530,8 @@ pub fn sft_card(card: &CardContext, method: Method, beta: f64, rows: usize, file
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "---\ntags:\n- trl\n- sft\n- rbon\n- bonbon\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.parquet\"\n---\n"
+        "---\ntags:\n- trl\n- sft\n- rbon\n- bonbon\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.{}\"\n---\n",
+        card.pair.file_format.extension()
     );
     let _ = writeln!(s, "# {}: `{}` β = {} SFT completions\n", card.run_name, method, beta);
     let _ = writeln!(
@@ -436,7 +552,8 @@ pub fn vbon_card(card: &CardContext, rows: usize, files: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "---\ntags:\n- rbon\n- vbon\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.parquet\"\n---\n"
+        "---\ntags:\n- rbon\n- vbon\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.{}\"\n---\n",
+        card.pair.file_format.extension()
     );
     let _ = writeln!(s, "# {}: variational Best-of-N weights\n", card.run_name);
     let _ = writeln!(
@@ -476,19 +593,23 @@ pub fn dataset_card(
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "---\ntags:\n- trl\n- dpo\n- rbon\n- preference\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.parquet\"\n---\n"
+        "---\ntags:\n- trl\n- dpo\n- rbon\n- preference\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"train-*.{}\"\n---\n",
+        card.pair.file_format.extension()
     );
+    let ext = card.pair.file_format.extension();
+    let standard = card.pair.format == PairFormat::Standard;
     let beta_text = if method.uses_beta() { format!(", β = {beta}") } else { String::new() };
     let _ = writeln!(s, "# {}: `{}`{} preference pairs\n", card.run_name, method, beta_text);
     let _ = writeln!(
         s,
         "Made by rbon {} from N candidate responses per prompt. **chosen** is the pick of `{}`{}; \
-         **rejected** is chosen by the `{}` rule. Format: Conversational / Type: Preference, with an \
+         **rejected** is chosen by the `{}` rule. Format: {} / Type: Preference, with an \
          explicit prompt (TRL).\n",
         card.version,
         method,
         beta_text,
-        card.pair.rejected.as_str()
+        card.pair.rejected.as_str(),
+        if standard { "Standard (strings rendered with the policy's chat template)" } else { "Conversational" }
     );
     let rule = match method {
         Method::Bon => "argmax of R_p(x, y)".to_owned(),
@@ -520,26 +641,66 @@ pub fn dataset_card(
     for d in DropReason::ALL {
         let _ = writeln!(s, "| {} | {} |", d.counter().replace('_', " "), get(d.counter()));
     }
-    let _ = writeln!(s, "\nFiles: {files} (`train-*.parquet`).\n");
+    let _ = writeln!(s, "\nFiles: {files} (`train-*.{ext}`).\n");
+    let _ = writeln!(s, "## Columns\n\n| column | type | meaning |\n|---|---|---|");
+    if standard {
+        let _ = writeln!(
+            s,
+            "| prompt | string | the conversation rendered with the policy's chat template, ending with the \
+             generation prompt |\n\
+             | chosen | string | the rest of the rendered conversation, without the final EOS (trainers append it) |\n\
+             | rejected | string | likewise |"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "| prompt | list<struct<role, content>> | the conversation before the response |\n\
+             | chosen | list<struct<role, content>> | one assistant message |\n\
+             | rejected | list<struct<role, content>> | one assistant message |"
+        );
+    }
     let _ = writeln!(
         s,
-        "## Columns\n\n| column | type | meaning |\n|---|---|---|\n\
-         | prompt | list<struct<role, content>> | the conversation before the response |\n\
-         | chosen | list<struct<role, content>> | one assistant message |\n\
-         | rejected | list<struct<role, content>> | one assistant message |\n\
-         | prompt_id | string | id of the prompt (input id column, or SHA-256 of the canonical prompt) |\n\
+        "| prompt_id | string | id of the prompt (input id column, or SHA-256 of the canonical prompt) |\n\
          | method, beta | string, float64 | the selection rule and its β (0 for rules without one) |\n\
          | chosen_index, rejected_index | uint32 | sample indices among the prompt's N candidates |\n\
          | score_chosen, score_rejected | float64 | proxy reward of each response |\n\
-         | margin | float64 | score_chosen − score_rejected |\n"
+         | margin | float64 | score_chosen − score_rejected |"
     );
+    if !standard {
+        let _ = writeln!(
+            s,
+            "| chosen_message, rejected_message | struct<role, content> | chosen and rejected as single \
+             messages (LLaMA-Factory's sharegpt ranking format) |"
+        );
+    }
+    let loader = if ext == "jsonl" { "json" } else { "parquet" };
     let _ = writeln!(
         s,
-        "## Training on it\n\n\
-         - TRL: `load_dataset(\"parquet\", data_files=\"train-*.parquet\")` and pass it to `DPOTrainer`.\n\
-         - OpenRLHF: `--dataset <this folder> --data.apply_chat_template --data.prompt_key prompt \
-         --data.chosen_key chosen --data.rejected_key rejected`.\n"
+        "\n## Training on it\n\n\
+         - TRL: `load_dataset(\"{loader}\", data_files=\"train-*.{ext}\", split=\"train\")` and pass it to \
+         `DPOTrainer`{}.",
+        if standard { " (standard rows: TRL appends the EOS token to chosen and rejected)" } else { "" }
     );
+    if standard {
+        let _ = writeln!(
+            s,
+            "- OpenRLHF: `--dataset <file> --prompt_key prompt --chosen_key chosen --rejected_key rejected`, \
+             without `--apply_chat_template` (the prompt is already rendered); releases since the April 2026 \
+             config rename spell the keys `--data.prompt_key` etc.\n"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "- OpenRLHF: `--dataset <file> --apply_chat_template --prompt_key prompt --chosen_key chosen \
+             --rejected_key rejected` (releases since the April 2026 config rename: `--data.apply_chat_template \
+             --data.prompt_key prompt --data.chosen_key chosen --data.rejected_key rejected`).\n\
+             - LLaMA-Factory: `dataset_dir: <run>/pairs` and `dataset: {}_beta={beta}` (registered in \
+             `pairs/dataset_info.json`: sharegpt ranking, `messages` = prompt, chosen/rejected = the single-message \
+             columns).\n",
+            method.as_str()
+        );
+    }
     let _ = writeln!(s, "## Pipeline\n\n```yaml\n{}\n```", card.config_text.trim_end());
     s
 }
@@ -600,7 +761,8 @@ mod tests {
     fn read_rows(path: &Path) -> Vec<(String, String, f64, u32, String)> {
         let mut out = Vec::new();
         for b in shard::read_parquet(path).unwrap() {
-            assert_eq!(b.schema(), schema::pairs_schema());
+            assert_eq!(b.schema(), schema::pairs_export_schema());
+            let single = b.column_by_name("chosen_message").unwrap().as_struct();
             let ids = b.column_by_name("prompt_id").unwrap().as_string::<i32>();
             let methods = b.column_by_name("method").unwrap().as_string::<i32>();
             let betas = b.column_by_name("beta").unwrap().as_primitive::<Float64Type>();
@@ -610,6 +772,9 @@ mod tests {
                 let c = read_messages(chosen.as_ref(), r).unwrap();
                 assert_eq!(c.len(), 1);
                 assert_eq!(c[0].role, "assistant");
+                let content = single.column_by_name("content").unwrap().as_string::<i32>().value(r);
+                let role = single.column_by_name("role").unwrap().as_string::<i32>().value(r);
+                assert_eq!((role, content), ("assistant", c[0].content.as_str()));
                 out.push((
                     ids.value(r).to_owned(),
                     methods.value(r).to_owned(),
@@ -658,6 +823,7 @@ mod tests {
             methods: vec![Method::Bon, Method::RbonKl, Method::Mbr],
             betas: vec![0.5, 1.0],
             lambdas: vec![],
+            tune: None,
         };
         let pair = PairConfig::default();
         let config_text = "name: export-test\nseed: 0\n";
@@ -703,7 +869,11 @@ mod tests {
         }
 
         let first = snapshot(&pairs_dir);
-        assert_eq!(first.len(), 2 + 2 * exports.len(), "{:?}", first.keys());
+        // Two pair shards, a card and a file per export, and LLaMA-Factory's registry.
+        assert_eq!(first.len(), 3 + 2 * exports.len(), "{:?}", first.keys());
+        let info: serde_json::Value = serde_json::from_slice(&first[Path::new("dataset_info.json")]).unwrap();
+        assert_eq!(info["rbon_kl_beta=0.5"]["file_name"], "rbon_kl/beta=0.5/train-00000-of-00001.parquet");
+        assert_eq!(info.as_object().unwrap().len(), exports.len());
         let again = write_exports(&run, 2, &exports, &counts, (0, 0), &card).unwrap();
         assert_eq!(again, out);
         assert!(first == snapshot(&pairs_dir), "a rerun changed the bytes of an export");
@@ -729,6 +899,7 @@ mod tests {
             methods: vec![Method::Bon],
             betas: vec![],
             lambdas: vec![],
+            tune: None,
         };
         let pair = PairConfig::default();
         let card = CardContext { run_name: "big", version: "0", select: &select, pair: &pair, config_text: "" };
@@ -753,5 +924,68 @@ mod tests {
         assert_eq!(b, [ROWS_PER_FILE as u32, ROWS_PER_FILE as u32 + 1, ROWS_PER_FILE as u32 + 2]);
         assert!(a.iter().enumerate().all(|(i, &x)| x == i as u32));
         assert!(fs::read_to_string(dir.join("README.md")).unwrap().contains("Files: 2"));
+    }
+
+    /// Renders `role: content` lines; the generation prompt is `assistant:`, EOS is `</s>`.
+    struct Lines;
+
+    impl ChatRender for Lines {
+        fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+            let mut s: String = messages.iter().map(|m| format!("{}: {}</s>\n", m.role, m.content)).collect();
+            if add_generation_prompt {
+                s.push_str("assistant: ");
+            }
+            Ok(s)
+        }
+        fn eos(&self) -> Option<String> {
+            Some("</s>".into())
+        }
+    }
+
+    #[test]
+    fn standard_jsonl_exports_render_strings_without_a_trailing_eos() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path()).unwrap();
+        let rows = vec![row("p0", Method::Bon, 0.0, 1), row("p1", Method::Bon, 0.0, 2)];
+        shard::write_parquet(
+            &run.shard_path("pairs", 0),
+            &schema::pairs_schema(),
+            &[pairs_batch(&rows).unwrap()],
+            &ShardMeta::default(),
+        )
+        .unwrap();
+        // A registry left by an earlier conversational export must not survive.
+        fs::write(run.stage_dir("pairs").join(DATASET_INFO), "{}").unwrap();
+        let select = SelectConfig {
+            proxy: "proxy".into(),
+            gold: vec![],
+            methods: vec![Method::Bon],
+            betas: vec![],
+            lambdas: vec![],
+            tune: None,
+        };
+        let pair = PairConfig { format: PairFormat::Standard, file_format: FileFormat::Jsonl, ..Default::default() };
+        let card = CardContext { run_name: "s", version: "0", select: &select, pair: &pair, config_text: "" };
+        let counts = BTreeMap::from([("bon/beta=0".to_owned(), counters(2, 0))]);
+        let exports = [(Method::Bon, 0.0)];
+        let err = write_exports(&run, 1, &exports, &counts, (0, 0), &card).unwrap_err();
+        assert!(err.to_string().contains("chat template"), "{err}");
+        let opts = ExportOptions { render: Some(&Lines) };
+        let out = write_exports_with(&run, 1, &exports, &counts, (0, 0), &card, opts).unwrap();
+        let file = run.stage_dir("pairs").join("bon/beta=0/train-00000-of-00001.jsonl");
+        assert_eq!(out[0].files, vec![file.clone()]);
+        assert!(!run.stage_dir("pairs").join(DATASET_INFO).exists());
+        let text = fs::read_to_string(&file).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["prompt"], "user: question p0</s>\nassistant: ");
+        assert_eq!(lines[0]["chosen"], "p0 good 1");
+        assert_eq!(lines[0]["rejected"], "p0 bad");
+        assert_eq!(lines[1]["chosen_index"], 2);
+        assert_eq!(lines[1]["margin"], 2.0);
+        // Keys keep the column order of the schema.
+        assert!(text.starts_with("{\"prompt_id\":\"p0\",\"method\":\"bon\",\"beta\":0.0,"), "{text}");
+        let readme = fs::read_to_string(file.with_file_name("README.md")).unwrap();
+        assert!(readme.contains("train-*.jsonl") && readme.contains("Standard"), "{readme}");
     }
 }

@@ -4,8 +4,10 @@
 
 pub mod config;
 pub mod export;
+pub mod format;
 pub mod stage;
 
-pub use config::{PairConfig, RejectedRule};
-pub use export::{CardContext, Export, write_exports};
+pub use config::{FileFormat, PairConfig, PairFormat, RejectedRule};
+pub use export::{CardContext, Export, ExportOptions, write_exports, write_exports_with};
+pub use format::ChatRender;
 pub use stage::{DropReason, PairError, PairRow, ShardPairs, export_key, pair_shard, pairs_batch};

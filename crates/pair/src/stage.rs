@@ -351,6 +351,7 @@ mod tests {
             methods: methods.to_vec(),
             betas: betas.to_vec(),
             lambdas: vec![],
+            tune: None,
         }
     }
 

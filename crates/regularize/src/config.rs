@@ -3,6 +3,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use rbon_core::seed::derive_seed;
 use rbon_core::{ConfigDoc, Diagnostics};
 
 use crate::method::Method;
@@ -107,6 +108,79 @@ pub struct SelectConfig {
     /// The λ grid swept by `bon_unc` (finite, ≥ 0), reported in the `beta` column.
     #[serde(default = "default_lambdas")]
     pub lambdas: Vec<f64>,
+    /// β selection: a tuning subset of prompts on which the report names the best β (λ for
+    /// `bon_unc`) of each method by a gold reward's mean, evaluated on the other prompts; the
+    /// pair export can then use `best` as its β. Selection itself is unaffected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune: Option<TuneConfig>,
+}
+
+/// The `select.tune` section: which prompts tune β, and by which gold reward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneConfig {
+    /// The gold reward (one of `select.gold`) whose mean over the tuning subset picks β.
+    pub gold: String,
+    /// Fraction of prompts in the tuning subset (0 < f < 1): a prompt is in it when a seeded
+    /// hash of its id falls below f, so membership depends on neither row order nor sharding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    /// Or: the prompt ids of the tuning subset (give `fraction` or `prompts`, not both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<Vec<String>>,
+    /// Seed of the hash behind `fraction`.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl TuneConfig {
+    /// Whether a prompt belongs to the tuning subset (the rest is held out for evaluation).
+    pub fn contains(&self, prompt_id: &str) -> bool {
+        if let Some(ids) = &self.prompts {
+            return ids.iter().any(|p| p == prompt_id);
+        }
+        let f = self.fraction.unwrap_or(0.0);
+        let u = (derive_seed(self.seed, prompt_id, b"select.tune") >> 11) as f64 / (1u64 << 53) as f64;
+        u < f
+    }
+
+    /// Problems with this section (`gold` is `select.gold`).
+    fn check(&self, doc: &ConfigDoc, gold: &[String], diags: &mut Diagnostics) {
+        if !gold.contains(&self.gold) {
+            let listed = if gold.is_empty() { "select.gold is empty".to_owned() } else { gold.join(", ") };
+            diags.push(doc.diag(
+                "select.tune.gold",
+                format!(
+                    "`{}` is not a gold reward of select.gold ({listed}); β is tuned on a held-out gold reward",
+                    self.gold
+                ),
+            ));
+        }
+        match (&self.fraction, &self.prompts) {
+            (Some(_), Some(_)) => {
+                diags.push(doc.diag("select.tune", "give either `fraction` or `prompts`, not both"));
+            }
+            (None, None) => diags.push(doc.diag(
+                "select.tune",
+                "name the tuning subset: `fraction: 0.2` (seeded by prompt id) or `prompts: [id, ...]`",
+            )),
+            (Some(f), None) if !(f.is_finite() && *f > 0.0 && *f < 1.0) => diags.push(doc.diag(
+                "select.tune.fraction",
+                format!("{f} is not allowed: the tuning fraction must be strictly between 0 and 1"),
+            )),
+            (None, Some(ps)) => {
+                if ps.is_empty() {
+                    diags.push(doc.diag("select.tune.prompts", "must list at least one prompt id"));
+                }
+                for (i, p) in ps.iter().enumerate() {
+                    if ps[..i].contains(p) {
+                        diags.push(doc.diag(&format!("select.tune.prompts[{i}]"), format!("`{p}` is listed twice")));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl SelectConfig {
@@ -189,6 +263,9 @@ impl SelectConfig {
                 diags.push(doc.diag(&format!("select.gold[{i}]"), format!("`{g}` is listed twice")));
             }
         }
+        if let Some(t) = &self.tune {
+            t.check(doc, &self.gold, diags);
+        }
         let Some(a) = avail else { return };
         let names = a.rewards.join(", ");
         for (i, p) in proxies.iter().enumerate() {
@@ -227,5 +304,53 @@ impl SelectConfig {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn problems(yaml: &str) -> Vec<String> {
+        let doc = ConfigDoc::parse(Path::new("p.yaml"), yaml).unwrap();
+        let mut d = Diagnostics::default();
+        let s: SelectConfig = doc.section("select", &mut d).unwrap();
+        s.check(&doc, None, &mut d);
+        d.iter().map(|x| format!("{}: {}", x.path, x.message)).collect()
+    }
+
+    #[test]
+    fn tuning_fraction_is_a_seeded_hash_of_the_prompt_id() {
+        let t = TuneConfig { gold: "gold".into(), fraction: Some(0.25), prompts: None, seed: 7 };
+        let ids: Vec<String> = (0..4000).map(|i| format!("prompt-{i}")).collect();
+        let inside: Vec<&String> = ids.iter().filter(|p| t.contains(p)).collect();
+        // Binomial(4000, 0.25): mean 1000, sd ≈ 27.
+        assert!((880..1120).contains(&inside.len()), "{}", inside.len());
+        // Membership is a property of the id alone: the same in any order, different by seed.
+        assert!(ids.iter().rev().filter(|p| t.contains(p)).count() == inside.len());
+        let other = TuneConfig { seed: 8, ..t.clone() };
+        assert!(ids.iter().any(|p| t.contains(p) != other.contains(p)));
+        let listed = TuneConfig { fraction: None, prompts: Some(vec!["a".into(), "c".into()]), ..t };
+        assert_eq!(["a", "b", "c"].map(|p| listed.contains(p)), [true, false, true]);
+    }
+
+    #[test]
+    fn tune_section_is_checked() {
+        let base = "select:\n  proxy: proxy\n  gold: [gold]\n";
+        assert!(problems(&format!("{base}  tune: {{ gold: gold, fraction: 0.2 }}\n")).is_empty());
+        assert!(problems(&format!("{base}  tune: {{ gold: gold, prompts: [a, b] }}\n")).is_empty());
+        let p = problems(&format!("{base}  tune: {{ gold: proxy, fraction: 1.5 }}\n"));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("select.tune.gold: `proxy` is not a gold reward"), "{p:?}");
+        assert!(p[1].starts_with("select.tune.fraction: 1.5 is not allowed"), "{p:?}");
+        let p = problems(&format!("{base}  tune: {{ gold: gold }}\n"));
+        assert!(p[0].starts_with("select.tune: name the tuning subset"), "{p:?}");
+        let p = problems(&format!("{base}  tune: {{ gold: gold, fraction: 0.5, prompts: [a] }}\n"));
+        assert!(p[0].contains("not both"), "{p:?}");
+        let p = problems(&format!("{base}  tune: {{ gold: gold, prompts: [a, a] }}\n"));
+        assert_eq!(p, ["select.tune.prompts[1]: `a` is listed twice"]);
     }
 }

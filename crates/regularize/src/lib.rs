@@ -7,6 +7,6 @@ pub mod config;
 pub mod method;
 pub mod stage;
 
-pub use config::{Available, DEFAULT_LAMBDAS, PAPER_BETAS, Proxy, SelectConfig};
+pub use config::{Available, DEFAULT_LAMBDAS, PAPER_BETAS, Proxy, SelectConfig, TuneConfig};
 pub use method::*;
 pub use stage::{SelectError, SelectionRow, group_proxy, select_shard, selections_batch, sweep};

@@ -364,6 +364,7 @@ mod tests {
             methods: methods.to_vec(),
             betas: betas.to_vec(),
             lambdas: vec![],
+            tune: None,
         }
     }
 

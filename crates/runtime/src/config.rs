@@ -184,6 +184,12 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
     }
     if let Some(p) = &pair {
         p.check(&doc, select.as_ref(), &mut d);
+        if p.format == rbon_pair::PairFormat::Standard && doc.get("policy").is_none() {
+            d.push(doc.diag(
+                "pair.format",
+                "`standard` renders rows with the policy's chat template: add a `policy` section",
+            ));
+        }
     }
     if let Some(r) = &runtime {
         check_runtime(&doc, r, &mut d);
@@ -223,6 +229,8 @@ pub struct Frozen {
     pub name: String,
     pub select: Option<SelectConfig>,
     pub pair: PairConfig,
+    /// For `pair.format: standard`, whose rows are rendered with the policy's chat template.
+    pub policy: Option<PolicyConfig>,
     pub text: String,
 }
 
@@ -233,8 +241,11 @@ pub fn load_frozen(path: &Path) -> Result<Frozen, Diagnostics> {
     let name: Option<String> = doc.value("name", &mut d);
     let select: Option<SelectConfig> = doc.get("select").and_then(|_| doc.section("select", &mut d));
     let pair: Option<PairConfig> = doc.section("pair", &mut d);
+    let policy: Option<PolicyConfig> = doc.get("policy").and_then(|_| doc.section("policy", &mut d));
     match (d.is_empty(), pair) {
-        (true, Some(pair)) => Ok(Frozen { name: name.unwrap_or_default(), select, pair, text: doc.text().to_owned() }),
+        (true, Some(pair)) => {
+            Ok(Frozen { name: name.unwrap_or_default(), select, pair, policy, text: doc.text().to_owned() })
+        }
         _ => {
             if d.is_empty() {
                 d.push(doc.diag("pair", "missing `pair`"));

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use rbon_core::rundir::STAGE_DIRS;
 use rbon_core::shard::ShardMeta;
 use rbon_core::{CoreError, Event, Manifest, Progress, RankState, RunDir, StageState};
-use rbon_pair::{CardContext, Export, PairConfig, export_key, write_exports};
+use rbon_pair::{CardContext, ChatRender, Export, ExportOptions, PairConfig, export_key, write_exports_with};
 use rbon_regularize::{SelectConfig, sweep};
 
 use crate::ranks::Ranks;
@@ -27,6 +27,8 @@ pub(crate) struct Merge<'a> {
     pub name: &'a str,
     pub select: Option<&'a SelectConfig>,
     pub pair: &'a PairConfig,
+    /// For `pair.format: standard`.
+    pub policy: Option<&'a rbon_sample::PolicyConfig>,
     pub config_text: &'a str,
 }
 
@@ -36,6 +38,28 @@ pub(crate) struct Merged {
     pub exports: Vec<Export>,
     pub exports_reused: bool,
     pub vbon_files: Vec<PathBuf>,
+    pub report: Option<rbon_report::Report>,
+}
+
+/// The policy's chat template, for standard (plain-string) exports.
+struct PolicyTemplate(rbon_models::ChatTokenizer);
+
+impl ChatRender for PolicyTemplate {
+    fn render(&self, messages: &[rbon_core::Message], add_generation_prompt: bool) -> Result<String, String> {
+        self.0.render(messages, add_generation_prompt).map_err(|e| e.to_string())
+    }
+
+    fn eos(&self) -> Option<String> {
+        let id = *self.0.eos_ids().first()?;
+        self.0.tokenizer().id_to_token(id)
+    }
+}
+
+fn policy_template(policy: &rbon_sample::PolicyConfig) -> Result<PolicyTemplate, RunError> {
+    let dir = rbon_models::ModelDir::resolve(&policy.model).map_err(rbon_sample::SampleError::from)?;
+    let choice = rbon_models::chat::template_choice(&policy.chat_template, Path::new("."));
+    let tok = rbon_models::ChatTokenizer::load(&dir, &choice).map_err(rbon_sample::SampleError::from)?;
+    Ok(PolicyTemplate(tok))
 }
 
 /// Checks and merges every shard, then writes the exports. `known` holds footers already read.
@@ -129,12 +153,13 @@ pub(crate) fn merge(
     run.write_manifest(manifest)?;
 
     let Some(select) = m.select.filter(|_| m.chain.iter().any(|s| s == "pairs")) else {
-        return Ok(Merged { stages, exports: Vec::new(), exports_reused: false, vbon_files: Vec::new() });
+        return Ok(Merged { stages, exports: Vec::new(), exports_reused: false, vbon_files: Vec::new(), report: None });
     };
     let pair_metas = metas.get("pairs").map(Vec::as_slice).unwrap_or_default();
     let (exports, exports_reused) = exports(m, select, pair_metas, &stages, manifest, progress)?;
-    let vbon_files = parquet_files(&run.root().join(rbon_pair::export::VBON_DIR));
-    Ok(Merged { stages, exports, exports_reused, vbon_files })
+    let vbon_files = export_files(&run.root().join(rbon_pair::export::VBON_DIR));
+    let report = rbon_report::build_report(run.root(), rbon_report::ReportOptions::default())?;
+    Ok(Merged { stages, exports, exports_reused, vbon_files, report: Some(report) })
 }
 
 /// The exports, merged from every pair shard in shard order; left alone when up to date.
@@ -147,7 +172,15 @@ fn exports(
     progress: &dyn Progress,
 ) -> Result<(Vec<Export>, bool), RunError> {
     let run = m.run;
-    let cfg_pair = m.pair;
+    // `best`: each method's β tuned on `select.tune`'s subset, from every shard's selections.
+    let mut tuned = m.pair.clone();
+    let mut export_fp = m.export_fp.clone();
+    if tuned.best {
+        tuned.best_betas = rbon_report::tune(run.root(), select)?.map(|t| t.best()).unwrap_or_default();
+        let best: Vec<(String, f64)> = tuned.best_betas.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect();
+        export_fp = rbon_core::rundir::fingerprint("export-best", &best, &[&m.export_fp]);
+    }
+    let cfg_pair = &tuned;
     let exports: Vec<_> = sweep(select).into_iter().filter(|&(me, b)| cfg_pair.exports(select, me, b)).collect();
     let mut details: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for meta in pair_metas {
@@ -158,7 +191,7 @@ fn exports(
             }
         }
     }
-    let export_done = manifest.stages.get("export").is_some_and(|s| s.complete && s.fingerprint == m.export_fp)
+    let export_done = manifest.stages.get("export").is_some_and(|s| s.complete && s.fingerprint == export_fp)
         && exports.iter().all(|&(me, b)| {
             let dir = run.stage_dir("pairs").join(export_key(me, b));
             dir.join("README.md").is_file() && (!cfg_pair.sft || dir.join("sft/README.md").is_file())
@@ -169,21 +202,30 @@ fn exports(
             .iter()
             .map(|&(me, b)| {
                 let dir = run.stage_dir("pairs").join(export_key(me, b));
-                let sft_files = if cfg_pair.sft { parquet_files(&dir.join("sft")) } else { Vec::new() };
-                let files = parquet_files(&dir);
+                let sft_files = if cfg_pair.sft { export_files(&dir.join("sft")) } else { Vec::new() };
+                let files = export_files(&dir);
                 let counts = details.get(&export_key(me, b)).cloned().unwrap_or_default();
                 Export { method: me, beta: b, dir, files, sft_files, counts }
             })
             .collect();
         return Ok((list, true));
     }
-    manifest.stages.insert("export".into(), StageState { fingerprint: m.export_fp.clone(), ..Default::default() });
+    manifest.stages.insert("export".into(), StageState { fingerprint: export_fp.clone(), ..Default::default() });
     run.write_manifest(manifest)?;
     let card = CardContext { run_name: m.name, version: VERSION, select, pair: cfg_pair, config_text: m.config_text };
     let get = |k: &str| {
         stages.iter().find(|s| s.stage == "samples").and_then(|s| s.counters.get(k)).copied().unwrap_or(0) as usize
     };
-    let written = write_exports(run, m.n_shards, &exports, &details, (get("prompts"), get("samples")), &card)?;
+    let template = match (cfg_pair.format, m.policy) {
+        (rbon_pair::PairFormat::Standard, Some(p)) => Some(policy_template(p)?),
+        (rbon_pair::PairFormat::Standard, None) => {
+            return Err(RunError::Usage("pair.format: standard needs a `policy` (its chat template)".into()));
+        }
+        _ => None,
+    };
+    let opts = ExportOptions { render: template.as_ref().map(|t| t as &dyn ChatRender) };
+    let totals = (get("prompts"), get("samples"));
+    let written = write_exports_with(run, m.n_shards, &exports, &details, totals, &card, opts)?;
     for e in &written {
         for f in &e.files {
             progress.event(Event::Wrote { path: f.clone() });
@@ -193,7 +235,7 @@ fn exports(
     manifest.stages.insert(
         "export".into(),
         StageState {
-            fingerprint: m.export_fp.clone(),
+            fingerprint: export_fp,
             shards: files,
             done: files,
             complete: true,
@@ -207,9 +249,15 @@ fn exports(
     Ok((written, false))
 }
 
-pub(crate) fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+/// The data files of an export folder (Parquet or JSONL parts).
+fn export_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "parquet")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "parquet" || x == "jsonl"))
+                .collect()
+        })
         .unwrap_or_default();
     files.sort();
     files
@@ -281,6 +329,7 @@ pub fn finalize(run_dir: &Path, progress: &dyn Progress) -> Result<RunReport, Ru
         name: &frozen.name,
         select: frozen.select.as_ref(),
         pair: &frozen.pair,
+        policy: frozen.policy.as_ref(),
         config_text: &frozen.text,
     };
     let merged = merge(&merge_input, &BTreeMap::new(), &mut manifest, progress)?;
@@ -292,6 +341,7 @@ pub fn finalize(run_dir: &Path, progress: &dyn Progress) -> Result<RunReport, Ru
         exports: merged.exports,
         exports_reused: merged.exports_reused,
         vbon_files: merged.vbon_files,
+        report: merged.report,
     })
 }
 

@@ -90,6 +90,7 @@ pub fn resolve(
         return Ranks::checked(r, w, "RANK/WORLD_SIZE");
     }
     match world_size {
+        Some(0) => Err("--world-size: the world size must be at least 1".into()),
         Some(1) | None => Ok(Ranks::default()),
         Some(w) => Err(format!(
             "--world-size {w} without a rank: give --rank, or run under a Slurm array, a Kubernetes Indexed Job \

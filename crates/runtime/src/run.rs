@@ -47,6 +47,14 @@ pub enum RunError {
     Sample(Box<rbon_sample::SampleError>),
     #[error(transparent)]
     Score(Box<rbon_score::ScoreError>),
+    #[error("report: {0}")]
+    Report(Box<rbon_report::ReportError>),
+}
+
+impl From<rbon_report::ReportError> for RunError {
+    fn from(e: rbon_report::ReportError) -> Self {
+        Self::Report(Box::new(e))
+    }
 }
 
 impl From<rbon_score::ScoreError> for RunError {
@@ -66,7 +74,7 @@ impl RunError {
     pub fn is_data(&self) -> bool {
         match self {
             Self::Core(e) => e.is_data(),
-            Self::Interrupted { .. } | Self::NotFinished(_) | Self::Usage(_) => false,
+            Self::Interrupted { .. } | Self::NotFinished(_) | Self::Usage(_) | Self::Report(_) => false,
             Self::Select(SelectError::Core(e)) | Self::Pair(PairError::Core(e)) => e.is_data(),
             Self::Sample(e) => matches!(e.as_ref(), rbon_sample::SampleError::Core(c) if c.is_data()),
             Self::Score(e) => matches!(e.as_ref(), rbon_score::ScoreError::Core(c) if c.is_data()),
@@ -110,6 +118,8 @@ pub struct RunReport {
     pub exports_reused: bool,
     /// The variational-BoN export's files, when `pair.vbon` is on.
     pub vbon_files: Vec<PathBuf>,
+    /// The report, when the run was merged and selects.
+    pub report: Option<rbon_report::Report>,
 }
 
 #[derive(Serialize)]
@@ -297,14 +307,17 @@ fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Plan, RunError
         if !select_fp.methods.contains(&rbon_regularize::Method::BonUnc) {
             select_fp.lambdas.clear();
         }
+        // Tuning reads selections; it does not change them.
+        select_fp.tune = None;
         let fp_select =
             fingerprint("selections", &SelectFingerprint { select: &select_fp, seed: select_seed }, &[&fp_scores]);
-        // sft/vbon only shape the exports, whose fingerprint covers the whole config text.
+        // sft/vbon/format only shape the exports, whose fingerprint covers the whole config text.
+        let pair = shard_pair_config(&cfg.pair);
         let pair_fp = PairFingerprint {
-            rejected: cfg.pair.rejected,
-            min_margin: cfg.pair.min_margin,
-            methods: &cfg.pair.methods,
-            betas: &cfg.pair.betas,
+            rejected: pair.rejected,
+            min_margin: pair.min_margin,
+            methods: &pair.methods,
+            betas: &pair.betas,
             seed: (cfg.pair.rejected == rbon_pair::RejectedRule::Random).then_some(cfg.seed),
         };
         let fp_pairs = fingerprint("pairs", &pair_fp, &[&fp_select]);
@@ -318,6 +331,19 @@ fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Plan, RunError
         fps.insert("pairs".to_owned(), fp_pairs);
     }
     Ok(Plan { n_shards, chain, fps, export_fp })
+}
+
+/// The pair configuration of the pairs shards. With `pair.betas: best`, the shards pair every β
+/// of the grid, so they do not depend on the tuning, which needs every shard's selections; the
+/// exports then keep the tuned β (and any listed) per method.
+pub(crate) fn shard_pair_config(pair: &rbon_pair::PairConfig) -> rbon_pair::PairConfig {
+    let mut p = pair.clone();
+    if p.best {
+        p.betas = None;
+        p.best = false;
+        p.best_betas.clear();
+    }
+    p
 }
 
 /// Whether `dir` holds something other than an rbon run (hidden temporaries and the ranks'
@@ -412,6 +438,7 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
             exports: Vec::new(),
             exports_reused: false,
             vbon_files: Vec::new(),
+            report: None,
         });
     }
     let m = Merge {
@@ -424,6 +451,7 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
         name: &cfg.name,
         select: cfg.select.as_ref(),
         pair: &cfg.pair,
+        policy: cfg.policy.as_ref(),
         config_text: p.doc.text(),
     };
     let merged = merge(&m, &outcome.metas, &mut manifest, progress)?;
@@ -435,6 +463,7 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
         exports: merged.exports,
         exports_reused: merged.exports_reused,
         vbon_files: merged.vbon_files,
+        report: merged.report,
     })
 }
 

@@ -144,7 +144,8 @@ pub(crate) fn pairs(ctx: &Ctx, i: usize) -> Result<Done, RunError> {
     let data = read_sample_scores(ctx.run, i)?;
     let prompts = tables::read_prompts_batches(&shard::read_parquet(&ctx.run.shard_path("prompts", i))?, "prompts")?;
     let selections = shard::read_parquet(&ctx.run.shard_path("selections", i))?;
-    let sp = pair_shard(&ctx.cfg.pair, select, ctx.cfg.seed, &prompts, &data, &selections)?;
+    let pair = crate::run::shard_pair_config(&ctx.cfg.pair);
+    let sp = pair_shard(&pair, select, ctx.cfg.seed, &prompts, &data, &selections)?;
     let meta = ShardMeta { fingerprint: ctx.fp("pairs"), counters: sp.counters, details: sp.details };
     let batch = pairs_batch(&sp.rows)?;
     shard::write_parquet(&ctx.run.shard_path("pairs", i), &schema::pairs_schema(), &[batch], &meta)?;
