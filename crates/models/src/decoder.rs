@@ -1,6 +1,10 @@
 //! The Llama-family decoder, with a KV cache we own so that a prompt is prefilled once and its
 //! cache forked into N rows that decode in lock-step, and finished rows are dropped.
 
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
@@ -8,6 +12,7 @@ use crate::linear::Linear;
 
 use crate::config::DecoderConfig;
 use crate::error::ModelError;
+use crate::gguf::GgufFile;
 use crate::hub::ModelDir;
 
 type Result<T> = std::result::Result<T, candle_core::Error>;
@@ -93,6 +98,8 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// RoPE over interleaved pairs: q/k rows in llama.cpp's layout (see `gguf`).
+    rope_interleaved: bool,
 }
 
 fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -117,6 +124,7 @@ impl Attention {
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: d,
+            rope_interleaved: false,
         })
     }
 
@@ -142,8 +150,9 @@ impl Attention {
         let q = shape(self.q.forward(x)?, self.heads, &self.q_norm)?;
         let k = shape(self.k.forward(x)?, self.kv_heads, &self.k_norm)?;
         let v = shape(self.v.forward(x)?, self.kv_heads, &None)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let rope = if self.rope_interleaved { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope };
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
         let (mut kb, mut vb) = match cache.take() {
             Some((kb, vb)) => (Some(kb), Some(vb)),
             None => (None, None),
@@ -204,11 +213,27 @@ struct Layer {
     ln2: RmsNorm,
 }
 
+/// Token embeddings: dense, or GGUF blocks dequantized row by row on lookup.
+#[derive(Debug)]
+enum Embed {
+    Dense(Embedding),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embed {
+    fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(e) => e.forward(ids),
+            Self::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
+        }
+    }
+}
+
 /// A Llama-family decoder-only transformer.
 #[derive(Debug)]
 pub struct Decoder {
     cfg: DecoderConfig,
-    embed: Embedding,
+    embed: Embed,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Option<Linear>,
@@ -233,8 +258,12 @@ pub fn var_builder(
 }
 
 impl Decoder {
-    /// Loads a model folder (config.json plus safetensors) in `dtype` on `device`.
+    /// Loads a model folder (config.json plus safetensors, or a GGUF file) in `dtype` on
+    /// `device`.
     pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+        if let Some(file) = dir.gguf() {
+            return Self::load_gguf(file, dtype, device);
+        }
         let text = dir.read("config.json")?;
         let cfg = DecoderConfig::from_json(&text, &dir.root().join("config.json").display().to_string())?;
         let vb = var_builder(dir, dtype, device)?;
@@ -264,7 +293,103 @@ impl Decoder {
             (true, false) => Some(linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?),
         };
         let inv_freq = cfg.inv_freq();
+        let embed = Embed::Dense(embed);
         Ok(Self { embed, layers, norm, lm_head, inv_freq, device: vb.device().clone(), dtype: vb.dtype(), cfg })
+    }
+
+    /// Loads a GGUF file. Quantized weights stay quantized (candle's quantized matmul); F32,
+    /// F16 and BF16 tensors become dense tensors in `dtype`. Activations run in `dtype`; the
+    /// quantized matmul itself takes and returns f32 and rounds its input rows to 8 bits, as
+    /// llama.cpp does.
+    pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+        Self::load_gguf_with(path, dtype, device, false)
+    }
+
+    /// [`Decoder::load_gguf`], or with every weight dequantized to `dtype` when `dequantize`:
+    /// the model a dequantizing loader (transformers' `gguf_file=`) runs, at the memory of a
+    /// dense model.
+    pub fn load_gguf_with(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        dequantize: bool,
+    ) -> std::result::Result<Self, ModelError> {
+        let file = GgufFile::open(path)?;
+        let model = file.model()?;
+        let ctx = format!("loading the weights of {}", path.display());
+        let f = std::fs::File::open(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
+        let reader = std::cell::RefCell::new(std::io::BufReader::new(f));
+        let cfg = model.config.clone();
+        let get = |name: &str| -> Result<Arc<QTensor>> {
+            Ok(Arc::new(file.content.tensor(&mut *reader.borrow_mut(), name, device)?))
+        };
+        (|| -> Result<Self> {
+            let dense = |q: &QTensor| -> Result<Tensor> { q.dequantize(device)?.to_dtype(dtype) };
+            let is_dense =
+                |q: &QTensor| dequantize || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            let lin = |w: Arc<QTensor>, b: Option<Arc<QTensor>>| -> Result<Linear> {
+                let b = b.map(|b| dense(&b)).transpose()?;
+                Ok(if is_dense(&w) { Linear::new(dense(&w)?, b) } else { Linear::quantized(w, b) })
+            };
+            let norm = |w: Arc<QTensor>| -> Result<RmsNorm> { Ok(RmsNorm::new(dense(&w)?, cfg.rms_norm_eps)) };
+            let embd = get("token_embd.weight")?;
+            let embed = if is_dense(&embd) {
+                Embed::Dense(Embedding::new(dense(&embd)?, cfg.hidden_size))
+            } else {
+                Embed::Quantized(embd.clone())
+            };
+            let mut layers = Vec::with_capacity(cfg.num_layers);
+            for i in 0..cfg.num_layers {
+                let t = |name: &str| get(&format!("blk.{i}.{name}"));
+                let bias = |name: &str, on: bool| -> Result<Option<Arc<QTensor>>> {
+                    if on { Ok(Some(t(&format!("{name}.bias"))?)) } else { Ok(None) }
+                };
+                let (qb, kb, vb) =
+                    (bias("attn_q", cfg.qkv_bias)?, bias("attn_k", cfg.qkv_bias)?, bias("attn_v", cfg.qkv_bias)?);
+                let ob = bias("attn_output", cfg.o_bias)?;
+                let (gb, ub, db) =
+                    (bias("ffn_gate", cfg.mlp_bias)?, bias("ffn_up", cfg.mlp_bias)?, bias("ffn_down", cfg.mlp_bias)?);
+                let (q_norm, k_norm) = if cfg.qk_norm {
+                    (Some(norm(t("attn_q_norm.weight")?)?), Some(norm(t("attn_k_norm.weight")?)?))
+                } else {
+                    (None, None)
+                };
+                layers.push(Layer {
+                    attn: Attention {
+                        q: lin(t("attn_q.weight")?, qb)?,
+                        k: lin(t("attn_k.weight")?, kb)?,
+                        v: lin(t("attn_v.weight")?, vb)?,
+                        o: lin(t("attn_output.weight")?, ob)?,
+                        q_norm,
+                        k_norm,
+                        heads: cfg.num_heads,
+                        kv_heads: cfg.num_kv_heads,
+                        head_dim: cfg.head_dim,
+                        rope_interleaved: model.rope_interleaved,
+                    },
+                    mlp: Mlp {
+                        gate: lin(t("ffn_gate.weight")?, gb)?,
+                        up: lin(t("ffn_up.weight")?, ub)?,
+                        down: lin(t("ffn_down.weight")?, db)?,
+                    },
+                    ln1: norm(t("attn_norm.weight")?)?,
+                    ln2: norm(t("ffn_norm.weight")?)?,
+                });
+            }
+            let norm = norm(get("output_norm.weight")?)?;
+            let head = if cfg.tie_word_embeddings { embd } else { get("output.weight")? };
+            let lm_head = Some(lin(head, None)?);
+            let mut inv_freq = cfg.inv_freq();
+            if model.rope_freqs {
+                // Llama 3 scaling as llama.cpp stores it: each base frequency divided by its factor.
+                let factors: Vec<f32> = get("rope_freqs.weight")?.dequantize(&Device::Cpu)?.to_vec1()?;
+                for (f, d) in inv_freq.iter_mut().zip(factors) {
+                    *f /= d;
+                }
+            }
+            Ok(Self { embed, layers, norm, lm_head, inv_freq, device: device.clone(), dtype, cfg: cfg.clone() })
+        })()
+        .map_err(ModelError::candle(ctx))
     }
 
     pub fn config(&self) -> &DecoderConfig {
@@ -315,7 +440,7 @@ impl Decoder {
         let start = cache.len;
         let (cos, sin) = self.rope(start, t)?;
         let mask = self.mask(start, t, start + t)?;
-        let mut x = self.embed.forward(ids)?;
+        let mut x = self.embed.forward(ids, self.dtype)?;
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = layer.attn.forward(&layer.ln1.forward(&x)?, &cos, &sin, mask.as_ref(), c, start)?;
             x = (x + h)?;

@@ -1,5 +1,6 @@
 //! Finding a model folder: a local directory, or a hub id resolved in the local Hugging Face
-//! cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`), offline.
+//! cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`), offline. A GGUF model
+//! is a `.gguf` file, or a folder holding exactly one; its folder carries the tokenizer files.
 
 use std::path::{Path, PathBuf};
 
@@ -9,21 +10,59 @@ use crate::error::ModelError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelDir {
     root: PathBuf,
+    /// The weights are this GGUF file (in `root`) rather than config.json and safetensors.
+    gguf: Option<PathBuf>,
+}
+
+fn is_gguf(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 impl ModelDir {
-    /// A local folder holding `config.json`, or a hub id (`org/name`, optionally `@revision`)
-    /// already in the Hugging Face cache. Nothing is downloaded.
+    /// A local folder holding `config.json` (and safetensors), a `.gguf` file, a folder holding
+    /// exactly one `.gguf` file and no safetensors, or a hub id (`org/name`, optionally
+    /// `@revision`) already in the Hugging Face cache. Nothing is downloaded.
     pub fn resolve(spec: &str) -> Result<Self, ModelError> {
         let local = Path::new(spec);
+        if local.is_file() {
+            if !is_gguf(local) {
+                return Err(ModelError::NotFound {
+                    spec: spec.to_owned(),
+                    looked: format!("{} (a file, but not a .gguf file; name the model folder)", local.display()),
+                });
+            }
+            let root = local.parent().map(Path::to_owned).unwrap_or_default();
+            return Ok(Self { root, gguf: Some(local.to_owned()) });
+        }
         if local.is_dir() {
+            let hf = Self::from_path(local);
+            let safetensors =
+                hf.file("model.safetensors").is_some() || hf.file("model.safetensors.index.json").is_some();
+            let ggufs = if safetensors { Vec::new() } else { gguf_files(local)? };
+            match ggufs.as_slice() {
+                [one] => return Ok(Self { root: local.to_owned(), gguf: Some(one.clone()) }),
+                [] => {}
+                many => {
+                    let names: Vec<String> =
+                        many.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+                    return Err(ModelError::Config {
+                        path: local.display().to_string(),
+                        message: format!(
+                            "holds {} .gguf files ({}): name the one to load, e.g. {}",
+                            many.len(),
+                            names.join(", "),
+                            many[0].display()
+                        ),
+                    });
+                }
+            }
             if !local.join("config.json").is_file() {
                 return Err(ModelError::NotFound {
                     spec: spec.to_owned(),
-                    looked: format!("{} (a folder without config.json)", local.display()),
+                    looked: format!("{} (a folder without config.json or a .gguf file)", local.display()),
                 });
             }
-            return Ok(Self { root: local.to_owned() });
+            return Ok(hf);
         }
         let (id, revision) = match spec.split_once('@') {
             Some((id, rev)) => (id, rev.to_owned()),
@@ -40,16 +79,32 @@ impl ModelDir {
         let config =
             cache.repo(repo).get("config.json").ok_or(ModelError::NotFound { spec: spec.to_owned(), looked })?;
         let root = config.parent().map(Path::to_owned).unwrap_or_default();
-        Ok(Self { root })
+        Ok(Self { root, gguf: None })
     }
 
     /// A folder known to hold a model (no checks).
     pub fn from_path(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), gguf: None }
     }
 
+    /// The folder: config.json and safetensors, or the GGUF file's folder; tokenizer files.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The GGUF file holding the weights and configuration, when the model is one.
+    pub fn gguf(&self) -> Option<&Path> {
+        self.gguf.as_deref()
+    }
+
+    /// The files that define the model: the GGUF file, or config.json and the safetensors.
+    pub fn model_files(&self) -> Result<Vec<PathBuf>, ModelError> {
+        if let Some(g) = &self.gguf {
+            return Ok(vec![g.clone()]);
+        }
+        let mut files = vec![self.root.join("config.json")];
+        files.extend(self.safetensors()?);
+        Ok(files)
     }
 
     /// A file of the folder, if present.
@@ -94,6 +149,20 @@ impl ModelDir {
     }
 }
 
+/// The `.gguf` files of a folder, sorted.
+fn gguf_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let io = |source| ModelError::Io { path: dir.to_owned(), source };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let p = entry.map_err(io)?.path();
+        if p.is_file() && is_gguf(&p) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -108,6 +177,35 @@ mod tests {
         assert_eq!(ModelDir::resolve(d.path().to_str().unwrap()).unwrap().root(), d.path());
         let e = ModelDir::resolve("no-org/no-such-model").unwrap_err().to_string();
         assert!(e.contains("Hugging Face cache at") && e.contains("models--no-org--no-such-model"), "{e}");
+    }
+
+    #[test]
+    fn gguf_files_and_folders() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::write(root.join("tokenizer.json"), "{}").unwrap();
+        std::fs::write(root.join("m-q8_0.gguf"), "").unwrap();
+        let one = ModelDir::resolve(root.to_str().unwrap()).unwrap();
+        assert_eq!(one.gguf(), Some(root.join("m-q8_0.gguf").as_path()));
+        assert_eq!(one.root(), root);
+        assert_eq!(one.model_files().unwrap(), vec![root.join("m-q8_0.gguf")]);
+        std::fs::write(root.join("m-f32.gguf"), "").unwrap();
+        let e = ModelDir::resolve(root.to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("holds 2 .gguf files (m-f32.gguf, m-q8_0.gguf)"), "{e}");
+        let file = ModelDir::resolve(root.join("m-f32.gguf").to_str().unwrap()).unwrap();
+        assert_eq!((file.root(), file.gguf()), (root, Some(root.join("m-f32.gguf").as_path())));
+        let e = ModelDir::resolve(root.join("tokenizer.json").to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("not a .gguf file"), "{e}");
+        // Safetensors win over a stray .gguf: the folder is a Hugging Face one.
+        std::fs::write(root.join("config.json"), "{}").unwrap();
+        std::fs::write(root.join("model.safetensors"), "").unwrap();
+        assert_eq!(ModelDir::resolve(root.to_str().unwrap()).unwrap().gguf(), None);
+    }
+
+    #[test]
+    fn missing_hub_model_message() {
+        let e = ModelDir::resolve("no-org/no-such-model-2").unwrap_err().to_string();
+        assert!(e.contains("models--no-org--no-such-model-2"), "{e}");
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! Candle models loaded from Hugging Face layouts: the Llama-family decoder (Llama 2/3, Mistral,
-//! Qwen2/2.5, Qwen3) with a KV cache we own (prefill once, fork N rows, drop finished rows), and
-//! tokenizers with their chat templates.
+//! Candle models loaded from Hugging Face layouts and GGUF files: the Llama-family decoder
+//! (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) with a KV cache we own (prefill once, fork N rows, drop
+//! finished rows), and tokenizers with their chat templates.
 
 pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod gguf;
 pub mod hub;
 pub mod linear;
 
@@ -13,6 +14,7 @@ pub use chat::{ChatTokenizer, TemplateChoice};
 pub use config::{DTypeName, DecoderConfig};
 pub use decoder::{Decoder, KvCache};
 pub use error::ModelError;
+pub use gguf::{GgufModel, inspect as inspect_gguf};
 pub use hub::ModelDir;
 
 /// Re-exported so stages name devices and dtypes without depending on candle themselves.

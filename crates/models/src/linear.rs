@@ -5,6 +5,9 @@
 //! done right, N rows should cost about one read of the weights. This op streams each weight row
 //! once from memory and takes its dot product with every input row while it sits in L1.
 
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -13,47 +16,72 @@ use rayon::prelude::*;
 /// beyond (16 rows: 2.0 against 1.8 ms), where candle's packing pays off.
 pub const SMALL_M: usize = 8;
 
-/// A linear layer `y = x Wᵀ + b` (weights [out, in], as in safetensors).
+/// The weight of a linear layer: dense (any dtype; f32 takes the small-m path on the CPU), or
+/// quantized (GGUF blocks, kept at their size in memory and multiplied by candle's quantized
+/// matmul, which rounds each input row to the weight's dot-product format, Q8_0 or Q8_K).
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
+/// A linear layer `y = x Wᵀ + b` (weights [out, in], as in safetensors and GGUF).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight: Weight::Dense(weight), bias }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// A layer over quantized weights [out, in]. F32/F16/BF16 tensors should be dequantized and
+    /// passed to [`Linear::new`] instead, which keeps the small-m path.
+    pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Self {
+        Self { weight: Weight::Quantized(QMatMul::QTensor(weight)), bias }
+    }
+
+    /// The dense weight; None for a quantized layer.
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Quantized(_) => None,
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let fast = matches!(x.device(), Device::Cpu)
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && m <= SMALL_M;
-        let y = if fast {
-            let x2 = x.reshape((m, k))?.contiguous()?;
-            let y = x2.apply_op2_no_bwd(&self.weight.contiguous()?, &SmallMatmul)?;
-            let mut out = dims.clone();
-            if let Some(last) = out.last_mut() {
-                *last = self.weight.dim(0)?;
-            }
-            y.reshape(out)?
-        } else {
-            candle_nn::Linear::new(self.weight.clone(), None).forward(x)?
+        let y = match &self.weight {
+            Weight::Dense(w) => dense(w, x)?,
+            // candle's quantized matmul takes f32 rows, contiguous.
+            Weight::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+fn dense(weight: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    let fast =
+        matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && m <= SMALL_M;
+    if fast {
+        let x2 = x.reshape((m, k))?.contiguous()?;
+        let y = x2.apply_op2_no_bwd(&weight.contiguous()?, &SmallMatmul)?;
+        let mut out = dims.clone();
+        if let Some(last) = out.last_mut() {
+            *last = weight.dim(0)?;
+        }
+        y.reshape(out)
+    } else {
+        candle_nn::Linear::new(weight.clone(), None).forward(x)
     }
 }
 

@@ -13,9 +13,12 @@ fn auto() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
-    /// A Hugging Face model folder, or a hub id already in the local Hugging Face cache.
+    /// A Hugging Face model folder, a hub id already in the local Hugging Face cache, or a
+    /// GGUF model: a `.gguf` file, or a folder holding exactly one, whose folder also holds
+    /// tokenizer.json and tokenizer_config.json (the tokenizer inside the GGUF is not used).
     pub model: String,
-    /// Weight precision: `f32`, `bf16` or `f16`.
+    /// Precision of the activations and dense weights: `f32`, `bf16` or `f16` (quantized GGUF
+    /// weights stay quantized).
     #[serde(default)]
     pub dtype: DTypeName,
     /// `auto` (the folder's template), `none` (contents joined, tokenizer's BOS added) or the
@@ -103,14 +106,17 @@ impl SampleConfig {
 
 impl PolicyConfig {
     /// Every problem with this section that shows without loading weights: the folder, its
-    /// config.json and the template choice.
+    /// config.json or GGUF header (architecture, tensor types) and the template choice.
     pub fn check(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
         match ModelDir::resolve(&self.model) {
             Err(e) => d.push(doc.diag("policy.model", e.to_string())),
             Ok(dir) => {
-                let cfg = dir
-                    .read("config.json")
-                    .and_then(|t| DecoderConfig::from_json(&t, &dir.root().join("config.json").display().to_string()));
+                let cfg = match dir.gguf() {
+                    Some(file) => rbon_models::inspect_gguf(file).map(|_| ()),
+                    None => dir.read("config.json").and_then(|t| {
+                        DecoderConfig::from_json(&t, &dir.root().join("config.json").display().to_string()).map(|_| ())
+                    }),
+                };
                 if let Err(e) = cfg {
                     d.push(doc.diag("policy.model", e.to_string()));
                 }

@@ -89,3 +89,80 @@ fn stop_strings_and_greedy() {
     assert!(!b[0].text.contains(&stop));
     assert!(text.starts_with(&b[0].text) && b[0].text.len() < text.len());
 }
+
+fn gguf_policy(file: &str) -> Policy {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/models").join(file);
+    let cfg = PolicyConfig {
+        model: path.display().to_string(),
+        dtype: Default::default(),
+        chat_template: "auto".into(),
+        system_prompt: None,
+    };
+    Policy::load(&cfg, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn gguf_policies_sample_deterministically_and_record_teacher_forced_logprobs() {
+    // The F32 file is the safetensors model: same prompt ids, same samples, same log-probs.
+    let st = policy("tiny-qwen2");
+    let msgs = [Message::user("Tell me about the sea.")];
+    let prompt = st.prompt_ids(&msgs).unwrap();
+    let cfg = SampleConfig { n: 6, max_new_tokens: 24, top_k: 50, ..Default::default() };
+    let want = st.sample(&prompt, &cfg, &seeds(6), 6).unwrap();
+    let f32 = gguf_policy("tiny-qwen2-gguf/tiny-qwen2-f32.gguf");
+    assert_eq!(f32.prompt_ids(&msgs).unwrap(), prompt);
+    let got = f32.sample(&prompt, &cfg, &seeds(6), 6).unwrap();
+    for (a, b) in want.iter().zip(&got) {
+        assert_eq!(a.token_ids, b.token_ids);
+        assert!((a.logprob - b.logprob).abs() < 1e-4);
+    }
+    // Quantized: deterministic across batch sizes, and the recorded log-prob is the teacher-forced
+    // one under the same (quantized) model.
+    for file in ["tiny-llama-gguf/tiny-llama-q8_0.gguf", "tiny-qwen2-gguf/tiny-qwen2-q8_0.gguf"] {
+        let p = gguf_policy(file);
+        let prompt = p.prompt_ids(&[Message::user("Write a haiku about autumn rain.")]).unwrap();
+        let all = p.sample(&prompt, &cfg, &seeds(6), 6).unwrap();
+        let one = p.sample(&prompt, &cfg, &seeds(6), 1).unwrap();
+        for (a, b) in all.iter().zip(&one) {
+            assert_eq!(a.token_ids, b.token_ids, "{file}");
+            let forced: f64 = p.score(&prompt, &a.token_ids).unwrap().iter().sum();
+            assert!((forced - a.logprob).abs() < 1e-4, "{file}: {forced} vs {}", a.logprob);
+            assert!((a.logprob - b.logprob).abs() < 1e-4, "{file}");
+        }
+    }
+}
+
+#[test]
+fn policy_check_reports_gguf_problems_at_policy_model() {
+    use rbon_core::{ConfigDoc, Diagnostics};
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/models");
+    let check = |model: &Path| {
+        let yaml = format!("policy:\n  model: {}\n", model.display());
+        let doc = ConfigDoc::parse(Path::new("p.yaml"), &yaml).unwrap();
+        let mut d = Diagnostics::default();
+        let cfg = PolicyConfig {
+            model: model.display().to_string(),
+            dtype: Default::default(),
+            chat_template: "auto".into(),
+            system_prompt: None,
+        };
+        cfg.check(&doc, &mut d);
+        d.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    assert!(check(&models.join("tiny-qwen2-gguf/tiny-qwen2-q8_0.gguf")).is_empty());
+    let two = check(&models.join("tiny-qwen2-gguf"));
+    assert!(
+        two.len() == 1 && two[0].starts_with("p.yaml:2:10: policy.model:") && two[0].contains("holds 2 .gguf files"),
+        "{two:?}"
+    );
+    let missing = check(&models.join("tiny-qwen2-gguf/nope.gguf"));
+    assert!(
+        missing.len() == 1 && missing[0].contains("policy.model") && missing[0].contains("nope.gguf"),
+        "{missing:?}"
+    );
+    // A GGUF without tokenizer files beside it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(models.join("tiny-qwen2-gguf/tiny-qwen2-q8_0.gguf"), dir.path().join("m.gguf")).unwrap();
+    let no_tok = check(dir.path());
+    assert!(no_tok.len() == 1 && no_tok[0].contains("has no tokenizer.json"), "{no_tok:?}");
+}
