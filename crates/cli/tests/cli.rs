@@ -1056,3 +1056,29 @@ fn a_failing_stage_stops_the_pipeline_without_hanging() {
     let imported = fs::read_dir(f.path().join("out/samples")).unwrap().count();
     assert!(imported < 40, "{imported} samples shards written after the failure");
 }
+
+#[test]
+fn gguf_policies_run_end_to_end() {
+    let f = Fixture::new(1, 1);
+    f.write("st.yaml", &sample_pipeline("st", 2));
+    let gguf =
+        |out: &str, file: &str| sample_pipeline(out, 2).replace("tiny-qwen2", &format!("tiny-qwen2-gguf/{file}"));
+    f.write("f32.yaml", &gguf("f32", "tiny-qwen2-f32.gguf"));
+    f.write("q8.yaml", &gguf("q8", "tiny-qwen2-q8_0.gguf"));
+    for y in ["st.yaml", "f32.yaml", "q8.yaml"] {
+        let o = f.run(&["run", y]);
+        assert!(o.status.success(), "{y}: {}", text(&o));
+    }
+    // The F32 GGUF is the same model as the safetensors folder: the same samples.
+    let (st, f32) = (samples_rows(&f.path().join("st")), samples_rows(&f.path().join("f32")));
+    assert_eq!(st.len(), 24);
+    for (a, b) in st.iter().zip(&f32) {
+        assert_eq!((&a.0, a.1, &a.2), (&b.0, b.1, &b.2));
+        assert!((a.4 - b.4).abs() < 1e-3, "{a:?} {b:?}");
+    }
+    let q8 = samples_rows(&f.path().join("q8"));
+    assert_eq!(q8.len(), 24);
+    assert!(q8.iter().all(|r| r.4 < 0.0 && !r.2.is_empty()));
+    let o = f.run(&["run", "q8.yaml"]);
+    assert!(text(&o).contains("samples: all 3 shards already done, skipped"), "{}", text(&o));
+}

@@ -217,8 +217,8 @@ fn hash_file(path: &std::path::Path) -> Result<String, CoreError> {
 
 fn model_identity(spec: &str) -> Result<Vec<(String, u64)>, RunError> {
     let dir = rbon_models::ModelDir::resolve(spec).map_err(rbon_sample::SampleError::from)?;
-    let mut files = vec![dir.root().join("config.json")];
-    files.extend(dir.safetensors().map_err(rbon_sample::SampleError::from)?);
+    // config.json and the safetensors, or the GGUF file.
+    let files = dir.model_files().map_err(rbon_sample::SampleError::from)?;
     let mut out = Vec::new();
     for f in files {
         let len = std::fs::metadata(&f).map_err(|e| CoreError::io(&f, e))?.len();
