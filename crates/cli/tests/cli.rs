@@ -1082,3 +1082,65 @@ fn gguf_policies_run_end_to_end() {
     let o = f.run(&["run", "q8.yaml"]);
     assert!(text(&o).contains("samples: all 3 shards already done, skipped"), "{}", text(&o));
 }
+
+#[test]
+fn tuned_beta_standard_jsonl_exports_and_report_across_ranks() {
+    let f = Fixture::new(1, 1);
+    let yaml = |out: &str| {
+        full_pipeline(out, 2)
+            + "  tune: { gold: gold, fraction: 0.5, seed: 1 }\n\
+               pair:\n  betas: [best]\n  format: standard\n  file_format: jsonl\n"
+    };
+    f.write("one.yaml", &yaml("one"));
+    f.write("two.yaml", &yaml("two"));
+    let o = f.run(&["run", "one.yaml"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("tuned β: ") && t.contains("report: "), "{t}");
+    let one = f.path().join("one");
+    // One export per β-free method, and per tuned method only its tuned β.
+    for m in ["rbon_kl", "rbon_wd", "rbon_len"] {
+        let betas: Vec<_> = fs::read_dir(one.join("pairs").join(m)).unwrap().flatten().collect();
+        assert_eq!(betas.len(), 1, "{m}: {betas:?}");
+    }
+    let rows = fs::read_to_string(one.join("pairs/bon/beta=0/train-00000-of-00001.jsonl")).unwrap();
+    let mut n = 0;
+    for line in rows.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (p, c, r) = (v["prompt"].as_str().unwrap(), v["chosen"].as_str().unwrap(), v["rejected"].as_str().unwrap());
+        // tiny-qwen2's ChatML template: the prompt ends by opening the assistant turn, and the
+        // responses carry no EOS (trainers append it).
+        assert!(p.starts_with("<|im_start|>") && p.ends_with("<|im_start|>assistant\n"), "{p:?}");
+        assert!(!c.trim_end().ends_with("<|im_end|>") && !r.trim_end().ends_with("<|im_end|>"), "{c:?} {r:?}");
+        n += 1;
+    }
+    assert!(n > 0);
+    assert!(one.join("report/tuning.parquet").is_file() && one.join("report/summary.parquet").is_file());
+    let o = f.run(&["report", "one", "--no-plots"]);
+    assert!(o.status.success() && text(&o).contains("rbon_kl") && text(&o).contains("oracle"), "{}", text(&o));
+
+    // The same through two ranks and finalize: the tuning reads every rank's selections.
+    for r in ["0", "1"] {
+        let o = f.run(&["run", "two.yaml", "--rank", r, "--world-size", "2"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let o = f.run(&["finalize", "two"]);
+    assert!(o.status.success() && text(&o).contains("tuned β: "), "{}", text(&o));
+    let files = |run: &Path| {
+        let mut v = Vec::new();
+        for m in fs::read_dir(run.join("pairs")).unwrap().flatten().filter(|e| e.path().is_dir()) {
+            for b in fs::read_dir(m.path()).unwrap().flatten() {
+                for f in fs::read_dir(b.path()).unwrap().flatten() {
+                    if f.path().extension().is_some_and(|e| e == "jsonl") {
+                        v.push((f.path().strip_prefix(run).unwrap().to_owned(), fs::read(f.path()).unwrap()));
+                    }
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    let (a, b) = (files(&one), files(&f.path().join("two")));
+    assert!(!a.is_empty());
+    assert!(a == b, "the two-rank exports differ from the single-rank ones");
+}
