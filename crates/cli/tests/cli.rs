@@ -137,6 +137,20 @@ fn wait_for(path: &Path, child: &mut std::process::Child) {
     }
 }
 
+/// Runs `rbon run <yaml>` and SIGKILLs it as soon as it has written `path` (relative to the fixture).
+fn run_and_kill_when(f: &Fixture, yaml: &str, path: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
+        .args(["run", yaml])
+        .current_dir(f.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&f.path().join(path), &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// The two runs' exports are the same files with the same bytes.
 fn assert_same_exports(a: &Path, b: &Path) {
     let (a, b) = (export_files(a), export_files(b));
@@ -525,17 +539,8 @@ fn sigkill_mid_run_then_resume_gives_identical_pairs() {
     f.write("b.yaml", &pipeline("c.jsonl", "clean", 5, BETAS));
     assert!(f.run(&["run", "b.yaml"]).status.success());
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
-        .args(["run", "a.yaml"])
-        .current_dir(f.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Kill once selection is under way: some shards written, most not.
-    wait_for(&f.path().join("killed/selections/shard-00010.parquet"), &mut child);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    run_and_kill_when(&f, "a.yaml", "killed/selections/shard-00010.parquet");
     let killed = f.path().join("killed");
     assert!(!killed.join("selections/shard-00299.parquet").exists(), "the run was not interrupted");
     assert!(!killed.join("pairs/bon").exists());
@@ -1004,16 +1009,7 @@ fn sigkill_mid_sampling_then_resume_gives_identical_pairs() {
     f.write("a.yaml", &slow("killed"));
     f.write("b.yaml", &slow("clean"));
     assert!(f.run(&["run", "b.yaml"]).status.success());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
-        .args(["run", "a.yaml"])
-        .current_dir(f.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&f.path().join("killed/samples/shard-00002.parquet"), &mut child);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    run_and_kill_when(&f, "a.yaml", "killed/samples/shard-00002.parquet");
     let killed = f.path().join("killed");
     assert!(!killed.join("samples/shard-00023.parquet").exists(), "the run was not interrupted");
     let o = f.run(&["run", "a.yaml"]);
