@@ -310,7 +310,7 @@ fn pair_rows_do_not_depend_on_shard_size() {
 
 #[test]
 fn export_bytes_do_not_depend_on_shard_size_past_a_row_group() {
-    // More than one 4096-row group per export, cut differently by the two shard sizes.
+    // More than one row group (1,024 rows) per export, cut differently by the two shard sizes.
     let f = Fixture::new(4500, 2);
     let yaml = |out: &str, shard: usize| {
         pipeline("c.jsonl", out, shard, "[0.1]")

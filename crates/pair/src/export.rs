@@ -28,8 +28,9 @@ use crate::stage::{DropReason, PairError, export_key};
 
 /// Rows per exported Parquet file.
 pub const ROWS_PER_FILE: usize = 100_000;
-/// Rows per row group in exports: bounds the memory of the writers open at once.
-const ROW_GROUP_ROWS: usize = 4096;
+/// Rows per row group in exports: bounds the memory of the writers open at once, one per
+/// (method, β), each holding at most about two row groups.
+const ROW_GROUP_ROWS: usize = 1024;
 
 /// What the dataset cards say about the run.
 #[derive(Debug, Clone)]
