@@ -12,23 +12,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::PathBuf;
+
+use common::{data, greedy, u32s};
 use rbon_models::{DType, Decoder, DecoderConfig, Device, ModelDir, Tensor};
 use serde_json::Value;
-
-fn data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
-}
 
 const ARCHS: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
 fn json(path: PathBuf) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
@@ -42,39 +37,6 @@ fn gguf_path(arch: &str, q: &str) -> PathBuf {
 fn load(arch: &str, q: &str) -> Decoder {
     let dir = ModelDir::resolve(gguf_path(arch, q).to_str().unwrap()).unwrap();
     Decoder::load(&dir, DType::F32, &Device::Cpu).unwrap()
-}
-
-/// Greedy decoding of `rows` copies of the prompt in lock-step from one shared prefill.
-fn greedy(m: &Decoder, eos: &[u32], prompt: &[u32], max: usize, rows: usize) -> Vec<Vec<u32>> {
-    let mut cache = m.new_cache();
-    let logits = m.forward_last(&Tensor::new(prompt, m.device()).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
-    let mut cache = cache.fork(rows).unwrap();
-    let mut logits: Vec<Vec<f32>> = vec![logits.to_vec2::<f32>().unwrap().remove(0); rows];
-    let mut out = vec![Vec::new(); rows];
-    let mut active: Vec<usize> = (0..rows).collect();
-    for _ in 0..max {
-        let mut next = Vec::new();
-        let mut keep = Vec::new();
-        for (slot, &r) in active.iter().enumerate() {
-            let row = &logits[slot];
-            let tok = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as u32;
-            out[r].push(tok);
-            if !eos.contains(&tok) {
-                next.push(tok);
-                keep.push(slot as u32);
-            }
-        }
-        if next.is_empty() {
-            break;
-        }
-        if keep.len() < active.len() {
-            cache = cache.select(&keep).unwrap();
-            active = keep.iter().map(|&s| active[s as usize]).collect();
-        }
-        let ids = Tensor::new(next.as_slice(), m.device()).unwrap().unsqueeze(1).unwrap();
-        logits = m.forward_last(&ids, &mut cache).unwrap().to_vec2::<f32>().unwrap();
-    }
-    out
 }
 
 fn max_diff(got: &[f64], want: &[f64]) -> f64 {

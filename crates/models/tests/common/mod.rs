@@ -1,0 +1,50 @@
+//! Helpers shared by the model tests.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use rbon_models::{Decoder, Tensor};
+use serde_json::Value;
+
+/// The repository's `data/` folder.
+pub fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
+}
+
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Greedy decoding of `rows` copies of the prompt in lock-step from one shared prefill.
+pub fn greedy(m: &Decoder, eos: &[u32], prompt: &[u32], max: usize, rows: usize) -> Vec<Vec<u32>> {
+    let mut cache = m.new_cache();
+    let logits = m.forward_last(&Tensor::new(prompt, m.device()).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
+    let mut cache = cache.fork(rows).unwrap();
+    let mut logits: Vec<Vec<f32>> = vec![logits.to_vec2::<f32>().unwrap().remove(0); rows];
+    let mut out = vec![Vec::new(); rows];
+    let mut active: Vec<usize> = (0..rows).collect();
+    for _ in 0..max {
+        let mut next = Vec::new();
+        let mut keep = Vec::new();
+        for (slot, &r) in active.iter().enumerate() {
+            let row = &logits[slot];
+            let tok = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as u32;
+            out[r].push(tok);
+            if !eos.contains(&tok) {
+                next.push(tok);
+                keep.push(slot as u32);
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        if keep.len() < active.len() {
+            cache = cache.select(&keep).unwrap();
+            active = keep.iter().map(|&s| active[s as usize]).collect();
+        }
+        let ids = Tensor::new(next.as_slice(), m.device()).unwrap().unsqueeze(1).unwrap();
+        logits = m.forward_last(&ids, &mut cache).unwrap().to_vec2::<f32>().unwrap();
+    }
+    out
+}
