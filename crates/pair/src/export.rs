@@ -255,19 +255,8 @@ impl Parts {
 /// Writes every export from the shards, replacing earlier files: the pairs of each (method, β),
 /// and when configured their SFT halves and the vBoN table. `counts[key]` holds each export's
 /// summed pair counters (from the shards' details); `prompts` and `samples` are the run's totals.
-pub fn write_exports(
-    run: &RunDir,
-    shards: usize,
-    exports: &[(Method, f64)],
-    counts: &BTreeMap<String, BTreeMap<String, u64>>,
-    totals: (usize, usize),
-    card: &CardContext,
-) -> Result<Vec<Export>, PairError> {
-    write_exports_with(run, shards, exports, counts, totals, card, ExportOptions::default())
-}
-
-/// [`write_exports`] with options: `opts.render` is required by `pair.format: standard`.
-/// Conversational exports also get `pairs/dataset_info.json` for LLaMA-Factory.
+/// `opts.render` is required by `pair.format: standard`. Conversational exports also get
+/// `pairs/dataset_info.json` for LLaMA-Factory.
 pub fn write_exports_with(
     run: &RunDir,
     shards: usize,
@@ -830,7 +819,7 @@ mod tests {
         let config_text = "name: export-test\nseed: 0\n";
         let card = CardContext { run_name: "export-test", version: "9.9.9", select: &select, pair: &pair, config_text };
 
-        let out = write_exports(&run, 2, &exports, &counts, (0, 0), &card).unwrap();
+        let out = write_exports_with(&run, 2, &exports, &counts, (0, 0), &card, ExportOptions::default()).unwrap();
         assert!(!stale.exists(), "stale part survived");
         assert_eq!(out.len(), 4);
         let pairs_dir = run.stage_dir("pairs");
@@ -875,7 +864,7 @@ mod tests {
         let info: serde_json::Value = serde_json::from_slice(&first[Path::new("dataset_info.json")]).unwrap();
         assert_eq!(info["rbon_kl_beta=0.5"]["file_name"], "rbon_kl/beta=0.5/train-00000-of-00001.parquet");
         assert_eq!(info.as_object().unwrap().len(), exports.len());
-        let again = write_exports(&run, 2, &exports, &counts, (0, 0), &card).unwrap();
+        let again = write_exports_with(&run, 2, &exports, &counts, (0, 0), &card, ExportOptions::default()).unwrap();
         assert_eq!(again, out);
         assert!(first == snapshot(&pairs_dir), "a rerun changed the bytes of an export");
     }
@@ -904,7 +893,8 @@ mod tests {
         };
         let pair = PairConfig::default();
         let card = CardContext { run_name: "big", version: "0", select: &select, pair: &pair, config_text: "" };
-        let out = write_exports(&run, 2, &[(Method::Bon, 0.0)], &counts, (0, 0), &card).unwrap();
+        let out = write_exports_with(&run, 2, &[(Method::Bon, 0.0)], &counts, (0, 0), &card, ExportOptions::default())
+            .unwrap();
         let dir = run.stage_dir("pairs").join("bon/beta=0");
         assert_eq!(
             out[0].files,
@@ -969,7 +959,7 @@ mod tests {
         let card = CardContext { run_name: "s", version: "0", select: &select, pair: &pair, config_text: "" };
         let counts = BTreeMap::from([("bon/beta=0".to_owned(), counters(2, 0))]);
         let exports = [(Method::Bon, 0.0)];
-        let err = write_exports(&run, 1, &exports, &counts, (0, 0), &card).unwrap_err();
+        let err = write_exports_with(&run, 1, &exports, &counts, (0, 0), &card, ExportOptions::default()).unwrap_err();
         assert!(err.to_string().contains("chat template"), "{err}");
         let opts = ExportOptions { render: Some(&Lines) };
         let out = write_exports_with(&run, 1, &exports, &counts, (0, 0), &card, opts).unwrap();

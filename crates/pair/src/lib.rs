@@ -8,6 +8,6 @@ pub mod format;
 pub mod stage;
 
 pub use config::{FileFormat, PairConfig, PairFormat, RejectedRule};
-pub use export::{CardContext, Export, ExportOptions, write_exports, write_exports_with};
+pub use export::{CardContext, Export, ExportOptions, write_exports_with};
 pub use format::ChatRender;
 pub use stage::{DropReason, PairError, PairRow, ShardPairs, export_key, pair_shard, pairs_batch};
