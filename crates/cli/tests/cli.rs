@@ -87,6 +87,17 @@ impl Fixture {
         fs::write(&p, text).unwrap();
         p
     }
+    /// Starts `rbon` in the fixture without waiting (stderr piped, stdout dropped).
+    fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_rbon"))
+            .args(args)
+            .current_dir(self.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     fn run(&self, args: &[&str]) -> Output {
         rbon(args, self.path())
     }
@@ -139,13 +150,7 @@ fn wait_for(path: &Path, child: &mut std::process::Child) {
 
 /// Runs `rbon run <yaml>` and SIGKILLs it as soon as it has written `path` (relative to the fixture).
 fn run_and_kill_when(f: &Fixture, yaml: &str, path: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
-        .args(["run", yaml])
-        .current_dir(f.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = f.spawn(&["run", yaml]);
     wait_for(&f.path().join(path), &mut child);
     child.kill().unwrap();
     child.wait().unwrap();
@@ -885,13 +890,7 @@ fn ctrl_c_finishes_shards_in_flight_and_says_how_to_resume() {
     f.write("a.yaml", &pipeline("c.jsonl", "stopped", 5, BETAS));
     f.write("b.yaml", &pipeline("c.jsonl", "clean", 5, BETAS));
     assert!(f.run(&["run", "b.yaml"]).status.success());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
-        .args(["run", "a.yaml"])
-        .current_dir(f.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = f.spawn(&["run", "a.yaml"]);
     wait_for(&f.path().join("stopped/selections/shard-00010.parquet"), &mut child);
     let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
@@ -1029,13 +1028,7 @@ fn a_failing_stage_stops_the_pipeline_without_hanging() {
     fs::remove_dir_all(&sel).unwrap();
     fs::write(&sel, "in the way").unwrap();
     fs::remove_dir_all(f.path().join("out/samples")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
-        .args(["run", "a.yaml"])
-        .current_dir(f.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = f.spawn(&["run", "a.yaml"]);
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if start.elapsed() > Duration::from_secs(60) {
