@@ -424,7 +424,7 @@ impl Feed<'_> {
                 let want = |i: usize| self.ranks.owns(i) && !self.done[i];
                 let mut failure = None;
                 stream_candidates(path, index, shard_size, want, |i, groups| {
-                    match self.shard(i, || stages::import(self.ctx, i, &groups, &complete, &mut models, device)) {
+                    match self.shard(i, || stages::import(self.ctx, i, groups, &complete, &mut models, device)) {
                         Ok(more) => Ok(more),
                         Err(e) => {
                             failure = Some(e);

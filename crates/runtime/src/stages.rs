@@ -230,14 +230,13 @@ impl Completion<'_> {
 pub(crate) fn import(
     ctx: &Ctx,
     i: usize,
-    groups: &[CandidateGroup],
+    mut groups: Vec<CandidateGroup>,
     complete: &Completion,
     models: &mut Completers,
     device: &Device,
 ) -> Result<Done, RunError> {
-    let mut owned = groups.to_vec();
-    let embedding_dim = complete.fill(&mut owned, models, device)?;
-    let groups = owned.as_slice();
+    let embedding_dim = complete.fill(&mut groups, models, device)?;
+    let groups = groups.as_slice();
     let samples: usize = groups.iter().map(|g| g.samples.len()).sum();
     let counters =
         BTreeMap::from([("prompts".to_owned(), groups.len() as u64), ("samples".to_owned(), samples as u64)]);
