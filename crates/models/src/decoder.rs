@@ -9,6 +9,7 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::linear::Linear;
+use crate::packed::{PackedDecoder, PackedLayer};
 
 use crate::config::DecoderConfig;
 use crate::error::ModelError;
@@ -402,6 +403,66 @@ impl Decoder {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The same model over packed rows for scoring (see [`PackedDecoder`]): on the CPU in f32
+    /// with dense weights; None otherwise (quantized, half precision or another device).
+    pub fn packed(&self) -> Result<Option<PackedDecoder>> {
+        if !matches!(self.device, Device::Cpu) || self.dtype != DType::F32 {
+            return Ok(None);
+        }
+        let Embed::Dense(embed) = &self.embed else { return Ok(None) };
+        let vec = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+        let dense = |l: &Linear| -> Result<Option<Vec<f32>>> { l.weight().map(vec).transpose() };
+        let bias = |l: &Linear| -> Result<Option<Vec<f32>>> { l.bias().map(vec).transpose() };
+        // Weights stacked row-wise, with their biases (zeros for a layer without one).
+        type Stacked = Option<(Vec<f32>, Option<Vec<f32>>)>;
+        let stacked = |ls: &[&Linear]| -> Result<Stacked> {
+            let mut w = Vec::new();
+            let mut b = Vec::new();
+            for l in ls {
+                let Some(lw) = dense(l)? else { return Ok(None) };
+                w.extend(lw);
+                match bias(l)? {
+                    Some(lb) => b.extend(lb),
+                    None => b.extend(std::iter::repeat_n(0f32, l.weight().map_or(Ok(0), |t| t.dim(0))?)),
+                }
+            }
+            let any_bias = ls.iter().any(|l| l.bias().is_some());
+            Ok(Some((w, any_bias.then_some(b))))
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let a = &l.attn;
+            let (Some((qkv_w, qkv_b)), Some((gate_up_w, gate_up_b)), Some(o_w), Some(down_w)) =
+                (stacked(&[&a.q, &a.k, &a.v])?, stacked(&[&l.mlp.gate, &l.mlp.up])?, dense(&a.o)?, dense(&l.mlp.down)?)
+            else {
+                return Ok(None);
+            };
+            layers.push(PackedLayer {
+                qkv_w,
+                qkv_b,
+                o_w,
+                o_b: bias(&a.o)?,
+                q_norm: a.q_norm.as_ref().map(|n| vec(n.weight())).transpose()?,
+                k_norm: a.k_norm.as_ref().map(|n| vec(n.weight())).transpose()?,
+                gate_up_w,
+                gate_up_b,
+                down_w,
+                down_b: bias(&l.mlp.down)?,
+                ln1: vec(l.ln1.weight())?,
+                ln2: vec(l.ln2.weight())?,
+            });
+        }
+        let rope_interleaved = self.layers.first().is_some_and(|l| l.attn.rope_interleaved);
+        Ok(Some(PackedDecoder {
+            cfg: self.cfg.clone(),
+            embed: vec(embed.embeddings())?,
+            layers,
+            norm: vec(self.norm.weight())?,
+            inv_freq: self.inv_freq.clone(),
+            rope_interleaved,
+        }))
     }
 
     /// An empty cache for this model.

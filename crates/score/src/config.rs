@@ -30,7 +30,8 @@ pub struct RewardSpec {
 pub struct EmbeddingSpec {
     /// A sentence-transformers folder (BERT family), e.g. all-MiniLM-L6-v2.
     pub model: String,
-    /// Weight precision: `f32`, `bf16` or `f16`.
+    /// Accepted for symmetry with `rewards`; embedders compute in f32 whatever it says (candle's
+    /// BERT yields NaN in half precision).
     #[serde(default)]
     pub dtype: DTypeName,
 }

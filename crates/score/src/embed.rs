@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert;
-use rbon_models::ModelDir;
 use rbon_models::decoder::var_builder;
+use rbon_models::{BertConfig, ModelDir, PackedBert};
 
 use crate::{ScoreError, candle, length_batches};
 
@@ -17,9 +17,16 @@ pub enum Pooling {
     Max,
 }
 
+/// The encoder: packed rows on the CPU (no padding, fused kernels), candle's BERT on other
+/// devices.
+enum Encoder {
+    Packed(PackedBert),
+    Candle(bert::BertModel),
+}
+
 /// A loaded sentence embedder.
 pub struct Embedder {
-    model: bert::BertModel,
+    model: Encoder,
     tokenizer: tokenizers::Tokenizer,
     pooling: Pooling,
     normalize: bool,
@@ -45,7 +52,12 @@ fn json(dir: &ModelDir, name: &str) -> Result<Option<serde_json::Value>, ScoreEr
 
 impl Embedder {
     /// Loads a sentence-transformers folder (or a plain BERT folder: mean pooling, normalised).
-    pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Self, ScoreError> {
+    ///
+    /// The encoder always computes in f32, whatever `dtype` asks: candle's BERT builds its
+    /// attention mask as `(1 − mask) · f32::MIN`, which is −∞ in f16 and bf16 and turns every
+    /// score into NaN (0 · −∞), and an embedder of this size gains little from half precision.
+    pub fn load(spec: &str, _dtype: DType, device: &Device) -> Result<Self, ScoreError> {
+        let dtype = DType::F32;
         let dir = ModelDir::resolve(spec)?;
         let modules = json(&dir, "modules.json")?;
         let types: Vec<(String, String)> = modules
@@ -88,9 +100,15 @@ impl Embedder {
         let max_len = json(&dir, "sentence_bert_config.json")?
             .and_then(|c| c.get("max_seq_length").and_then(|m| m.as_u64()))
             .map_or(cfg.max_position_embeddings, |m| m as usize);
+        let packed_cfg: BertConfig = serde_json::from_str(&cfg_text)
+            .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("config.json").display())))?;
         let vb = var_builder(&dir, dtype, device)?;
         let ctx = format!("loading the embedder {}", dir.root().display());
-        let model = bert::BertModel::load(vb, &cfg).map_err(candle(&ctx))?;
+        let model = if matches!(device, Device::Cpu) && packed_cfg.supported() {
+            Encoder::Packed(PackedBert::load(vb, &packed_cfg, cfg.model_type.as_deref()).map_err(candle(&ctx))?)
+        } else {
+            Encoder::Candle(bert::BertModel::load(vb, &cfg).map_err(candle(&ctx))?)
+        };
         let mut tokenizer = tokenizers::Tokenizer::from_file(dir.root().join("tokenizer.json"))
             .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("tokenizer.json").display())))?;
         tokenizer
@@ -130,6 +148,17 @@ impl Embedder {
 
     fn embed_batch(&self, rows: &[&Vec<u32>]) -> Result<Vec<Vec<f32>>, ScoreError> {
         let ctx = "embedding";
+        let model = match &self.model {
+            Encoder::Candle(m) => m,
+            Encoder::Packed(m) => {
+                // An empty text still reads one (pad) token, as in the padded batch below.
+                let pad = [self.pad];
+                let ids: Vec<&[u32]> = rows.iter().map(|r| if r.is_empty() { &pad[..] } else { &r[..] }).collect();
+                let (h, offsets) = m.forward(&ids, None).map_err(candle(ctx))?;
+                let d = self.dim;
+                return Ok(offsets.windows(2).map(|w| self.pool(h[w[0] * d..w[1] * d].chunks_exact(d))).collect());
+            }
+        };
         let t = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
         for r in rows {
@@ -140,33 +169,35 @@ impl Embedder {
         let ids = Tensor::from_vec(ids, shape, &self.device).map_err(candle(ctx))?;
         let mask = Tensor::from_vec(mask, shape, &self.device).map_err(candle(ctx))?;
         let types = ids.zeros_like().map_err(candle(ctx))?;
-        let h = self.model.forward(&ids, &types, Some(&mask)).map_err(candle(ctx))?;
+        let h = model.forward(&ids, &types, Some(&mask)).map_err(candle(ctx))?;
         let h: Vec<Vec<Vec<f32>>> = h.to_dtype(DType::F32).and_then(|h| h.to_vec3()).map_err(candle(ctx))?;
         Ok(h.into_iter()
             .zip(rows)
-            .map(|(tokens, r)| {
-                let real = &tokens[..r.len().max(1)];
-                let mut v = match self.pooling {
-                    Pooling::Cls => real[0].clone(),
-                    Pooling::Mean => {
-                        let mut acc = vec![0f64; self.dim];
-                        for tok in real {
-                            for (a, x) in acc.iter_mut().zip(tok) {
-                                *a += f64::from(*x);
-                            }
-                        }
-                        acc.iter().map(|a| (a / real.len() as f64) as f32).collect()
-                    }
-                    Pooling::Max => {
-                        (0..self.dim).map(|d| real.iter().map(|tok| tok[d]).fold(f32::MIN, f32::max)).collect()
-                    }
-                };
-                if self.normalize {
-                    let n = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt().max(1e-12);
-                    v.iter_mut().for_each(|x| *x = (f64::from(*x) / n) as f32);
-                }
-                v
-            })
+            .map(|(tokens, r)| self.pool(tokens[..r.len().max(1)].iter().map(Vec::as_slice)))
             .collect())
+    }
+
+    /// One sentence vector from the token vectors of a text (no padding among them).
+    fn pool<'a>(&self, tokens: impl Iterator<Item = &'a [f32]> + Clone) -> Vec<f32> {
+        let mut v = match self.pooling {
+            Pooling::Cls => tokens.clone().next().map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; self.dim]),
+            Pooling::Mean => {
+                let mut acc = vec![0f64; self.dim];
+                let mut n = 0usize;
+                for tok in tokens {
+                    n += 1;
+                    for (a, x) in acc.iter_mut().zip(tok) {
+                        *a += f64::from(*x);
+                    }
+                }
+                acc.iter().map(|a| (a / n.max(1) as f64) as f32).collect()
+            }
+            Pooling::Max => (0..self.dim).map(|d| tokens.clone().map(|tok| tok[d]).fold(f32::MIN, f32::max)).collect(),
+        };
+        if self.normalize {
+            let n = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x = (f64::from(*x) / n) as f32);
+        }
+        v
     }
 }

@@ -9,7 +9,7 @@ use candle_nn::Linear;
 use candle_transformers::models::debertav2;
 use rbon_core::Message;
 use rbon_models::decoder::var_builder;
-use rbon_models::{ChatTokenizer, Decoder, DecoderConfig, ModelDir, TemplateChoice};
+use rbon_models::{ChatTokenizer, Decoder, DecoderConfig, ModelDir, PackedDecoder, TemplateChoice};
 
 use crate::{ScoreError, candle, length_batches};
 
@@ -20,9 +20,17 @@ pub enum RewardModel {
     Deberta(Box<DebertaRm>),
 }
 
+/// A decoder reward model's body: packed rows on the CPU in f32, candle's padded batches
+/// elsewhere.
+#[derive(Debug)]
+enum Body {
+    Packed(PackedDecoder),
+    Padded(Decoder),
+}
+
 #[derive(Debug)]
 pub struct DecoderRm {
-    decoder: Decoder,
+    body: Body,
     head: Linear,
     tokenizer: ChatTokenizer,
     bos: Option<u32>,
@@ -47,6 +55,40 @@ impl std::fmt::Debug for DebertaRm {
 /// blank lines, and the response.
 pub fn question_text(prompt: &[Message]) -> String {
     prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n")
+}
+
+impl DecoderRm {
+    /// Scores with the packed decoder: the inputs' common prefix once per batch, then each
+    /// input's remaining tokens (at least one, the token the head reads).
+    fn score_shared(
+        &self,
+        p: &PackedDecoder,
+        inputs: &[(Vec<u32>, Vec<u32>)],
+        budget: usize,
+    ) -> Result<Vec<f64>, ScoreError> {
+        let ctx = "scoring with a reward model";
+        // An empty input reads one pad token, as a padded batch would.
+        let pad = [self.pad];
+        let ids: Vec<&[u32]> = inputs.iter().map(|r| if r.0.is_empty() { &pad[..] } else { r.0.as_slice() }).collect();
+        let mut shared = ids.iter().map(|r| r.len() - 1).min().unwrap_or(0);
+        for r in &ids[1..] {
+            shared = shared.min(ids[0].iter().zip(r.iter()).take_while(|(a, b)| a == b).count());
+        }
+        let prefix = &ids[0][..shared];
+        let lens: Vec<usize> = ids.iter().map(|r| r.len() - shared).collect();
+        let mut out = vec![0.0; inputs.len()];
+        for rows in length_batches(&lens, budget.saturating_sub(shared).max(1)) {
+            let suffixes: Vec<&[u32]> = rows.iter().map(|&i| &ids[i][shared..]).collect();
+            let h = p.last_hidden_shared(prefix, &suffixes).map_err(candle(ctx))?;
+            let dim = h.len() / rows.len().max(1);
+            let last = Tensor::from_vec(h, (rows.len(), dim), &Device::Cpu).map_err(candle(ctx))?;
+            let logits = self.head.forward(&last).and_then(|l| l.to_vec2::<f32>()).map_err(candle(ctx))?;
+            for (&i, l) in rows.iter().zip(logits) {
+                out[i] = f64::from(l[0]);
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl RewardModel {
@@ -89,7 +131,11 @@ impl RewardModel {
         let pad = cfg.pad_token_id.unwrap_or(0);
         let max_len = cfg.max_position_embeddings;
         let decoder = Decoder::from_var_builder(cfg, vb, false).map_err(candle(&ctx))?;
-        Ok(Self::Decoder(Box::new(DecoderRm { decoder, head, tokenizer, bos, pad, max_len })))
+        let body = match decoder.packed().map_err(candle(&ctx))? {
+            Some(p) => Body::Packed(p),
+            None => Body::Padded(decoder),
+        };
+        Ok(Self::Decoder(Box::new(DecoderRm { body, head, tokenizer, bos, pad, max_len })))
     }
 
     /// Token ids of one (prompt, response) as this model reads them.
@@ -126,7 +172,17 @@ impl RewardModel {
 
     /// Scores encoded inputs (from [`Self::encode`]), batching rows of similar length up to
     /// `batch_tokens` padded tokens. Returns one score per input, in input order.
+    ///
+    /// On the CPU in f32 a decoder reward model computes the longest common prefix of the inputs
+    /// once per batch (the score stage passes the N responses of one prompt, whose rendered
+    /// prompt is that prefix), so the prompt costs one forward pass instead of N.
     pub fn score(&self, inputs: &[(Vec<u32>, Vec<u32>)], batch_tokens: usize) -> Result<Vec<f64>, ScoreError> {
+        if let Self::Decoder(m) = self
+            && let Body::Packed(p) = &m.body
+            && !inputs.is_empty()
+        {
+            return m.score_shared(p, inputs, batch_tokens);
+        }
         let lens: Vec<usize> = inputs.iter().map(|i| i.0.len()).collect();
         let mut out = vec![0.0; inputs.len()];
         for rows in length_batches(&lens, batch_tokens) {
@@ -142,18 +198,21 @@ impl RewardModel {
         let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(1);
         match self {
             Self::Decoder(m) => {
+                let ctx = "scoring with a reward model";
+                let Body::Padded(decoder) = &m.body else {
+                    return Err(ScoreError::Config("the packed reward model scores through score_shared".into()));
+                };
                 // Right padding: under a causal mask the real tokens never see the pads, so
                 // each row's last real token is exactly as if it ran alone.
-                let dev = m.decoder.device();
+                let dev = decoder.device();
                 let mut ids = Vec::with_capacity(rows.len() * t);
                 for r in rows {
                     ids.extend_from_slice(&r.0);
                     ids.extend(std::iter::repeat_n(m.pad, t - r.0.len()));
                 }
-                let ctx = "scoring with a reward model";
                 let ids = Tensor::from_vec(ids, (rows.len(), t), dev).map_err(candle(ctx))?;
-                let mut cache = m.decoder.new_cache();
-                let h = m.decoder.forward_hidden(&ids, &mut cache).map_err(candle(ctx))?;
+                let mut cache = decoder.new_cache();
+                let h = decoder.forward_hidden(&ids, &mut cache).map_err(candle(ctx))?;
                 let last: Vec<Tensor> = rows
                     .iter()
                     .enumerate()

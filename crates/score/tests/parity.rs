@@ -74,6 +74,41 @@ fn decoder_reward_models_match_transformers() {
     }
 }
 
+/// The score stage passes the N responses of one prompt together; on the CPU the decoder reward
+/// models then compute the shared prompt once. Scores must not depend on that: the same inputs
+/// scored together (one batch, or several under a small budget) and one at a time agree.
+#[test]
+fn decoder_reward_models_share_the_prompt_prefix() {
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+        let name = format!("tiny-rm-{arch}");
+        let m = RewardModel::load(
+            data().join("models").join(&name).to_str().unwrap(),
+            &TemplateChoice::Auto,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let g = golden(&name);
+        let cases = g["cases"].as_array().unwrap();
+        let mut prompt = messages(&cases[0]["messages"]);
+        prompt.pop();
+        let mut responses: Vec<String> =
+            cases.iter().map(|c| messages(&c["messages"]).pop().unwrap().content).collect();
+        responses.push(responses[0].clone());
+        responses.push(responses.iter().map(String::as_str).collect::<Vec<_>>().join(" and then "));
+        responses.push(String::new());
+        let inputs: Vec<_> = responses.iter().map(|r| m.encode(&prompt, r).unwrap()).collect();
+        let alone: Vec<f64> = inputs.iter().map(|i| m.score(std::slice::from_ref(i), 1 << 20).unwrap()[0]).collect();
+        for budget in [1 << 20, 48] {
+            let together = m.score(&inputs, budget).unwrap();
+            for (i, (a, b)) in together.iter().zip(&alone).enumerate() {
+                close(*a, *b, &format!("{name} response {i} (budget {budget})"));
+            }
+        }
+        assert_eq!(alone[0], alone[cases.len()], "{name}: the same input scored twice");
+    }
+}
+
 #[test]
 fn deberta_reward_model_matches_transformers() {
     let m = RewardModel::load(
@@ -100,8 +135,9 @@ fn deberta_reward_model_matches_transformers() {
     }
 }
 
-fn check_embedder(folder: &Path, golden: &Value) {
-    let e = Embedder::load(folder.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+fn check_embedder(folder: &Path, golden: &Value, dtype: DType, min_cosine: f64) {
+    // On the CPU this is the packed encoder (candle's BERT serves other devices).
+    let e = Embedder::load(folder.to_str().unwrap(), dtype, &Device::Cpu).unwrap();
     let cases = golden["cases"].as_array().unwrap();
     let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
     for (t, c) in texts.iter().zip(cases) {
@@ -111,7 +147,7 @@ fn check_embedder(folder: &Path, golden: &Value) {
         let got = e.embed(&texts, budget).unwrap();
         for ((g, c), t) in got.iter().zip(cases).zip(&texts) {
             let c = cosine(g, &f32s(&c["embedding"]));
-            assert!(c >= 0.9999, "{t:?}: cosine {c}");
+            assert!(c >= min_cosine, "{t:?} ({dtype:?}): cosine {c}");
             let norm: f32 = g.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
         }
@@ -120,7 +156,9 @@ fn check_embedder(folder: &Path, golden: &Value) {
 
 #[test]
 fn tiny_sentence_embedder_matches_sentence_transformers() {
-    check_embedder(&data().join("models/tiny-minilm"), &golden("tiny-minilm"));
+    check_embedder(&data().join("models/tiny-minilm"), &golden("tiny-minilm"), DType::F32, 0.9999);
+    // Embedders compute in f32 even when asked for half precision (candle's BERT gives NaN there).
+    check_embedder(&data().join("models/tiny-minilm"), &golden("tiny-minilm"), DType::BF16, 0.9999);
 }
 
 /// The paper's embedder, fetched by `scripts/fetch-minilm.sh` (CI runs it); skipped when absent.
@@ -131,5 +169,5 @@ fn all_minilm_l6_v2_matches_sentence_transformers() {
         eprintln!("skipping: {} is absent (run scripts/fetch-minilm.sh)", folder.display());
         return;
     }
-    check_embedder(&folder, &golden("all-minilm-l6-v2"));
+    check_embedder(&folder, &golden("all-minilm-l6-v2"), DType::F32, 0.9999);
 }

@@ -1,0 +1,579 @@
+//! CPU f32 kernels for the prefill-shaped forward passes of scoring (BERT embedders and decoder
+//! reward models over packed rows): a GEMM wrapper, attention over one packed row, and fused,
+//! vectorised, multi-threaded element-wise ops.
+//!
+//! Why not candle's ops: on the CPU its unary and binary ops run on one thread and call libm's
+//! scalar `expf`/`erf` per element (GELU and SiLU then cost seconds per thousand texts), its
+//! generic softmax makes five passes, and a padded batch's attention materialises a
+//! [batch, heads, t, t] score tensor that is written and read again by each of those passes.
+//! Here every element-wise op is one pass, parallel over tokens, with an `exp` that LLVM
+//! vectorises (a Cephes-style polynomial) compiled for AVX-512 or AVX2 where the CPU has it.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Rows of work per rayon task for element-wise ops over [tokens, width] buffers.
+const TOKENS_PER_TASK: usize = 16;
+
+/// Compiles `$body` three times (AVX-512, AVX2+FMA, baseline) and picks one at run time. The
+/// helpers it calls are `#[inline(always)]`, so they are compiled with the same features.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        multiversion! { $(#[$m])* $vis fn $name($($arg: $ty),*) -> () $body }
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn v4($($arg: $ty),*) -> $ret $body
+                #[target_feature(enable = "avx2,fma")]
+                fn v3($($arg: $ty),*) -> $ret $body
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512dq")
+                    && std::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU has the features `v4` was compiled for (checked above).
+                    #[allow(unsafe_code)]
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for `v3`.
+                    #[allow(unsafe_code)]
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
+/// `e^x` to about 2 ulp for x in [-87, 88], 0 below (masked scores are -inf), in straight-line
+/// code that LLVM vectorises: x = n·ln2 + r, e^r by Cephes' degree-6 polynomial, 2^n by bits.
+/// `mul_add` is one instruction in the AVX2/AVX-512 builds (and on aarch64); only an x86 CPU
+/// without FMA (before 2013) pays a libm call for it.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2E).round();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
+    let mut p = 1.987_569_1e-4_f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let er = (p * r).mul_add(r, r) + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { er * scale }
+}
+
+/// erf(x) to 5e-7 absolute (Abramowitz & Stegun 7.1.26: 1.5e-7, plus f32 rounding), the
+/// approximation PyTorch's vectorised CPU erf uses too.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A1: f32 = 0.254_829_6;
+    const A2: f32 = -0.284_496_74;
+    const A3: f32 = 1.421_413_7;
+    const A4: f32 = -1.453_152_1;
+    const A5: f32 = 1.061_405_4;
+    let a = x.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let poly = A5.mul_add(t, A4).mul_add(t, A3).mul_add(t, A2).mul_add(t, A1) * t;
+    let y = (-poly).mul_add(exp(-a * a), 1.0);
+    y.copysign(x)
+}
+
+multiversion! {
+    /// `x ← gelu(x)` with the exact (erf) form BERT uses, one thread's share.
+    fn gelu_erf_serial(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
+multiversion! {
+    /// `gate ← silu(gate) · up` (the Llama MLP's activation), single-threaded.
+    pub fn silu_mul_one(gate: &mut [f32], up: &[f32]) {
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + exp(-*g)) * u;
+        }
+    }
+}
+
+/// Lanes of the explicit accumulators below: LLVM does not reorder float reductions by itself,
+/// so a plain `sum` or `max` over a slice runs one element at a time.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    rest.iter().chain(acc.iter()).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+#[inline(always)]
+fn sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
+}
+
+multiversion! {
+    /// softmax(scale · x) of one row in place (scale > 0).
+    fn softmax_serial(x: &mut [f32], scale: f32) {
+        let max = max_of(x);
+        let mut acc = [0f32; LANES];
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                let e = exp((c[l] - max) * scale);
+                c[l] = e;
+                acc[l] += e;
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = exp((*v - max) * scale);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in x.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+multiversion! {
+    /// LayerNorm of each row of `x` in place (mean and variance in f32, two passes, as torch).
+    fn layer_norm_serial(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        let width = w.len();
+        for row in x.chunks_exact_mut(width) {
+            let mean = sum_of(row, |v| v) / width as f32;
+            let var = sum_of(row, |v| (v - mean) * (v - mean)) / width as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((v, w), b) in row.iter_mut().zip(w).zip(b) {
+                *v = (*v - mean) * inv * w + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// RMSNorm of each row of `x` into `out` (Llama: x / sqrt(mean(x²) + eps) · w).
+    fn rms_norm_serial(x: &[f32], out: &mut [f32], w: &[f32], eps: f32) {
+        let width = w.len();
+        for (row, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+            let ms = sum_of(row, |v| v * v) / width as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+                *o = v * inv * w;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] = e^(x[i] - shift)`; returns Σ out in f64 (a sampler's weights and normaliser).
+    pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f64 {
+        let mut acc = [0f64; LANES];
+        let mut xs = x.chunks_exact(LANES);
+        let mut os = out.chunks_exact_mut(LANES);
+        for (c, o) in (&mut xs).zip(&mut os) {
+            for l in 0..LANES {
+                let e = exp(c[l] - shift);
+                o[l] = e;
+                acc[l] += f64::from(e);
+            }
+        }
+        let mut sum: f64 = acc.iter().sum();
+        for (v, o) in xs.remainder().iter().zip(os.into_remainder()) {
+            *o = exp(*v - shift);
+            sum += f64::from(*o);
+        }
+        sum
+    }
+}
+
+/// `x ← gelu_erf(x)` over all of `x`, in parallel.
+pub fn gelu_erf(x: &mut [f32]) {
+    x.par_chunks_mut(TOKENS_PER_TASK * 1024).for_each(gelu_erf_serial);
+}
+
+/// softmax(scale · x) of one row in place (scale > 0; -inf entries become 0).
+pub fn softmax(x: &mut [f32], scale: f32) {
+    softmax_serial(x, scale);
+}
+
+/// LayerNorm over rows of width `w.len()`, in place, in parallel.
+pub fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    x.par_chunks_mut(TOKENS_PER_TASK * w.len()).for_each(|c| layer_norm_serial(c, w, b, eps));
+}
+
+/// RMSNorm over rows of width `w.len()` into `out`, in parallel.
+pub fn rms_norm(x: &[f32], out: &mut [f32], w: &[f32], eps: f32) {
+    let c = TOKENS_PER_TASK * w.len();
+    x.par_chunks(c).zip(out.par_chunks_mut(c)).for_each(|(x, o)| rms_norm_serial(x, o, w, eps));
+}
+
+/// A row-major f32 matrix view: `rows` rows of `cols` values, row i starting at `i * stride`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A dense [rows, cols] matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols, stride: cols }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.stride + self.cols <= self.data.len()
+    }
+}
+
+/// `out ← (accumulate ? out : 0) + x · wᵀ` for x [m, k] and w [n, k] (a linear layer's weight),
+/// `out` [m, n] with row stride `ldo`. `threads`: split the product across rayon's pool (off
+/// when the caller already runs one product per task).
+///
+/// # Panics
+/// When a view does not fit its buffer or the shapes disagree: the callers' shapes come from a
+/// checked model config, so this is a bug, not bad input.
+pub fn matmul_t(x: Mat, w: Mat, out: &mut [f32], ldo: usize, accumulate: bool, threads: bool) {
+    let (m, k, n) = (x.rows, x.cols, w.rows);
+    assert_eq!(w.cols, k, "matmul_t: inner dimensions differ");
+    assert!(x.fits() && w.fits(), "matmul_t: an input view exceeds its buffer");
+    assert!(m == 0 || n == 0 || (m - 1) * ldo + n <= out.len(), "matmul_t: the output exceeds its buffer");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.chunks_mut(ldo).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return;
+    }
+    let par = if threads { Parallelism::Rayon(0) } else { Parallelism::None };
+    // SAFETY: the asserts above keep every element gemm reads or writes inside the three
+    // slices: x[i * x.stride + p], w[j * w.stride + p] and out[i * ldo + j] for i < m, j < n,
+    // p < k. `out` is borrowed mutably, so nothing else aliases it.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            ldo as isize,
+            accumulate,
+            x.data.as_ptr(),
+            1,
+            x.stride as isize,
+            w.data.as_ptr(),
+            w.stride as isize,
+            1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Which keys a query sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Every position of the row (encoders).
+    All,
+    /// Keys at or before the query, within a sliding window when `Some` (decoders).
+    Causal(Option<usize>),
+}
+
+/// Scaled dot-product attention over one packed row of `t` tokens, for every head.
+///
+/// `q` is [tq, heads·d] (the last `tq` queries of the row), `k` and `v` are [t, kv_heads·d];
+/// query head h reads KV head h / (heads / kv_heads). Writes [tq, heads·d] into `out` (row
+/// stride `ldo`). `scratch` is reused across calls.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: Mat,
+    k: Mat,
+    v: Mat,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    vis: Visibility,
+    out: &mut [f32],
+    ldo: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let (tq, t) = (q.rows, k.rows);
+    let rep = heads / kv_heads.max(1);
+    let scale = 1.0 / (d as f32).sqrt();
+    let first = t - tq; // absolute position of the first query
+    // Causal rows go in blocks of queries, each against only the keys its queries can see:
+    // about half the work of the full square for long rows.
+    let block = match vis {
+        Visibility::All => tq.max(1),
+        Visibility::Causal(_) => CAUSAL_BLOCK,
+    };
+    for h in 0..heads {
+        let kv = h / rep.max(1);
+        let mut q0 = 0;
+        while q0 < tq {
+            let q1 = (q0 + block).min(tq);
+            let (k0, k1) = match vis {
+                Visibility::All => (0, t),
+                Visibility::Causal(w) => (w.map_or(0, |w| (first + q0 + 1).saturating_sub(w)), first + q1),
+            };
+            let nk = k1 - k0;
+            scratch.clear();
+            scratch.resize((q1 - q0) * nk, 0.0);
+            let qh = Mat { data: &q.data[q0 * q.stride + h * d..], rows: q1 - q0, cols: d, stride: q.stride };
+            let kh = Mat { data: &k.data[k0 * k.stride + kv * d..], rows: nk, cols: d, stride: k.stride };
+            matmul_t(qh, kh, scratch, nk, false, false);
+            for (i, row) in scratch.chunks_exact_mut(nk).enumerate() {
+                let pos = first + q0 + i;
+                let (lo, hi) = match vis {
+                    Visibility::All => (0, nk),
+                    Visibility::Causal(w) => (w.map_or(0, |w| (pos + 1).saturating_sub(w)) - k0, pos + 1 - k0),
+                };
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                softmax(&mut row[lo..hi], scale);
+            }
+            let vh = Mat { data: &v.data[k0 * v.stride + kv * d..], rows: nk, cols: d, stride: v.stride };
+            matmul_nn(Mat::new(scratch, q1 - q0, nk), vh, &mut out[q0 * ldo + h * d..], ldo);
+            q0 = q1;
+        }
+    }
+}
+
+/// Queries per block of causal attention.
+const CAUSAL_BLOCK: usize = 64;
+
+/// `out ← a · b` for a [m, k] and b [k, n] (row-major views), single-threaded.
+fn matmul_nn(a: Mat, b: Mat, out: &mut [f32], ldo: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "matmul_nn: inner dimensions differ");
+    assert!(a.fits() && b.fits(), "matmul_nn: an input view exceeds its buffer");
+    assert!(m == 0 || n == 0 || (m - 1) * ldo + n <= out.len(), "matmul_nn: the output exceeds its buffer");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: as in `matmul_t`: a[i * a.stride + p], b[p * b.stride + j] and out[i * ldo + j]
+    // for i < m, j < n, p < k are inside their slices (asserted above).
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            ldo as isize,
+            false,
+            a.data.as_ptr(),
+            1,
+            a.stride as isize,
+            b.data.as_ptr(),
+            1,
+            b.stride as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// Splits `buf` ([tokens, width]) into one mutable slice per packed row, for `par_iter`.
+pub fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
+    for w in offsets.windows(2) {
+        let (head, tail) = buf.split_at_mut((w[1] - w[0]) * width);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_erf_are_accurate() {
+        // The documented range, [-87, 88].
+        for i in -1990..=2010 {
+            let x = i as f32 * 0.0437;
+            let (got, want) = (exp(x), x.exp());
+            assert!((got - want).abs() <= 3e-7 * want, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        for i in -600..=600 {
+            let x = i as f64 * 0.01;
+            let want = libm_erf(x);
+            let got = f64::from(erf(x as f32));
+            assert!((got - want).abs() < 5e-7, "erf({x}) = {got}, want {want}");
+        }
+    }
+
+    /// erf by its Taylor series / continued fraction, in f64: an independent reference.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() < 3.0 {
+            let mut sum = 0.0;
+            let mut term = x;
+            let mut n = 0.0;
+            while term.abs() > 1e-17 {
+                sum += term / (2.0 * n + 1.0);
+                n += 1.0;
+                term *= -x * x / n;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            // erfc by Lentz's continued fraction.
+            let a = x.abs();
+            let mut f = a;
+            for k in (1..60).rev() {
+                f = a + (k as f64 / 2.0) / f;
+            }
+            let erfc = (-a * a).exp() / (f * std::f64::consts::PI.sqrt());
+            (1.0 - erfc).copysign(x)
+        }
+    }
+
+    #[test]
+    fn fused_ops_match_plain_formulas() {
+        let x: Vec<f32> = (0..3000).map(|i| ((i * 37) % 1000) as f32 / 100.0 - 5.0).collect();
+        let mut g = x.clone();
+        gelu_erf(&mut g);
+        for (a, b) in x.iter().zip(&g) {
+            let want = 0.5 * f64::from(*a) * (1.0 + libm_erf(f64::from(*a) / 2f64.sqrt()));
+            assert!((f64::from(*b) - want).abs() < 1e-6, "gelu({a})");
+        }
+        let up: Vec<f32> = x.iter().map(|v| v * 0.5 + 1.0).collect();
+        let mut s = x.clone();
+        silu_mul_one(&mut s, &up);
+        for ((a, u), b) in x.iter().zip(&up).zip(&s) {
+            let want = f64::from(*a) / (1.0 + (-f64::from(*a)).exp()) * f64::from(*u);
+            assert!((f64::from(*b) - want).abs() < 1e-5 * want.abs().max(1.0), "silu({a})");
+        }
+        let mut row = vec![1.0f32, 2.0, 3.0, f32::NEG_INFINITY];
+        softmax(&mut row, 1.0);
+        let z: f64 = [1f64, 2.0, 3.0].iter().map(|v| v.exp()).sum();
+        for (i, v) in [1f64, 2.0, 3.0].iter().enumerate() {
+            assert!((f64::from(row[i]) - v.exp() / z).abs() < 1e-7);
+        }
+        assert_eq!(row[3], 0.0);
+    }
+
+    #[test]
+    fn matmul_and_attention_match_naive() {
+        let (m, k, n) = (5, 7, 3);
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 11) as f32 - 5.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.5 - 1.0).collect();
+        let mut out = vec![1.0f32; m * n];
+        matmul_t(Mat::new(&x, m, k), Mat::new(&w, n, k), &mut out, n, true, true);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = 1.0 + (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f32>();
+                assert!((out[i * n + j] - want).abs() < 1e-4);
+            }
+        }
+        // Attention against a direct computation in f64: grouped heads, causal with and without
+        // a window, rows longer than a query block, only the last queries, and bidirectional.
+        for (t, tq, heads, kvh, d, vis) in [
+            (4, 4, 2, 1, 3, Visibility::Causal(None)),
+            (150, 150, 4, 2, 8, Visibility::Causal(None)),
+            (150, 150, 4, 2, 8, Visibility::Causal(Some(40))),
+            (150, 1, 4, 2, 8, Visibility::Causal(Some(40))),
+            (150, 3, 4, 4, 8, Visibility::Causal(None)),
+            (70, 70, 3, 3, 5, Visibility::All),
+        ] {
+            let f = |n: usize, salt: usize| -> Vec<f32> {
+                (0..n).map(|i| (((i * 7919 + salt * 104729) % 1000) as f32 / 500.0 - 1.0) * 0.8).collect()
+            };
+            let (q, kk, v) = (f(tq * heads * d, 1), f(t * kvh * d, 2), f(t * kvh * d, 3));
+            let mut out = vec![0.0f32; tq * heads * d];
+            let mut scratch = Vec::new();
+            attention(
+                Mat::new(&q, tq, heads * d),
+                Mat::new(&kk, t, kvh * d),
+                Mat::new(&v, t, kvh * d),
+                heads,
+                kvh,
+                d,
+                vis,
+                &mut out,
+                heads * d,
+                &mut scratch,
+            );
+            for h in 0..heads {
+                let g = h / (heads / kvh);
+                for i in 0..tq {
+                    let pos = t - tq + i;
+                    let keys: Vec<usize> = match vis {
+                        Visibility::All => (0..t).collect(),
+                        Visibility::Causal(w) => (0..=pos).filter(|&j| w.is_none_or(|w| pos - j < w)).collect(),
+                    };
+                    let s: Vec<f64> = keys
+                        .iter()
+                        .map(|&j| {
+                            (0..d)
+                                .map(|c| {
+                                    f64::from(q[i * heads * d + h * d + c]) * f64::from(kk[j * kvh * d + g * d + c])
+                                })
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = s.iter().copied().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                    for c in 0..d {
+                        let want: f64 = keys
+                            .iter()
+                            .zip(&s)
+                            .map(|(&j, sj)| (sj - mx).exp() / z * f64::from(v[j * kvh * d + g * d + c]))
+                            .sum();
+                        let got = f64::from(out[i * heads * d + h * d + c]);
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{vis:?} t {t}: head {h} query {i} dim {c}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
