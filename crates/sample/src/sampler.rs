@@ -43,15 +43,16 @@ pub fn draw(logits: &[f32], p: &SamplingParams, u: f64) -> Draw {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let truncating = p.top_k > 0 && p.top_k < logits.len() || p.top_p < 1.0 || p.min_p > 0.0;
     if p.temperature == 1.0 && !truncating {
-        // The common RBoN case: one exp per token serves both the draw and the log-sum-exp.
-        let w: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
-        let total: f64 = w.iter().sum();
+        // The common RBoN case: one exp per token serves both the draw and the log-sum-exp,
+        // in one vectorised pass (f32 exp to 2 ulp, summed in f64).
+        let mut w = vec![0f32; logits.len()];
+        let total = rbon_models::kernels::exp_shifted(logits, max, &mut w);
         let lse = f64::from(max) + total.ln();
         let target = u * total;
         let mut acc = 0.0;
         let mut pick = w.iter().rposition(|&x| x > 0.0).unwrap_or(0);
-        for (t, x) in w.iter().enumerate() {
-            acc += x;
+        for (t, &x) in w.iter().enumerate() {
+            acc += f64::from(x);
             if target < acc {
                 pick = t;
                 break;
@@ -185,7 +186,9 @@ mod tests {
         for p in [SamplingParams::default(), SamplingParams { temperature: 0.3, top_k: 2, top_p: 0.5, min_p: 0.2 }] {
             for u in [0.0, 0.3, 0.99] {
                 let d = draw(&L, &p, u);
-                assert!((d.logprob - exact[d.token as usize].ln()).abs() < 1e-12, "{p:?} {d:?}");
+                // The untruncated path sums an f32 exp (2 ulp) in f64: 1e-6 is far inside the
+                // 1e-4 per sequence that teacher forcing is held to.
+                assert!((d.logprob - exact[d.token as usize].ln()).abs() < 1e-6, "{p:?} {d:?}");
             }
         }
     }
