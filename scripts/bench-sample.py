@@ -54,6 +54,11 @@ def make_model(path):
             dst.write(src.read())
 
 
+# Each side runs every setting this many times and reports its best: run-to-run noise on a
+# shared 2-core machine is about ±20% for either side.
+REPEATS = 3
+
+
 def prompt_ids(n, vocab):
     return [100 + (i * 7919) % (vocab - 200) for i in range(n)]
 
@@ -69,17 +74,19 @@ def bench_hf(path, n, prompt_tokens, new_tokens, threads):
     ids = torch.tensor([prompt_ids(prompt_tokens, vocab)])
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
               num_return_sequences=n, eos_token_id=eos, pad_token_id=0)
+    best = None
     with torch.no_grad():
         model.generate(ids, **{**kw, "num_return_sequences": 1, "max_new_tokens": 2})
-        torch.manual_seed(0)
-        t = time.perf_counter()
-        out = model.generate(ids, **kw)
-        secs = time.perf_counter() - t
-    gen = out[:, prompt_tokens:].tolist()
-    tokens = 0
-    for row in gen:
-        tokens += row.index(eos) + 1 if eos in row else len(row)
-    return tokens, secs
+        for rep in range(REPEATS):
+            torch.manual_seed(rep)
+            t = time.perf_counter()
+            out = model.generate(ids, **kw)
+            secs = time.perf_counter() - t
+            gen = out[:, prompt_tokens:].tolist()
+            tokens = sum(row.index(eos) + 1 if eos in row else len(row) for row in gen)
+            if best is None or tokens / secs > best[0] / best[1]:
+                best = (tokens, secs)
+    return best
 
 
 def bench_rbon(path, n, prompt_tokens, new_tokens, threads):
@@ -87,7 +94,7 @@ def bench_rbon(path, n, prompt_tokens, new_tokens, threads):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     out = subprocess.run(
         ["cargo", "run", "--quiet", "--release", "-p", "rbon-sample", "--example", "bench_sample", "--",
-         path, str(n), str(prompt_tokens), str(new_tokens)],
+         path, str(n), str(prompt_tokens), str(new_tokens), str(REPEATS)],
         cwd=root, env=env, check=True, capture_output=True, text=True,
     ).stdout
     r = json.loads(out.strip().splitlines()[-1])

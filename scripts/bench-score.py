@@ -20,6 +20,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
+# Each side runs this many times and reports its best: run-to-run noise on a shared 2-core
+# machine is about ±20% for either side.
+REPEATS = 3
 WORDS = ("the quick brown fox jumps over a lazy dog while models learn to rank answers by how "
          "helpful honest and harmless they are in every case we test").split()
 
@@ -27,6 +30,16 @@ WORDS = ("the quick brown fox jumps over a lazy dog while models learn to rank a
 def texts(n):
     rng = random.Random(0)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200))) for _ in range(n)]
+
+
+def grouped(prompts, n):
+    """`prompts` prompts of 100-300 words, each with `n` responses of 20-200 words."""
+    rng = random.Random(1)
+    out = []
+    for _ in range(prompts):
+        out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(100, 300))))
+        out.extend(" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200))) for _ in range(n))
+    return out
 
 
 def make_rm(path):
@@ -53,7 +66,8 @@ def make_rm(path):
 def rbon(kind, model, path, threads):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     out = subprocess.run(["cargo", "run", "--quiet", "--release", "-p", "rbon-score", "--example", "bench_score", "--",
-                          kind, model, path, "16384"], cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+                          kind, model, path, "16384", str(REPEATS)], cwd=ROOT, env=env, check=True, capture_output=True,
+                         text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["per_s"]
 
 
@@ -64,12 +78,15 @@ def st_embed(model, ts, threads):
     torch.set_num_threads(threads)
     m = SentenceTransformer(model, device="cpu")
     m.encode(ts[:8])
-    t = time.perf_counter()
-    m.encode(ts, batch_size=32)
-    return len(ts) / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        m.encode(ts, batch_size=32)
+        best = max(best, len(ts) / (time.perf_counter() - t))
+    return best
 
 
-def hf_reward(model, ts, threads):
+def hf_reward(model, ts, threads, prompts=None):
     import torch
     from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
@@ -77,15 +94,21 @@ def hf_reward(model, ts, threads):
     tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(model, "tokenizer.json"), pad_token="<pad>")
     tok.padding_side = "right"
     m = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32).eval()
-    texts_ = ["Please answer the question.\n\n" + t for t in ts]
+    if prompts is None:
+        texts_ = ["Please answer the question.\n\n" + t for t in ts]
+    else:
+        texts_ = [p + "\n\n" + t for p, t in zip(prompts, ts)]
     order = sorted(range(len(texts_)), key=lambda i: len(texts_[i]))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, len(order), 16):
-            batch = [texts_[i] for i in order[s:s + 16]]
-            enc = tok(batch, return_tensors="pt", padding=True)
-            m(**enc)
-    return len(ts) / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for s in range(0, len(order), 16):
+                batch = [texts_[i] for i in order[s:s + 16]]
+                enc = tok(batch, return_tensors="pt", padding=True)
+                m(**enc)
+        best = max(best, len(ts) / (time.perf_counter() - t0))
+    return best
 
 
 def main():
@@ -106,6 +129,17 @@ def main():
     print(f"{'MiniLM embeddings':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
     ref, ours = hf_reward(args.rm, ts, args.threads), rbon("reward", args.rm, path, args.threads)
     print(f"{'Qwen2-57M reward scores':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
+    # The score stage's shape: N responses per prompt. transformers scores each (prompt,
+    # response) text; rbon computes the shared prompt once per prompt.
+    n = 16
+    g = grouped(max(1, args.texts // n), n)
+    gpath = "/tmp/rbon-bench-grouped.txt"
+    with open(gpath, "w") as f:
+        f.write("\n".join(g) + "\n")
+    prompts = [g[i - i % (n + 1)] for i in range(len(g)) if i % (n + 1)]
+    responses = [g[i] for i in range(len(g)) if i % (n + 1)]
+    ref, ours = hf_reward(args.rm, responses, args.threads, prompts), rbon("reward-grouped", args.rm, gpath, args.threads)
+    print(f"{'  ... 16 per prompt':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
