@@ -194,7 +194,7 @@ impl PackedBert {
         let mut ctx = vec![0f32; total * h];
         let mut up = vec![0f32; total * i];
         for l in &self.layers {
-            fill_bias(&mut qkv, &l.qkv_b);
+            kernels::fill_rows(&mut qkv, Some(&l.qkv_b), 3 * h);
             kernels::matmul_t(Mat::new(&x, total, h), Mat::new(&l.qkv_w, 3 * h, h), &mut qkv, 3 * h, true, true);
             let qkv_ref = &qkv;
             kernels::split_rows(&mut ctx, &offsets, h).into_par_iter().enumerate().for_each_init(
@@ -206,27 +206,16 @@ impl PackedBert {
                 },
             );
             // x ← LayerNorm(x + ctx·Woᵀ + b)
-            add_bias(&mut x, &l.o_b);
+            kernels::add_rows(&mut x, &l.o_b);
             kernels::matmul_t(Mat::new(&ctx, total, h), Mat::new(&l.o_w, h, h), &mut x, h, true, true);
             kernels::layer_norm(&mut x, &l.ln1.w, &l.ln1.b, self.cfg.layer_norm_eps as f32);
-            fill_bias(&mut up, &l.up_b);
+            kernels::fill_rows(&mut up, Some(&l.up_b), i);
             kernels::matmul_t(Mat::new(&x, total, h), Mat::new(&l.up_w, i, h), &mut up, i, true, true);
             kernels::gelu_erf(&mut up);
-            add_bias(&mut x, &l.down_b);
+            kernels::add_rows(&mut x, &l.down_b);
             kernels::matmul_t(Mat::new(&up, total, i), Mat::new(&l.down_w, h, i), &mut x, h, true, true);
             kernels::layer_norm(&mut x, &l.ln2.w, &l.ln2.b, self.cfg.layer_norm_eps as f32);
         }
         Ok((x, offsets))
     }
-}
-
-/// Every row of `buf` (width `b.len()`) ← `b`.
-pub(crate) fn fill_bias(buf: &mut [f32], b: &[f32]) {
-    buf.par_chunks_mut(b.len() * 64).for_each(|c| c.chunks_exact_mut(b.len()).for_each(|r| r.copy_from_slice(b)));
-}
-
-/// Every row of `buf` (width `b.len()`) += `b`.
-pub(crate) fn add_bias(buf: &mut [f32], b: &[f32]) {
-    buf.par_chunks_mut(b.len() * 64)
-        .for_each(|c| c.chunks_exact_mut(b.len()).for_each(|r| r.iter_mut().zip(b).for_each(|(x, y)| *x += y)));
 }

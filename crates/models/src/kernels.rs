@@ -277,9 +277,32 @@ pub fn matmul_t(x: Mat, w: Mat, out: &mut [f32], ldo: usize, accumulate: bool, t
         return;
     }
     let par = if threads { Parallelism::Rayon(0) } else { Parallelism::None };
-    // SAFETY: the asserts above keep every element gemm reads or writes inside the three
-    // slices: x[i * x.stride + p], w[j * w.stride + p] and out[i * ldo + j] for i < m, j < n,
-    // p < k. `out` is borrowed mutably, so nothing else aliases it.
+    // w [n, k] read as wᵀ [k, n]: row stride 1, column stride w.stride.
+    gemm_raw(x, (w.data, 1, w.stride), m, n, k, out, ldo, accumulate, par);
+}
+
+/// `out ← (accumulate ? out : 0) + a · b` for a [m, k] (row-major view) and b [k, n] given as
+/// (data, row stride, column stride). The one place that calls gemm.
+#[allow(clippy::too_many_arguments)]
+fn gemm_raw(
+    a: Mat,
+    b: (&[f32], usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    ldo: usize,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    let (bd, brs, bcs) = b;
+    assert!(a.rows == m && a.cols == k && a.fits(), "gemm: the left view does not fit its buffer");
+    assert!((k - 1) * brs + (n - 1) * bcs < bd.len(), "gemm: the right view exceeds its buffer");
+    assert!((m - 1) * ldo + n <= out.len(), "gemm: the output exceeds its buffer");
+    // SAFETY: the asserts above (with m, n, k ≥ 1, checked by the callers) keep every element
+    // gemm reads or writes inside the three slices: a[i * a.stride + p], b[p * brs + j * bcs]
+    // and out[i * ldo + j] for i < m, j < n, p < k. `out` is borrowed mutably, so nothing else
+    // aliases it.
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
@@ -290,12 +313,12 @@ pub fn matmul_t(x: Mat, w: Mat, out: &mut [f32], ldo: usize, accumulate: bool, t
             1,
             ldo as isize,
             accumulate,
-            x.data.as_ptr(),
+            a.data.as_ptr(),
             1,
-            x.stride as isize,
-            w.data.as_ptr(),
-            w.stride as isize,
-            1,
+            a.stride as isize,
+            bd.as_ptr(),
+            bcs as isize,
+            brs as isize,
             1.0f32,
             1.0f32,
             false,
@@ -382,37 +405,27 @@ const CAUSAL_BLOCK: usize = 64;
 fn matmul_nn(a: Mat, b: Mat, out: &mut [f32], ldo: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul_nn: inner dimensions differ");
-    assert!(a.fits() && b.fits(), "matmul_nn: an input view exceeds its buffer");
-    assert!(m == 0 || n == 0 || (m - 1) * ldo + n <= out.len(), "matmul_nn: the output exceeds its buffer");
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    // SAFETY: as in `matmul_t`: a[i * a.stride + p], b[p * b.stride + j] and out[i * ldo + j]
-    // for i < m, j < n, p < k are inside their slices (asserted above).
-    #[allow(unsafe_code)]
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            ldo as isize,
-            false,
-            a.data.as_ptr(),
-            1,
-            a.stride as isize,
-            b.data.as_ptr(),
-            1,
-            b.stride as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
+    gemm_raw(a, (b.data, b.stride, 1), m, n, k, out, ldo, false, Parallelism::None);
+}
+
+/// Every row of `buf` (width `width`) ← `b`, or 0 without a bias: the start of an
+/// accumulating [`matmul_t`].
+pub fn fill_rows(buf: &mut [f32], b: Option<&[f32]>, width: usize) {
+    match b {
+        Some(b) => {
+            buf.par_chunks_mut(width * 64).for_each(|c| c.chunks_exact_mut(width).for_each(|r| r.copy_from_slice(b)))
+        }
+        None => buf.par_chunks_mut(width * 64).for_each(|c| c.fill(0.0)),
     }
+}
+
+/// Every row of `buf` (width `b.len()`) += `b`.
+pub fn add_rows(buf: &mut [f32], b: &[f32]) {
+    buf.par_chunks_mut(b.len() * 64)
+        .for_each(|c| c.chunks_exact_mut(b.len()).for_each(|r| r.iter_mut().zip(b).for_each(|(x, y)| *x += y)));
 }
 
 /// Splits `buf` ([tokens, width]) into one mutable slice per packed row, for `par_iter`.

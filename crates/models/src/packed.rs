@@ -7,7 +7,6 @@
 
 use rayon::prelude::*;
 
-use crate::bert::add_bias;
 use crate::config::DecoderConfig;
 use crate::kernels::{self, Mat, Visibility};
 
@@ -90,7 +89,7 @@ impl PackedDecoder {
         let last = self.layers.len().saturating_sub(1);
         for (li, l) in self.layers.iter().enumerate() {
             kernels::rms_norm(&x, &mut xn, &l.ln1, eps);
-            fill(&mut qkv, l.qkv_b.as_deref(), qkv_w);
+            kernels::fill_rows(&mut qkv, l.qkv_b.as_deref(), qkv_w);
             kernels::matmul_t(Mat::new(&xn, total, h), Mat::new(&l.qkv_w, qkv_w, h), &mut qkv, qkv_w, true, true);
             self.norm_and_rope(l, &mut qkv, &positions);
             let qkv_ref = &qkv;
@@ -164,11 +163,11 @@ impl PackedDecoder {
         let c = &self.cfg;
         let (h, hd, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size);
         if let Some(b) = &l.o_b {
-            add_bias(x, b);
+            kernels::add_rows(x, b);
         }
         kernels::matmul_t(Mat::new(ctx, n, hd), Mat::new(&l.o_w, h, hd), x, h, true, true);
         kernels::rms_norm(x, xn, &l.ln2, c.rms_norm_eps as f32);
-        fill(act, l.gate_up_b.as_deref(), 2 * inter);
+        kernels::fill_rows(act, l.gate_up_b.as_deref(), 2 * inter);
         kernels::matmul_t(Mat::new(xn, n, h), Mat::new(&l.gate_up_w, 2 * inter, h), act, 2 * inter, true, true);
         act.par_chunks_mut(2 * inter * 8).for_each(|rows| {
             for row in rows.chunks_exact_mut(2 * inter) {
@@ -177,7 +176,7 @@ impl PackedDecoder {
             }
         });
         if let Some(b) = &l.down_b {
-            add_bias(x, b);
+            kernels::add_rows(x, b);
         }
         let a = Mat { data: act, rows: n, cols: inter, stride: 2 * inter };
         kernels::matmul_t(a, Mat::new(&l.down_w, h, inter), x, h, true, true);
@@ -225,13 +224,5 @@ impl PackedDecoder {
                 }
             },
         );
-    }
-}
-
-/// Every row of `buf` (width `width`) ← `b`, or 0 without a bias.
-fn fill(buf: &mut [f32], b: Option<&[f32]>, width: usize) {
-    match b {
-        Some(b) => crate::bert::fill_bias(buf, b),
-        None => buf.par_chunks_mut(width * 64).for_each(|c| c.fill(0.0)),
     }
 }

@@ -42,17 +42,21 @@ fn messages(v: &Value) -> Vec<Message> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
+fn load_rm(name: &str) -> RewardModel {
+    RewardModel::load(
+        data().join("models").join(name).to_str().unwrap(),
+        &TemplateChoice::Auto,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 #[test]
 fn decoder_reward_models_match_transformers() {
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let name = format!("tiny-rm-{arch}");
-        let m = RewardModel::load(
-            data().join("models").join(&name).to_str().unwrap(),
-            &TemplateChoice::Auto,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let m = load_rm(&name);
         let g = golden(&name);
         let cases = g["cases"].as_array().unwrap();
         let mut inputs = Vec::new();
@@ -81,13 +85,7 @@ fn decoder_reward_models_match_transformers() {
 fn decoder_reward_models_share_the_prompt_prefix() {
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let name = format!("tiny-rm-{arch}");
-        let m = RewardModel::load(
-            data().join("models").join(&name).to_str().unwrap(),
-            &TemplateChoice::Auto,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let m = load_rm(&name);
         let g = golden(&name);
         let cases = g["cases"].as_array().unwrap();
         let mut prompt = messages(&cases[0]["messages"]);
