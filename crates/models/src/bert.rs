@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use crate::kernels::{self, Mat, Visibility};
+use crate::kernels::{self, Mat, Visibility, Weight};
 
 type Result<T> = std::result::Result<T, candle_core::Error>;
 
@@ -61,14 +61,14 @@ struct Norm {
 #[derive(Debug)]
 struct Layer {
     /// Query, key and value weights stacked: one GEMM of [tokens, 3·hidden].
-    qkv_w: Vec<f32>,
+    qkv_w: Weight,
     qkv_b: Vec<f32>,
-    o_w: Vec<f32>,
+    o_w: Weight,
     o_b: Vec<f32>,
     ln1: Norm,
-    up_w: Vec<f32>,
+    up_w: Weight,
     up_b: Vec<f32>,
-    down_w: Vec<f32>,
+    down_w: Weight,
     down_b: Vec<f32>,
     ln2: Norm,
 }
@@ -98,8 +98,10 @@ fn norm(vb: &VarBuilder, size: usize) -> Result<Norm> {
 
 impl PackedBert {
     /// Loads the encoder from weights under `embeddings.` and `encoder.` (or under `bert.` /
-    /// `<model_type>.`, as `BertModel::load` accepts).
-    pub fn load(vb: VarBuilder, cfg: &BertConfig, model_type: Option<&str>) -> Result<Self> {
+    /// `<model_type>.`, as `BertModel::load` accepts). `bf16_products`: the linear layers
+    /// multiply in bf16 where the CPU has AMX (see [`Weight::bf16`]), in f32 otherwise.
+    pub fn load(vb: VarBuilder, cfg: &BertConfig, model_type: Option<&str>, bf16_products: bool) -> Result<Self> {
+        let weight = if bf16_products { Weight::bf16 } else { Weight::new };
         let key = "embeddings.word_embeddings.weight";
         let vb = if vb.contains_tensor(key) {
             vb
@@ -130,14 +132,14 @@ impl PackedBert {
                 let (up_w, up_b) = lin(l.pp("intermediate.dense"), i, h)?;
                 let (down_w, down_b) = lin(l.pp("output.dense"), h, i)?;
                 Ok(Layer {
-                    qkv_w: [qw, kw, vw].concat(),
+                    qkv_w: weight([qw, kw, vw].concat(), 3 * h, h),
                     qkv_b: [qb, kb, vb_].concat(),
-                    o_w,
+                    o_w: weight(o_w, h, h),
                     o_b,
                     ln1: norm(&a.pp("output.LayerNorm"), h)?,
-                    up_w,
+                    up_w: weight(up_w, i, h),
                     up_b,
-                    down_w,
+                    down_w: weight(down_w, h, i),
                     down_b,
                     ln2: norm(&l.pp("output.LayerNorm"), h)?,
                 })
@@ -195,7 +197,7 @@ impl PackedBert {
         let mut up = vec![0f32; total * i];
         for l in &self.layers {
             kernels::fill_rows(&mut qkv, Some(&l.qkv_b), 3 * h);
-            kernels::matmul_t(Mat::new(&x, total, h), Mat::new(&l.qkv_w, 3 * h, h), &mut qkv, 3 * h, true, true);
+            kernels::linear(Mat::new(&x, total, h), &l.qkv_w, &mut qkv, 3 * h, true, true);
             let qkv_ref = &qkv;
             kernels::split_rows(&mut ctx, &offsets, h).into_par_iter().enumerate().for_each_init(
                 Vec::new,
@@ -207,13 +209,13 @@ impl PackedBert {
             );
             // x ← LayerNorm(x + ctx·Woᵀ + b)
             kernels::add_rows(&mut x, &l.o_b);
-            kernels::matmul_t(Mat::new(&ctx, total, h), Mat::new(&l.o_w, h, h), &mut x, h, true, true);
+            kernels::linear(Mat::new(&ctx, total, h), &l.o_w, &mut x, h, true, true);
             kernels::layer_norm(&mut x, &l.ln1.w, &l.ln1.b, self.cfg.layer_norm_eps as f32);
             kernels::fill_rows(&mut up, Some(&l.up_b), i);
-            kernels::matmul_t(Mat::new(&x, total, h), Mat::new(&l.up_w, i, h), &mut up, i, true, true);
+            kernels::linear(Mat::new(&x, total, h), &l.up_w, &mut up, i, true, true);
             kernels::gelu_erf(&mut up);
             kernels::add_rows(&mut x, &l.down_b);
-            kernels::matmul_t(Mat::new(&up, total, i), Mat::new(&l.down_w, h, i), &mut x, h, true, true);
+            kernels::linear(Mat::new(&up, total, i), &l.down_w, &mut x, h, true, true);
             kernels::layer_norm(&mut x, &l.ln2.w, &l.ln2.b, self.cfg.layer_norm_eps as f32);
         }
         Ok((x, offsets))

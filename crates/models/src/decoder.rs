@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
+use crate::kernels::Weight;
 use crate::linear::Linear;
 use crate::packed::{PackedDecoder, PackedLayer};
 
@@ -439,16 +440,22 @@ impl Decoder {
             else {
                 return Ok(None);
             };
+            // Plain f32 products: AMX's f32-accurate mode is within 2⁻¹⁶ per product, which
+            // through a decoder came to 8e-5 of a reward score (the parity bound is 1e-4), and
+            // reward models decide the selection; the embedder uses it (see `PackedBert`).
+            let (h, inter) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+            let q_w = self.cfg.num_heads * self.cfg.head_dim;
+            let qkv_rows = q_w + 2 * self.cfg.num_kv_heads * self.cfg.head_dim;
             layers.push(PackedLayer {
-                qkv_w,
+                qkv_w: Weight::portable(qkv_w, qkv_rows, h),
                 qkv_b,
-                o_w,
+                o_w: Weight::portable(o_w, h, q_w),
                 o_b: bias(&a.o)?,
                 q_norm: a.q_norm.as_ref().map(|n| vec(n.weight())).transpose()?,
                 k_norm: a.k_norm.as_ref().map(|n| vec(n.weight())).transpose()?,
-                gate_up_w,
+                gate_up_w: Weight::portable(gate_up_w, 2 * inter, h),
                 gate_up_b,
-                down_w,
+                down_w: Weight::portable(down_w, h, inter),
                 down_b: bias(&l.mlp.down)?,
                 ln1: vec(l.ln1.weight())?,
                 ln2: vec(l.ln2.weight())?,

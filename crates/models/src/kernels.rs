@@ -288,6 +288,89 @@ pub fn matmul_t(x: Mat, w: Mat, out: &mut [f32], ldo: usize, accumulate: bool, t
     gemm_raw(x, (w.data, 1, w.stride), m, n, k, out, ldo, accumulate, par);
 }
 
+/// A linear layer's weight [rows, cols] (out, in), held the way [`linear`] multiplies fastest:
+/// packed for AMX tiles where the CPU has them and the shape allows (see [`crate::amx`]),
+/// plain f32 for gemm otherwise.
+#[derive(Debug)]
+pub struct Weight {
+    rows: usize,
+    cols: usize,
+    repr: Repr,
+}
+
+#[derive(Debug)]
+enum Repr {
+    F32(Vec<f32>),
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Amx(crate::amx::Packed),
+}
+
+impl Weight {
+    /// `data` is [rows, cols], row-major.
+    ///
+    /// # Panics
+    /// When `data` does not hold rows·cols values (a bug in the loader).
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if crate::amx::available()
+            && let Some(p) = crate::amx::Packed::new(&data, rows, cols, crate::amx::Precision::F32)
+        {
+            return Self { rows, cols, repr: Repr::Amx(p) };
+        }
+        Self::portable(data, rows, cols)
+    }
+
+    /// For products in bf16 (operands rounded to bf16, sums in f32) where the CPU has AMX;
+    /// f32 like [`Self::new`] elsewhere.
+    ///
+    /// # Panics
+    /// As [`Self::new`].
+    pub fn bf16(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if crate::amx::available()
+            && let Some(p) = crate::amx::Packed::new(&data, rows, cols, crate::amx::Precision::Bf16)
+        {
+            return Self { rows, cols, repr: Repr::Amx(p) };
+        }
+        Self::portable(data, rows, cols)
+    }
+
+    /// Always plain f32 (gemm), whatever the CPU.
+    ///
+    /// # Panics
+    /// As [`Self::new`].
+    pub fn portable(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "Weight: {rows}×{cols} from {} values", data.len());
+        Self { rows, cols, repr: Repr::F32(data) }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Whether products with this weight run on AMX tiles.
+    pub fn on_amx(&self) -> bool {
+        !matches!(self.repr, Repr::F32(_))
+    }
+}
+
+/// [`matmul_t`] with a prepared [`Weight`]: `out ← (accumulate ? out : 0) + x · wᵀ`.
+///
+/// # Panics
+/// As [`matmul_t`].
+pub fn linear(x: Mat, w: &Weight, out: &mut [f32], ldo: usize, accumulate: bool, threads: bool) {
+    assert_eq!(x.cols, w.cols, "linear: inner dimensions differ");
+    match &w.repr {
+        Repr::F32(d) => matmul_t(x, Mat::new(d, w.rows, w.cols), out, ldo, accumulate, threads),
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Repr::Amx(p) => crate::amx::matmul_t(x, p, out, ldo, accumulate, threads),
+    }
+}
+
 /// `out ← (accumulate ? out : 0) + a · b` for a [m, k] (row-major view) and b [k, n] given as
 /// (data, row stride, column stride). The one place that calls gemm.
 #[allow(clippy::too_many_arguments)]
@@ -516,6 +599,38 @@ mod tests {
             assert!((f64::from(row[i]) - v.exp() / z).abs() < 1e-7);
         }
         assert_eq!(row[3], 0.0);
+    }
+
+    /// A prepared weight (AMX tiles where the CPU has them and the shape fits, gemm otherwise)
+    /// gives the plain f32 product: within the bf16x3 bound for f32, the bf16 bound for bf16.
+    #[test]
+    fn prepared_weights_match_plain_products() {
+        let mut s = 9u64;
+        let mut r = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for (m, k, n) in [(37, 64, 96), (5, 48, 40), (64, 384, 64)] {
+            let x: Vec<f32> = (0..m * k).map(|_| r()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
+            let mut want = vec![0f32; m * n];
+            matmul_t(Mat::new(&x, m, k), Mat::new(&w, n, k), &mut want, n, false, true);
+            for (wt, tol) in [(Weight::new(w.clone(), n, k), 1e-5), (Weight::bf16(w.clone(), n, k), 1e-2)] {
+                assert_eq!((wt.rows(), wt.cols()), (n, k));
+                #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                assert_eq!(wt.on_amx(), crate::amx::available() && crate::amx::fits(n, k));
+                let mut got = vec![1f32; m * n];
+                linear(Mat::new(&x, m, k), &wt, &mut got, n, false, true);
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((g - e).abs() <= tol * (k as f32).sqrt(), "({m},{k},{n}) amx={}: {g} vs {e}", wt.on_amx());
+                }
+            }
+            let plain = Weight::portable(w, n, k);
+            assert!(!plain.on_amx());
+            let mut got = vec![0f32; m * n];
+            linear(Mat::new(&x, m, k), &plain, &mut got, n, false, true);
+            assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) with a KV cache we own (prefill once, fork N rows, drop
 //! finished rows), and tokenizers with their chat templates.
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod amx;
 pub mod bert;
 pub mod chat;
 pub mod config;

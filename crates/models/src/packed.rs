@@ -8,23 +8,23 @@
 use rayon::prelude::*;
 
 use crate::config::DecoderConfig;
-use crate::kernels::{self, Mat, Visibility};
+use crate::kernels::{self, Mat, Visibility, Weight};
 
 type Result<T> = std::result::Result<T, candle_core::Error>;
 
 #[derive(Debug)]
 pub(crate) struct PackedLayer {
     /// q, k and v weights stacked: [(heads + 2·kv_heads)·d, hidden].
-    pub qkv_w: Vec<f32>,
+    pub qkv_w: Weight,
     pub qkv_b: Option<Vec<f32>>,
-    pub o_w: Vec<f32>,
+    pub o_w: Weight,
     pub o_b: Option<Vec<f32>>,
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
     /// gate and up weights stacked: [2·intermediate, hidden].
-    pub gate_up_w: Vec<f32>,
+    pub gate_up_w: Weight,
     pub gate_up_b: Option<Vec<f32>>,
-    pub down_w: Vec<f32>,
+    pub down_w: Weight,
     pub down_b: Option<Vec<f32>>,
     pub ln1: Vec<f32>,
     pub ln2: Vec<f32>,
@@ -90,7 +90,7 @@ impl PackedDecoder {
         for (li, l) in self.layers.iter().enumerate() {
             kernels::rms_norm(&x, &mut xn, &l.ln1, eps);
             kernels::fill_rows(&mut qkv, l.qkv_b.as_deref(), qkv_w);
-            kernels::matmul_t(Mat::new(&xn, total, h), Mat::new(&l.qkv_w, qkv_w, h), &mut qkv, qkv_w, true, true);
+            kernels::linear(Mat::new(&xn, total, h), &l.qkv_w, &mut qkv, qkv_w, true, true);
             self.norm_and_rope(l, &mut qkv, &positions);
             let qkv_ref = &qkv;
             // Attention of segment `seg` for its queries from `q_from` on, into `out`.
@@ -165,10 +165,10 @@ impl PackedDecoder {
         if let Some(b) = &l.o_b {
             kernels::add_rows(x, b);
         }
-        kernels::matmul_t(Mat::new(ctx, n, hd), Mat::new(&l.o_w, h, hd), x, h, true, true);
+        kernels::linear(Mat::new(ctx, n, hd), &l.o_w, x, h, true, true);
         kernels::rms_norm(x, xn, &l.ln2, c.rms_norm_eps as f32);
         kernels::fill_rows(act, l.gate_up_b.as_deref(), 2 * inter);
-        kernels::matmul_t(Mat::new(xn, n, h), Mat::new(&l.gate_up_w, 2 * inter, h), act, 2 * inter, true, true);
+        kernels::linear(Mat::new(xn, n, h), &l.gate_up_w, act, 2 * inter, true, true);
         act.par_chunks_mut(2 * inter * 8).for_each(|rows| {
             for row in rows.chunks_exact_mut(2 * inter) {
                 let (g, u) = row.split_at_mut(inter);
@@ -179,7 +179,7 @@ impl PackedDecoder {
             kernels::add_rows(x, b);
         }
         let a = Mat { data: act, rows: n, cols: inter, stride: 2 * inter };
-        kernels::matmul_t(a, Mat::new(&l.down_w, h, inter), x, h, true, true);
+        kernels::linear(a, &l.down_w, x, h, true, true);
     }
 
     /// Qwen3's per-head q/k RMSNorm, then RoPE at each token's position in its row.

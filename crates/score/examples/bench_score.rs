@@ -1,6 +1,7 @@
-//! Scoring throughput: `bench_score embed|reward|reward-grouped MODEL_DIR TEXTS_FILE BATCH_TOKENS
-//! [REPEATS]` (the fastest of REPEATS runs, default 1).
+//! Scoring throughput: `bench_score embed|embed-bf16|reward|reward-grouped MODEL_DIR TEXTS_FILE
+//! BATCH_TOKENS [REPEATS]` (the fastest of REPEATS runs, default 1).
 //!
+//! `embed-bf16` loads the embedder with `dtype: bf16` (bf16 matrix products on AMX).
 //! `reward-grouped` reads the file in groups of 17 lines, a prompt and its 16 responses, and
 //! scores each group as the score stage does (one call per prompt). Reads one text
 //! per line (for `reward`, the line is the response to a fixed question) and prints one line of
@@ -17,7 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (kind, model, texts, budget, repeats) = match args.as_slice() {
         [k, m, t, b] => (k, m, t, b, 1),
         [k, m, t, b, r] => (k, m, t, b, r.parse::<u32>()?.max(1)),
-        _ => return Err("usage: bench_score embed|reward MODEL_DIR TEXTS_FILE BATCH_TOKENS [REPEATS]".into()),
+        _ => {
+            let usage =
+                "usage: bench_score embed|embed-bf16|reward|reward-grouped MODEL_DIR TEXTS_FILE BATCH_TOKENS [REPEATS]";
+            return Err(usage.into());
+        }
     };
     let best = |run: &mut dyn FnMut() -> Result<usize, Box<dyn std::error::Error>>| {
         let mut secs = f64::INFINITY;
@@ -33,8 +38,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let budget: usize = budget.parse()?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let (secs, n) = match kind.as_str() {
-        "embed" => {
-            let e = Embedder::load(model, DType::F32, &Device::Cpu)?;
+        "embed" | "embed-bf16" => {
+            let dtype = if kind == "embed" { DType::F32 } else { DType::BF16 };
+            let e = Embedder::load(model, dtype, &Device::Cpu)?;
             e.embed(&refs[..refs.len().min(8)], budget)?;
             best(&mut || Ok(e.embed(&refs, budget)?.len()))?
         }

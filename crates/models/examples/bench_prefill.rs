@@ -1,0 +1,43 @@
+//! Times the prefill-shaped linear layer of scoring (`kernels::linear`, [M, K] · [N, K]ᵀ) with the
+//! weight packed for AMX tiles against plain f32 gemm, alternating the two so that both see the
+//! same machine: `bench_prefill M K N [ROUNDS]`. Without AMX only gemm runs.
+use std::time::Instant;
+
+use rbon_models::kernels::{self, Mat, Weight};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let (m, k, n, rounds) = match a.as_slice() {
+        [m, k, n] => (*m, *k, *n, 5),
+        [m, k, n, r] => (*m, *k, *n, *r),
+        _ => return Err("usage: bench_prefill M K N [ROUNDS]".into()),
+    };
+    let mut s = 1u64;
+    let mut rnd = move || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+    let packed = Weight::new(w.clone(), n, k);
+    let plain = Weight::portable(w, n, k);
+    let mut out = vec![0f32; m * n];
+    let mut best = [f64::INFINITY; 2];
+    for _ in 0..rounds {
+        for (i, wt) in [&packed, &plain].into_iter().enumerate() {
+            if i == 0 && !wt.on_amx() {
+                continue;
+            }
+            let t = Instant::now();
+            kernels::linear(Mat::new(&x, m, k), wt, &mut out, n, false, true);
+            best[i] = best[i].min(t.elapsed().as_secs_f64());
+        }
+    }
+    for (name, secs) in ["amx bf16x3", "gemm f32"].iter().zip(best) {
+        if secs.is_finite() {
+            let gflops = 2.0 * (m * k * n) as f64 / secs / 1e9;
+            println!("{name:>10} {m}x{k}x{n}: {:.3} ms ({gflops:.0} f32 GFLOP/s)", secs * 1e3);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,491 @@
+//! f32 linear layers on Intel AMX tiles (Sapphire Rapids and later), with f32-grade accuracy.
+//!
+//! AMX multiplies bf16 matrices into f32 accumulators at 16 times the rate of AVX-512 FMAs, but
+//! bf16 keeps only 8 bits of mantissa. So each f32 operand is split into two bf16 numbers,
+//! `x = hi + lo` (16 bits of mantissa together), and the product is taken as
+//! `x·w ≈ xh·wh + xl·wh + xh·wl`: the "bf16x3" scheme of oneDNN's f32 math modes. The dropped
+//! `xl·wl` term and the split's rounding are about 2⁻¹⁷ of each product; sums stay in f32. That is
+//! the same work as a bf16 GEMM over an inner dimension three times as long, which is how it runs:
+//! the weight is packed once as `[wh; wh; wl]` stacked along k, each block of activation rows as
+//! `[xh, xl, xh]`.
+//!
+//! The microkernel keeps a 32×32 block of the output in four accumulator tiles and steps through
+//! k 32 at a time: two 16×32 tiles of activations, two 16×(16 pairs) tiles of weights, four tile
+//! products. Both operands are packed so that each tile is 1 KiB of contiguous memory (strided
+//! tile loads from row-major data ran at a third of the speed), and the kernel prefetches two
+//! steps ahead. Every output element sums its k terms in one fixed order whatever the batch, so
+//! results do not depend on which other rows share the product.
+//!
+//! [`Precision::Bf16`] skips the split (one term, a third of the work) for callers that asked for
+//! bf16 matrix products.
+//!
+//! Linux hands a process the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
+//! [`available`] asks once. `RBON_AMX=0` in the environment turns the path off.
+
+#![allow(unsafe_code)]
+
+use std::arch::asm;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::kernels::Mat;
+
+/// Rows and columns of an output block; also the k step (32 bf16 values per tile row).
+const BLOCK: usize = 32;
+/// u16 values in one packed k step of a block: two 16×32 tiles.
+const STEP: usize = 2 * 16 * BLOCK;
+/// Packed activations per task: its run of row blocks stays in the core's L2 while the task
+/// sweeps the weight panels (512 KiB measured best of 256 KiB to 2 MiB, by a little).
+const TASK_BYTES: usize = 512 * 1024;
+
+/// Whether this process can run AMX bf16 tile products: the CPU has AMX-TILE and AMX-BF16, the
+/// kernel granted the tile state, and `RBON_AMX` is not `0`. Checked once.
+pub fn available() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        if std::env::var("RBON_AMX").is_ok_and(|v| v.trim() == "0") {
+            return false;
+        }
+        // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID leaf 7 exists on every x86-64 CPU that can run this binary.
+        let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain system call with integer arguments; it fails (non-zero) on kernels
+        // without AMX support, and then no tile instruction ever runs.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    })
+}
+
+/// Whether a [rows, cols] weight can take this path: whole 32-wide blocks both ways.
+pub fn fits(rows: usize, cols: usize) -> bool {
+    rows > 0 && cols > 0 && rows.is_multiple_of(BLOCK) && cols.is_multiple_of(BLOCK)
+}
+
+/// The bf16 nearest to `x` (ties to even), as bits.
+#[inline(always)]
+fn bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `x` as hi + lo, both bf16.
+#[inline(always)]
+fn split(x: f32) -> (u16, u16) {
+    let hi = bf16(x);
+    (hi, bf16(x - f32::from_bits(u32::from(hi) << 16)))
+}
+
+/// How a product is taken on the tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// bf16x3: within about 2⁻¹⁶ of an f32 product.
+    F32,
+    /// Operands rounded to bf16 (8-bit mantissa), sums in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// Terms per product: the inner dimension is this many times k.
+    fn terms(self) -> usize {
+        match self {
+            Self::F32 => 3,
+            Self::Bf16 => 1,
+        }
+    }
+}
+
+/// A linear layer's weight [n, k] (out, in) packed for [`matmul_t`]: for each panel of 32
+/// outputs, for each k step of the inner dimension (`[wh; wh; wl]` for [`Precision::F32`], `wh`
+/// for bf16), two 1 KiB tiles of 16 k-pairs × 16 outputs (the pair-interleaved layout the tile
+/// product reads).
+#[derive(Debug)]
+pub struct Packed {
+    n: usize,
+    k: usize,
+    precision: Precision,
+    data: Vec<u16>,
+}
+
+impl Packed {
+    /// Packs `w` ([n, k], row-major). `None` unless [`fits`].
+    pub fn new(w: &[f32], n: usize, k: usize, precision: Precision) -> Option<Self> {
+        if !fits(n, k) || w.len() != n * k {
+            return None;
+        }
+        let kt = precision.terms() * k;
+        let steps = kt / BLOCK;
+        let mut data = vec![0u16; n * kt];
+        data.par_chunks_mut(steps * STEP).enumerate().for_each(|(p, panel)| {
+            for (q, step) in panel.chunks_exact_mut(STEP).enumerate() {
+                // Segments along the tripled k: wh, wh, wl (against xh, xl, xh).
+                let (seg, k0) = (q * BLOCK / k, q * BLOCK % k);
+                for (i, pair) in step.chunks_exact_mut(2).enumerate() {
+                    let (half, r, j) = (i / 256, i / 16 % 16, i % 16);
+                    let row = &w[(p * BLOCK + half * 16 + j) * k..][..k];
+                    for (e, v) in pair.iter_mut().enumerate() {
+                        let (hi, lo) = split(row[k0 + 2 * r + e]);
+                        *v = if seg == 2 { lo } else { hi };
+                    }
+                }
+            }
+        });
+        Some(Self { n, k, precision, data })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+}
+
+/// Packs rows `rows` of `x` (row stride `ldx`, `k` wide) into `buf` as blocks of 32 rows (the
+/// last one padded with zeros), each block as k steps (`[xh, xl, xh]` for f32, `xh` for bf16)
+/// of two 16×32 tiles.
+fn pack_rows(x: &[f32], ldx: usize, k: usize, precision: Precision, rows: std::ops::Range<usize>, buf: &mut Vec<u16>) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn v4(x: &[f32], ldx: usize, k: usize, precision: Precision, rows: std::ops::Range<usize>, buf: &mut Vec<u16>) {
+        pack_rows_generic(x, ldx, k, precision, rows, buf)
+    }
+    // SAFETY: every CPU with AMX has AVX-512 F/BW/VL (Sapphire Rapids on), and this is only
+    // reached through `matmul_t`, which requires `available()`.
+    unsafe { v4(x, ldx, k, precision, rows, buf) }
+}
+
+#[inline(always)]
+fn pack_rows_generic(
+    x: &[f32],
+    ldx: usize,
+    k: usize,
+    precision: Precision,
+    rows: std::ops::Range<usize>,
+    buf: &mut Vec<u16>,
+) {
+    let blocks = rows.len().div_ceil(BLOCK);
+    let steps = precision.terms() * k / BLOCK;
+    buf.clear();
+    buf.resize(blocks * steps * STEP, 0);
+    let kq = k / BLOCK;
+    for (b, block) in buf.chunks_exact_mut(steps * STEP).enumerate() {
+        for i in 0..BLOCK {
+            let row = rows.start + b * BLOCK + i;
+            if row >= rows.end {
+                break;
+            }
+            let src = &x[row * ldx..][..k];
+            // Row i of the block is row i % 16 of tile i / 16 in every step.
+            let at = (i / 16) * 16 * BLOCK + (i % 16) * BLOCK;
+            for c in 0..kq {
+                let mut hi = [0u16; BLOCK];
+                let mut lo = [0u16; BLOCK];
+                for (e, &v) in src[c * BLOCK..][..BLOCK].iter().enumerate() {
+                    (hi[e], lo[e]) = split(v);
+                }
+                block[c * STEP + at..][..BLOCK].copy_from_slice(&hi);
+                if precision == Precision::F32 {
+                    block[(kq + c) * STEP + at..][..BLOCK].copy_from_slice(&lo);
+                    block[(2 * kq + c) * STEP + at..][..BLOCK].copy_from_slice(&hi);
+                }
+            }
+        }
+    }
+}
+
+/// The tile configuration: eight tiles of 16 rows × 64 bytes (palette 1).
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// Loads the tile configuration on this thread for the duration of `f`, then releases the tiles
+/// (so the OS need not save them on context switches).
+fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
+    let mut cfg = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+    for t in 0..8 {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    // SAFETY: only called after `available()` (the CPU has AMX and the process holds the tile
+    // state); `cfg` is a valid, 64-byte aligned palette-1 configuration.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly)) };
+    let r = f();
+    // SAFETY: as above; no tile is live past this point.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    r
+}
+
+/// Prefetch of the k step two ahead of the current one (2 KiB of each operand).
+macro_rules! prefetch_ahead {
+    ($($off:literal)*) => {
+        concat!($("prefetcht0 [{a} + ", $off, "]\n", "prefetcht0 [{b} + ", $off, "]\n",)*)
+    };
+}
+
+/// `c[32×32] += a · b` over `steps` packed k steps: `a` one packed block of rows, `b` one packed
+/// weight panel, `c` f32 with row stride `ldc` (elements).
+///
+/// # Safety
+/// Tiles configured by [`with_tiles`] on this thread; `a` and `b` hold `steps · STEP` values;
+/// `c` has 32 rows of 32 values at stride `ldc`.
+#[inline(never)]
+unsafe fn block(a: *const u16, b: *const u16, steps: usize, c: *mut f32, ldc: usize) {
+    // SAFETY: the caller's contract bounds every tile load and store: 16-row tiles of 64 bytes
+    // at stride 64 within a and b, and at stride ldc·4 within c. Prefetches never fault.
+    unsafe {
+        asm!(
+            "tileloadd tmm0, [{c} + {ldc}*1]",
+            "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+            "tileloadd tmm2, [{c2} + {ldc}*1]",
+            "tileloadd tmm3, [{c2} + {ldc}*1 + 64]",
+            "2:",
+            "tileloadd tmm4, [{a} + {s64}*1]",
+            "tileloadd tmm6, [{b} + {s64}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a} + {s64}*1 + 1024]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            prefetch_ahead!(
+                4096 4160 4224 4288 4352 4416 4480 4544 4608 4672 4736 4800 4864 4928 4992 5056
+                5120 5184 5248 5312 5376 5440 5504 5568 5632 5696 5760 5824 5888 5952 6016 6080
+            ),
+            "add {a}, 2048",
+            "add {b}, 2048",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c} + {ldc}*1], tmm0",
+            "tilestored [{c} + {ldc}*1 + 64], tmm1",
+            "tilestored [{c2} + {ldc}*1], tmm2",
+            "tilestored [{c2} + {ldc}*1 + 64], tmm3",
+            a = inout(reg) a => _,
+            b = inout(reg) b => _,
+            n = inout(reg) steps => _,
+            s64 = in(reg) 64usize,
+            c = in(reg) c,
+            c2 = in(reg) c.add(16 * ldc),
+            ldc = in(reg) ldc * 4,
+            options(nostack),
+        );
+    }
+}
+
+thread_local! {
+    static ROWS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out ← (accumulate ? out : 0) + x · wᵀ` for x [m, k] and a packed weight; `out` [m, n] with
+/// row stride `ldo`. `threads`: spread the work over rayon's pool.
+///
+/// Call only when [`available`]. Panics when the buffers are too small for the shapes (a bug in
+/// the caller, like [`crate::kernels::matmul_t`]).
+pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, accumulate: bool, threads: bool) {
+    let (n, k) = (w.n, w.k);
+    let (m, ldx, x_cols) = (x.rows, x.stride, x.cols);
+    let x = x.data;
+    assert!(available(), "amx::matmul_t without AMX");
+    assert_eq!(x_cols, k, "amx: inner dimensions differ");
+    assert!(m == 0 || ((m - 1) * ldx + k <= x.len() && ldx >= k), "amx: the input exceeds its buffer");
+    assert!(m == 0 || ((m - 1) * ldo + n <= out.len() && ldo >= n), "amx: the output exceeds its buffer");
+    if m == 0 {
+        return;
+    }
+    if !accumulate {
+        out.chunks_mut(ldo).take(m).for_each(|r| r[..n].fill(0.0));
+    }
+    let steps = w.precision.terms() * k / BLOCK;
+    let panels = n / BLOCK;
+    let blocks = m.div_ceil(BLOCK);
+    // A task: a run of row blocks (TASK_BYTES of them packed) against a run of panels;
+    // panels are split further when there are too few row runs to keep the pool busy.
+    let per_task = (TASK_BYTES / (steps * STEP * 2)).clamp(1, blocks);
+    let row_runs = blocks.div_ceil(per_task);
+    let pool = if threads { rayon::current_num_threads() } else { 1 };
+    let panel_runs = (2 * pool).div_ceil(row_runs).clamp(1, panels);
+    let panels_per = panels.div_ceil(panel_runs);
+    let tasks: Vec<(usize, usize)> = (0..row_runs).flat_map(|r| (0..panel_runs).map(move |p| (r, p))).collect();
+    // Each task writes only rows of its row run and columns of its panel run, so tasks write
+    // disjoint parts of `out`. The raw pointer lets them share it.
+    struct Out(*mut f32);
+    // SAFETY: see above; the tasks' writes are disjoint.
+    unsafe impl Sync for Out {}
+    let dst = Out(out.as_mut_ptr());
+    let run = |&(r, pr): &(usize, usize)| {
+        let dst = &dst;
+        let row0 = r * per_task * BLOCK;
+        let row1 = (row0 + per_task * BLOCK).min(m);
+        let (p0, p1) = (pr * panels_per, ((pr + 1) * panels_per).min(panels));
+        ROWS.with_borrow_mut(|buf| {
+            pack_rows(x, ldx, k, w.precision, row0..row1, buf);
+            with_tiles(|| {
+                let mut edge = [0f32; BLOCK * BLOCK];
+                // Weight panels outer, row blocks inner: a panel (32 outputs × all of k) is
+                // reused from L2 across the task's blocks, and the kernel prefetches both
+                // streams. (Passes over k in L1-sized chunks ran slower: each pass loads and
+                // stores the accumulators again.)
+                for p in p0..p1 {
+                    let b = &w.data[p * steps * STEP..][..steps * STEP];
+                    for (bi, a) in buf.chunks_exact(steps * STEP).enumerate() {
+                        let first = row0 + bi * BLOCK;
+                        let valid = (row1 - first).min(BLOCK);
+                        // SAFETY: `a` and `b` hold steps·STEP values; the output block is rows
+                        // first..first+32 (all < m when valid == 32) and columns p·32..p·32+32
+                        // (≤ n ≤ ldo), inside `out` by the asserts above; a partial block goes
+                        // through `edge`, 32×32 at stride 32.
+                        unsafe {
+                            let c = dst.0.add(first * ldo + p * BLOCK);
+                            if valid == BLOCK {
+                                block(a.as_ptr(), b.as_ptr(), steps, c, ldo);
+                            } else {
+                                edge.fill(0.0);
+                                for i in 0..valid {
+                                    std::ptr::copy_nonoverlapping(
+                                        c.add(i * ldo),
+                                        edge.as_mut_ptr().add(i * BLOCK),
+                                        BLOCK,
+                                    );
+                                }
+                                block(a.as_ptr(), b.as_ptr(), steps, edge.as_mut_ptr(), BLOCK);
+                                for i in 0..valid {
+                                    std::ptr::copy_nonoverlapping(edge.as_ptr().add(i * BLOCK), c.add(i * ldo), BLOCK);
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+        })
+    };
+    if threads && tasks.len() > 1 {
+        tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        }
+    }
+
+    #[test]
+    fn split_keeps_sixteen_bits() {
+        let mut r = lcg(3);
+        for _ in 0..10_000 {
+            let x = r() * 1e3;
+            let (hi, lo) = split(x);
+            let back = f32::from_bits(u32::from(hi) << 16) + f32::from_bits(u32::from(lo) << 16);
+            assert!((back - x).abs() <= x.abs() * 2f32.powi(-16), "{x} → {back}");
+        }
+        assert_eq!(bf16(1.0), 0x3f80);
+        assert_eq!(split(-2.5).1, 0);
+    }
+
+    /// Against f64 sums: shapes with partial row blocks, several panels and steps, strided input
+    /// and output, accumulating and not, threaded and not.
+    #[test]
+    fn matches_f64_products() {
+        if !available() {
+            return;
+        }
+        let mut r = lcg(7);
+        for (m, k, n, ldx, ldo, accumulate, threads) in [
+            (1, 32, 32, 32, 32, false, true),
+            (31, 64, 64, 70, 64, true, true),
+            (33, 96, 96, 96, 100, false, false),
+            (100, 384, 160, 384, 160, true, true),
+            (257, 1536, 64, 1536, 64, true, true),
+        ] {
+            let x: Vec<f32> = (0..(m - 1) * ldx + k).map(|_| r()).collect();
+            let wv: Vec<f32> = (0..n * k).map(|_| r()).collect();
+            let w = Packed::new(&wv, n, k, Precision::F32).expect("fits");
+            let init: Vec<f32> = (0..(m - 1) * ldo + n).map(|_| r()).collect();
+            let mut out = init.clone();
+            matmul_t(Mat { data: &x, rows: m, cols: k, stride: ldx }, &w, &mut out, ldo, accumulate, threads);
+            for i in 0..m {
+                for j in 0..n {
+                    let xs = &x[i * ldx..][..k];
+                    let ws = &wv[j * k..][..k];
+                    let want: f64 = xs.iter().zip(ws).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()
+                        + if accumulate { f64::from(init[i * ldo + j]) } else { 0.0 };
+                    let scale: f64 = xs.iter().zip(ws).map(|(a, b)| f64::from(a.abs() * b.abs())).sum::<f64>() + 1.0;
+                    let got = f64::from(out[i * ldo + j]);
+                    assert!((got - want).abs() < 2e-5 * scale, "({m},{k},{n}) [{i},{j}]: {got} vs {want}");
+                }
+                // Padding between rows is untouched.
+                for j in n..ldo.min(out.len() - i * ldo) {
+                    assert_eq!(out[i * ldo + j], init[i * ldo + j]);
+                }
+            }
+        }
+    }
+
+    /// bf16 products are exact products of the bf16-rounded operands, summed in f32.
+    #[test]
+    fn bf16_products_round_the_operands_only() {
+        if !available() {
+            return;
+        }
+        let mut r = lcg(5);
+        let (m, k, n) = (45, 160, 96);
+        let x: Vec<f32> = (0..m * k).map(|_| r()).collect();
+        let wv: Vec<f32> = (0..n * k).map(|_| r()).collect();
+        let w = Packed::new(&wv, n, k, Precision::Bf16).expect("fits");
+        let mut out = vec![0f32; m * n];
+        matmul_t(Mat::new(&x, m, k), &w, &mut out, n, false, true);
+        let round = |v: f32| f64::from(f32::from_bits(u32::from(bf16(v)) << 16));
+        let mut worst_exact = 0f64;
+        for i in 0..m {
+            for j in 0..n {
+                let (xs, ws) = (&x[i * k..][..k], &wv[j * k..][..k]);
+                let want: f64 = xs.iter().zip(ws).map(|(a, b)| round(*a) * round(*b)).sum();
+                let exact: f64 = xs.iter().zip(ws).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                let scale: f64 = xs.iter().zip(ws).map(|(a, b)| f64::from(a.abs() * b.abs())).sum();
+                let got = f64::from(out[i * n + j]);
+                assert!((got - want).abs() < 1e-5 * scale, "[{i},{j}]: {got} vs {want}");
+                worst_exact = worst_exact.max((got - exact).abs() / scale);
+            }
+        }
+        // And they are visibly less exact than the f32 path's (which the test above bounds).
+        assert!(worst_exact > 1e-4, "bf16 products look exact: {worst_exact}");
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_its_neighbours() {
+        if !available() {
+            return;
+        }
+        let mut r = lcg(11);
+        let (k, n) = (128, 64);
+        let x: Vec<f32> = (0..70 * k).map(|_| r()).collect();
+        let wv: Vec<f32> = (0..n * k).map(|_| r()).collect();
+        let w = Packed::new(&wv, n, k, Precision::F32).expect("fits");
+        let mut all = vec![0f32; 70 * n];
+        matmul_t(Mat::new(&x, 70, k), &w, &mut all, n, false, true);
+        for i in [0, 31, 32, 69] {
+            let mut one = vec![0f32; n];
+            matmul_t(Mat::new(&x[i * k..][..k], 1, k), &w, &mut one, n, false, false);
+            assert_eq!(one, all[i * n..][..n], "row {i}");
+        }
+    }
+}
