@@ -3,9 +3,10 @@
 and texts: embeddings/s with all-MiniLM-L6-v2 (scripts/fetch-minilm.sh), and reward scores/s
 with a random-weight Qwen2-shaped sequence-classification model made here (57 M parameters).
 
-The texts are 512 synthetic responses of 20 to 200 words. Both sides batch: sentence-transformers
-with batch_size 32, transformers with right-padded batches of 16 sorted by length, rbon with its
-token budget (16 384 padded tokens).
+The texts are 512 synthetic responses of 20 to 200 words. MiniLM runs in f32, then with bf16
+matrix products (rbon's `dtype: bf16`; sentence-transformers with the model in bf16). Both sides
+batch: sentence-transformers with batch_size 32, transformers with right-padded batches of 16
+sorted by length, rbon with its token budget (16 384 padded tokens).
 
 Needs: pip install torch transformers sentence-transformers.
 Usage: python3 scripts/bench-score.py [--threads 2] [--texts 512]
@@ -71,12 +72,15 @@ def rbon(kind, model, path, threads):
     return json.loads(out.strip().splitlines()[-1])["per_s"]
 
 
-def st_embed(model, ts, threads):
+def st_embed(model, ts, threads, bf16=False):
     import torch
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(threads)
-    m = SentenceTransformer(model, device="cpu")
+    # bf16 weights and activations: torch's CPU matmuls then run in bf16 (oneDNN, on AMX where
+    # the CPU has it).
+    kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if bf16 else {}
+    m = SentenceTransformer(model, device="cpu", **kwargs)
     m.encode(ts[:8])
     best = 0.0
     for _ in range(REPEATS):
@@ -127,6 +131,10 @@ def main():
     print(f"{'what':>28} | {'reference /s':>12} | {'rbon /s':>8} | speed-up")
     ref, ours = st_embed(args.minilm, ts, args.threads), rbon("embed", args.minilm, path, args.threads)
     print(f"{'MiniLM embeddings':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
+    # `dtype: bf16`: rbon multiplies in bf16 on AMX (f32 elsewhere), sentence-transformers runs
+    # the whole model in bf16.
+    ref, ours = st_embed(args.minilm, ts, args.threads, bf16=True), rbon("embed-bf16", args.minilm, path, args.threads)
+    print(f"{'  ... bf16':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
     ref, ours = hf_reward(args.rm, ts, args.threads), rbon("reward", args.rm, path, args.threads)
     print(f"{'Qwen2-57M reward scores':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
     # The score stage's shape: N responses per prompt. transformers scores each (prompt,

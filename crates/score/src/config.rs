@@ -30,8 +30,8 @@ pub struct RewardSpec {
 pub struct EmbeddingSpec {
     /// A sentence-transformers folder (BERT family), e.g. all-MiniLM-L6-v2.
     pub model: String,
-    /// Accepted for symmetry with `rewards`; embedders compute in f32 whatever it says (candle's
-    /// BERT yields NaN in half precision).
+    /// Activations stay f32 whatever it says (candle's BERT yields NaN in half precision); on a
+    /// CPU with AMX, `bf16` makes the encoder's matrix products bf16.
     #[serde(default)]
     pub dtype: DTypeName,
 }
