@@ -138,14 +138,6 @@ impl Packed {
         });
         Some(Self { n, k, precision, data })
     }
-
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    pub fn cols(&self) -> usize {
-        self.k
-    }
 }
 
 /// Packs rows `rows` of `x` (row stride `ldx`, `k` wide) into `buf` as blocks of 32 rows (the
@@ -185,16 +177,22 @@ fn pack_rows_generic(
             // Row i of the block is row i % 16 of tile i / 16 in every step.
             let at = (i / 16) * 16 * BLOCK + (i % 16) * BLOCK;
             for c in 0..kq {
+                let vals = &src[c * BLOCK..][..BLOCK];
                 let mut hi = [0u16; BLOCK];
+                if precision == Precision::Bf16 {
+                    for (h, &v) in hi.iter_mut().zip(vals) {
+                        *h = bf16(v);
+                    }
+                    block[c * STEP + at..][..BLOCK].copy_from_slice(&hi);
+                    continue;
+                }
                 let mut lo = [0u16; BLOCK];
-                for (e, &v) in src[c * BLOCK..][..BLOCK].iter().enumerate() {
+                for (e, &v) in vals.iter().enumerate() {
                     (hi[e], lo[e]) = split(v);
                 }
                 block[c * STEP + at..][..BLOCK].copy_from_slice(&hi);
-                if precision == Precision::F32 {
-                    block[(kq + c) * STEP + at..][..BLOCK].copy_from_slice(&lo);
-                    block[(2 * kq + c) * STEP + at..][..BLOCK].copy_from_slice(&hi);
-                }
+                block[(kq + c) * STEP + at..][..BLOCK].copy_from_slice(&lo);
+                block[(2 * kq + c) * STEP + at..][..BLOCK].copy_from_slice(&hi);
             }
         }
     }
@@ -381,11 +379,7 @@ mod tests {
     use super::*;
 
     fn lcg(seed: u64) -> impl FnMut() -> f32 {
-        let mut s = seed;
-        move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        }
+        crate::kernels::uniform(seed, 2.0)
     }
 
     #[test]

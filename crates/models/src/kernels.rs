@@ -311,13 +311,7 @@ impl Weight {
     /// # Panics
     /// When `data` does not hold rows·cols values (a bug in the loader).
     pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        if crate::amx::available()
-            && let Some(p) = crate::amx::Packed::new(&data, rows, cols, crate::amx::Precision::F32)
-        {
-            return Self { rows, cols, repr: Repr::Amx(p) };
-        }
-        Self::portable(data, rows, cols)
+        Self::prepared(data, rows, cols, false)
     }
 
     /// For products in bf16 (operands rounded to bf16, sums in f32) where the CPU has AMX;
@@ -326,11 +320,21 @@ impl Weight {
     /// # Panics
     /// As [`Self::new`].
     pub fn bf16(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        Self::prepared(data, rows, cols, true)
+    }
+
+    /// Packed for AMX when the CPU has it and the shape fits, f32 otherwise.
+    #[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), allow(unused_variables))]
+    fn prepared(data: Vec<f32>, rows: usize, cols: usize, bf16: bool) -> Self {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        if crate::amx::available()
-            && let Some(p) = crate::amx::Packed::new(&data, rows, cols, crate::amx::Precision::Bf16)
         {
-            return Self { rows, cols, repr: Repr::Amx(p) };
+            use crate::amx::{Packed, Precision, available};
+            let precision = if bf16 { Precision::Bf16 } else { Precision::F32 };
+            if available()
+                && let Some(p) = Packed::new(&data, rows, cols, precision)
+            {
+                return Self { rows, cols, repr: Repr::Amx(p) };
+            }
         }
         Self::portable(data, rows, cols)
     }
@@ -529,6 +533,16 @@ pub fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -
     out
 }
 
+/// A deterministic uniform generator on [-half, half) for kernel tests (an LCG).
+#[cfg(test)]
+pub(crate) fn uniform(seed: u64, half: f32) -> impl FnMut() -> f32 {
+    let mut s = seed;
+    move || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * half
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -605,11 +619,7 @@ mod tests {
     /// gives the plain f32 product: within the bf16x3 bound for f32, the bf16 bound for bf16.
     #[test]
     fn prepared_weights_match_plain_products() {
-        let mut s = 9u64;
-        let mut r = move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut r = uniform(9, 0.5);
         for (m, k, n) in [(37, 64, 96), (5, 48, 40), (64, 384, 64)] {
             let x: Vec<f32> = (0..m * k).map(|_| r()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
