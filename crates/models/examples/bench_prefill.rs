@@ -1,16 +1,19 @@
 //! Times the prefill-shaped linear layer of scoring (`kernels::linear`, [M, K] · [N, K]ᵀ) with the
 //! weight packed for AMX tiles against plain f32 gemm, alternating the two so that both see the
-//! same machine: `bench_prefill M K N [ROUNDS]`. Without AMX only gemm runs.
+//! same machine: `bench_prefill M K N [ROUNDS] [POOL]`. POOL 0 runs each product on the calling
+//! thread (as the encoder's row groups do), 1 (the default) spreads it over rayon's pool.
+//! Without AMX only gemm runs.
 use std::time::Instant;
 
-use rbon_models::kernels::{self, Mat, Weight};
+use rbon_models::kernels::{self, Epilogue, Mat, Weight};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse()).collect::<Result<_, _>>()?;
-    let (m, k, n, rounds) = match a.as_slice() {
-        [m, k, n] => (*m, *k, *n, 5),
-        [m, k, n, r] => (*m, *k, *n, *r),
-        _ => return Err("usage: bench_prefill M K N [ROUNDS]".into()),
+    let (m, k, n, rounds, pool) = match a.as_slice() {
+        [m, k, n] => (*m, *k, *n, 5, true),
+        [m, k, n, r] => (*m, *k, *n, *r, true),
+        [m, k, n, r, p] => (*m, *k, *n, *r, *p != 0),
+        _ => return Err("usage: bench_prefill M K N [ROUNDS] [POOL]".into()),
     };
     let mut s = 1u64;
     let mut rnd = move || {
@@ -20,20 +23,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
     let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
     let packed = Weight::new(w.clone(), n, k);
+    let bf16 = Weight::bf16(w.clone(), n, k);
     let plain = Weight::portable(w, n, k);
     let mut out = vec![0f32; m * n];
-    let mut best = [f64::INFINITY; 2];
+    let mut best = [f64::INFINITY; 3];
     for _ in 0..rounds {
-        for (i, wt) in [&packed, &plain].into_iter().enumerate() {
-            if i == 0 && !wt.on_amx() {
+        for (i, wt) in [&packed, &bf16, &plain].into_iter().enumerate() {
+            if i < 2 && !wt.on_amx() {
                 continue;
             }
             let t = Instant::now();
-            kernels::linear(Mat::new(&x, m, k), wt, &mut out, n, false, true);
+            kernels::linear(Mat::new(&x, m, k), wt, &mut out, n, Epilogue::default(), pool);
             best[i] = best[i].min(t.elapsed().as_secs_f64());
         }
     }
-    for (name, secs) in ["amx bf16x3", "gemm f32"].iter().zip(best) {
+    for (name, secs) in ["amx bf16x3", "amx bf16", "gemm f32"].iter().zip(best) {
         if secs.is_finite() {
             let gflops = 2.0 * (m * k * n) as f64 / secs / 1e9;
             println!("{name:>10} {m}x{k}x{n}: {:.3} ms ({gflops:.0} f32 GFLOP/s)", secs * 1e3);

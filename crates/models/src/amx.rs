@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::kernels::Mat;
+use crate::kernels::{self, Epilogue, Mat};
 
 /// Rows and columns of an output block; also the k step (32 bf16 values per tile row).
 const BLOCK: usize = 32;
@@ -232,18 +232,26 @@ macro_rules! prefetch_ahead {
     };
 }
 
-/// `c[32×32] += a · b` over `steps` packed k steps: `a` one packed block of rows, `b` one packed
-/// weight panel, `c` f32 with row stride `ldc` (elements).
+/// `c[32×32] ← (zero ? 0 : c) + a · b` over `steps` packed k steps: `a` one packed block of
+/// rows, `b` one packed weight panel, `c` f32 with row stride `ldc` (elements).
 ///
 /// # Safety
 /// Tiles configured by [`with_tiles`] on this thread; `a` and `b` hold `steps · STEP` values;
 /// `c` has 32 rows of 32 values at stride `ldc`.
 #[inline(never)]
-unsafe fn block(a: *const u16, b: *const u16, steps: usize, c: *mut f32, ldc: usize) {
+unsafe fn block(a: *const u16, b: *const u16, steps: usize, c: *mut f32, ldc: usize, zero: bool) {
     // SAFETY: the caller's contract bounds every tile load and store: 16-row tiles of 64 bytes
     // at stride 64 within a and b, and at stride ldc·4 within c. Prefetches never fault.
     unsafe {
         asm!(
+            "test {zero}, {zero}",
+            "jz 3f",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "jmp 2f",
+            "3:",
             "tileloadd tmm0, [{c} + {ldc}*1]",
             "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
             "tileloadd tmm2, [{c2} + {ldc}*1]",
@@ -276,6 +284,7 @@ unsafe fn block(a: *const u16, b: *const u16, steps: usize, c: *mut f32, ldc: us
             c = in(reg) c,
             c2 = in(reg) c.add(16 * ldc),
             ldc = in(reg) ldc * 4,
+            zero = in(reg) usize::from(zero),
             options(nostack),
         );
     }
@@ -285,12 +294,28 @@ thread_local! {
     static ROWS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `out ← (accumulate ? out : 0) + x · wᵀ` for x [m, k] and a packed weight; `out` [m, n] with
-/// row stride `ldo`. `threads`: spread the work over rayon's pool.
+/// An [`Epilogue`]'s bias and GELU on rows `0..rows` of the 32 output columns at `c` (row
+/// stride `ldc`); `bias` holds those columns' values.
+///
+/// # Safety
+/// `c` has `rows` rows of 32 values at stride `ldc`, none borrowed elsewhere.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn finish_block(c: *mut f32, ldc: usize, rows: usize, bias: Option<&[f32]>, gelu: bool) {
+    for i in 0..rows {
+        // SAFETY: by the caller's contract.
+        let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), BLOCK) };
+        kernels::finish(row, bias, gelu);
+    }
+}
+
+/// `out ← gelu?((accumulate ? out : 0) + x · wᵀ + bias)` (see [`Epilogue`]) for x [m, k] and a
+/// packed weight; `out` [m, n] with row stride `ldo`. The bias and GELU are applied to each
+/// 32×32 block of the output as soon as its sums are done. `threads`: spread the work over
+/// rayon's pool.
 ///
 /// Call only when [`available`]. Panics when the buffers are too small for the shapes (a bug in
 /// the caller, like [`crate::kernels::matmul_t`]).
-pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, accumulate: bool, threads: bool) {
+pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue, threads: bool) {
     let (n, k) = (w.n, w.k);
     let (m, ldx, x_cols) = (x.rows, x.stride, x.cols);
     let x = x.data;
@@ -298,12 +323,12 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, accumulate: boo
     assert_eq!(x_cols, k, "amx: inner dimensions differ");
     assert!(m == 0 || ((m - 1) * ldx + k <= x.len() && ldx >= k), "amx: the input exceeds its buffer");
     assert!(m == 0 || ((m - 1) * ldo + n <= out.len() && ldo >= n), "amx: the output exceeds its buffer");
+    assert!(then.bias.is_none_or(|b| b.len() == n), "amx: the bias is not one value per output");
     if m == 0 {
         return;
     }
-    if !accumulate {
-        out.chunks_mut(ldo).take(m).for_each(|r| r[..n].fill(0.0));
-    }
+    let zero = !then.accumulate;
+    let finish = then.bias.is_some() || then.gelu;
     let steps = w.precision.terms() * k / BLOCK;
     let panels = n / BLOCK;
     let blocks = m.div_ceil(BLOCK);
@@ -329,6 +354,8 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, accumulate: boo
         ROWS.with_borrow_mut(|buf| {
             pack_rows(x, ldx, k, w.precision, row0..row1, buf);
             with_tiles(|| {
+                // Rows past the valid ones stay whatever they were: the kernel computes them and
+                // nobody reads them.
                 let mut edge = [0f32; BLOCK * BLOCK];
                 // Weight panels outer, row blocks inner: a panel (32 outputs × all of k) is
                 // reused from L2 across the task's blocks, and the kernel prefetches both
@@ -345,18 +372,26 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, accumulate: boo
                         // through `edge`, 32×32 at stride 32.
                         unsafe {
                             let c = dst.0.add(first * ldo + p * BLOCK);
+                            let bias = then.bias.map(|b| &b[p * BLOCK..][..BLOCK]);
                             if valid == BLOCK {
-                                block(a.as_ptr(), b.as_ptr(), steps, c, ldo);
-                            } else {
-                                edge.fill(0.0);
-                                for i in 0..valid {
-                                    std::ptr::copy_nonoverlapping(
-                                        c.add(i * ldo),
-                                        edge.as_mut_ptr().add(i * BLOCK),
-                                        BLOCK,
-                                    );
+                                block(a.as_ptr(), b.as_ptr(), steps, c, ldo, zero);
+                                if finish {
+                                    finish_block(c, ldo, BLOCK, bias, then.gelu);
                                 }
-                                block(a.as_ptr(), b.as_ptr(), steps, edge.as_mut_ptr(), BLOCK);
+                            } else {
+                                if !zero {
+                                    for i in 0..valid {
+                                        std::ptr::copy_nonoverlapping(
+                                            c.add(i * ldo),
+                                            edge.as_mut_ptr().add(i * BLOCK),
+                                            BLOCK,
+                                        );
+                                    }
+                                }
+                                block(a.as_ptr(), b.as_ptr(), steps, edge.as_mut_ptr(), BLOCK, zero);
+                                if finish {
+                                    finish_block(edge.as_mut_ptr(), BLOCK, valid, bias, then.gelu);
+                                }
                                 for i in 0..valid {
                                     std::ptr::copy_nonoverlapping(edge.as_ptr().add(i * BLOCK), c.add(i * ldo), BLOCK);
                                 }
@@ -415,7 +450,8 @@ mod tests {
             let w = Packed::new(&wv, n, k, Precision::F32).expect("fits");
             let init: Vec<f32> = (0..(m - 1) * ldo + n).map(|_| r()).collect();
             let mut out = init.clone();
-            matmul_t(Mat { data: &x, rows: m, cols: k, stride: ldx }, &w, &mut out, ldo, accumulate, threads);
+            let then = if accumulate { Epilogue::accumulate(None) } else { Epilogue::overwrite(None) };
+            matmul_t(Mat { data: &x, rows: m, cols: k, stride: ldx }, &w, &mut out, ldo, then, threads);
             for i in 0..m {
                 for j in 0..n {
                     let xs = &x[i * ldx..][..k];
@@ -446,7 +482,7 @@ mod tests {
         let wv: Vec<f32> = (0..n * k).map(|_| r()).collect();
         let w = Packed::new(&wv, n, k, Precision::Bf16).expect("fits");
         let mut out = vec![0f32; m * n];
-        matmul_t(Mat::new(&x, m, k), &w, &mut out, n, false, true);
+        matmul_t(Mat::new(&x, m, k), &w, &mut out, n, Epilogue::default(), true);
         let round = |v: f32| f64::from(f32::from_bits(u32::from(bf16(v)) << 16));
         let mut worst_exact = 0f64;
         for i in 0..m {
@@ -475,10 +511,10 @@ mod tests {
         let wv: Vec<f32> = (0..n * k).map(|_| r()).collect();
         let w = Packed::new(&wv, n, k, Precision::F32).expect("fits");
         let mut all = vec![0f32; 70 * n];
-        matmul_t(Mat::new(&x, 70, k), &w, &mut all, n, false, true);
+        matmul_t(Mat::new(&x, 70, k), &w, &mut all, n, Epilogue::default(), true);
         for i in [0, 31, 32, 69] {
             let mut one = vec![0f32; n];
-            matmul_t(Mat::new(&x[i * k..][..k], 1, k), &w, &mut one, n, false, false);
+            matmul_t(Mat::new(&x[i * k..][..k], 1, k), &w, &mut one, n, Epilogue::default(), false);
             assert_eq!(one, all[i * n..][..n], "row {i}");
         }
     }

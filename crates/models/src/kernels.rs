@@ -97,11 +97,33 @@ fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// The exact (erf) GELU BERT uses.
+#[inline(always)]
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 multiversion! {
-    /// `x ← gelu(x)` with the exact (erf) form BERT uses, one thread's share.
+    /// `x ← gelu(x)`, one thread's share.
     fn gelu_erf_serial(x: &mut [f32]) {
         for v in x.iter_mut() {
-            *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+            *v = gelu(*v);
+        }
+    }
+}
+
+/// `row ← row + bias`, then GELU when `gelu`: an [`Epilogue`] on a piece of an output row
+/// (`bias` as long as `row`). Inlined into callers compiled for AVX-512 (the AMX kernel's).
+#[inline(always)]
+pub(crate) fn finish(row: &mut [f32], bias: Option<&[f32]>, gelu_after: bool) {
+    if let Some(b) = bias {
+        for (v, b) in row.iter_mut().zip(b) {
+            *v += b;
+        }
+    }
+    if gelu_after {
+        for v in row.iter_mut() {
+            *v = gelu(*v);
         }
     }
 }
@@ -221,19 +243,18 @@ multiversion! {
     }
 }
 
-/// `x ← gelu_erf(x)` over all of `x`, in parallel.
-pub fn gelu_erf(x: &mut [f32]) {
-    x.par_chunks_mut(TOKENS_PER_TASK * 1024).for_each(gelu_erf_serial);
-}
-
 /// softmax(scale · x) of one row in place (scale > 0; -inf entries become 0).
 pub fn softmax(x: &mut [f32], scale: f32) {
     softmax_serial(x, scale);
 }
 
-/// LayerNorm over rows of width `w.len()`, in place, in parallel.
-pub fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
-    x.par_chunks_mut(TOKENS_PER_TASK * w.len()).for_each(|c| layer_norm_serial(c, w, b, eps));
+/// LayerNorm over rows of width `w.len()`, in place; `threads`: in parallel.
+pub fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32, threads: bool) {
+    if threads {
+        x.par_chunks_mut(TOKENS_PER_TASK * w.len()).for_each(|c| layer_norm_serial(c, w, b, eps));
+    } else {
+        layer_norm_serial(x, w, b, eps);
+    }
 }
 
 /// RMSNorm over rows of width `w.len()` into `out`, in parallel.
@@ -362,16 +383,77 @@ impl Weight {
     }
 }
 
-/// [`matmul_t`] with a prepared [`Weight`]: `out ← (accumulate ? out : 0) + x · wᵀ`.
+/// What [`linear`] does around its product:
+/// `out ← gelu?((accumulate ? out : 0) + x · wᵀ + bias)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Add to `out` (a residual stream) instead of overwriting it.
+    pub accumulate: bool,
+    /// One value per output column.
+    pub bias: Option<&'a [f32]>,
+    /// The exact (erf) GELU on the result.
+    pub gelu: bool,
+}
+
+impl<'a> Epilogue<'a> {
+    /// `out ← x · wᵀ + bias`.
+    pub fn overwrite(bias: Option<&'a [f32]>) -> Self {
+        Self { accumulate: false, bias, gelu: false }
+    }
+
+    /// `out ← out + x · wᵀ + bias`.
+    pub fn accumulate(bias: Option<&'a [f32]>) -> Self {
+        Self { accumulate: true, bias, gelu: false }
+    }
+
+    /// GELU on the result as well.
+    pub fn gelu(self) -> Self {
+        Self { gelu: true, ..self }
+    }
+}
+
+/// `out ← gelu?((accumulate ? out : 0) + x · wᵀ + bias)` with a prepared [`Weight`] (see
+/// [`Epilogue`]); `out` is [x.rows, w.rows] at row stride `ldo`. On AMX the bias and GELU are
+/// applied to each block of the output while it is in L1, not in passes of their own.
 ///
 /// # Panics
-/// As [`matmul_t`].
-pub fn linear(x: Mat, w: &Weight, out: &mut [f32], ldo: usize, accumulate: bool, threads: bool) {
+/// As [`matmul_t`], and when the bias is not one value per output column.
+pub fn linear(x: Mat, w: &Weight, out: &mut [f32], ldo: usize, then: Epilogue, threads: bool) {
     assert_eq!(x.cols, w.cols, "linear: inner dimensions differ");
+    assert!(then.bias.is_none_or(|b| b.len() == w.rows), "linear: the bias is not one value per output");
     match &w.repr {
-        Repr::F32(d) => matmul_t(x, Mat::new(d, w.rows, w.cols), out, ldo, accumulate, threads),
+        Repr::F32(d) => {
+            let (m, n) = (x.rows, w.rows);
+            if let Some(b) = then.bias {
+                rows_of(out, ldo, m, n, threads, |r| {
+                    if then.accumulate {
+                        r.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                    } else {
+                        r.copy_from_slice(b);
+                    }
+                });
+            }
+            matmul_t(x, Mat::new(d, w.rows, w.cols), out, ldo, then.accumulate || then.bias.is_some(), threads);
+            if then.gelu {
+                rows_of(out, ldo, m, n, threads, gelu_erf_serial);
+            }
+        }
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        Repr::Amx(p) => crate::amx::matmul_t(x, p, out, ldo, accumulate, threads),
+        Repr::Amx(p) => crate::amx::matmul_t(x, p, out, ldo, then, threads),
+    }
+}
+
+/// `f` on the first `n` values of each of the `m` rows of `out` (row stride `ldo`); `threads`:
+/// in parallel.
+fn rows_of(out: &mut [f32], ldo: usize, m: usize, n: usize, threads: bool, f: impl Fn(&mut [f32]) + Sync) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out = &mut out[..(m - 1) * ldo + n];
+    if threads {
+        out.par_chunks_mut(ldo * TOKENS_PER_TASK).for_each(|c| c.chunks_mut(ldo).for_each(|r| f(&mut r[..n])));
+    } else {
+        out.chunks_mut(ldo).for_each(|r| f(&mut r[..n]));
     }
 }
 
@@ -505,23 +587,6 @@ fn matmul_nn(a: Mat, b: Mat, out: &mut [f32], ldo: usize) {
     gemm_raw(a, (b.data, b.stride, 1), m, n, k, out, ldo, false, Parallelism::None);
 }
 
-/// Every row of `buf` (width `width`) ← `b`, or 0 without a bias: the start of an
-/// accumulating [`matmul_t`].
-pub fn fill_rows(buf: &mut [f32], b: Option<&[f32]>, width: usize) {
-    match b {
-        Some(b) => {
-            buf.par_chunks_mut(width * 64).for_each(|c| c.chunks_exact_mut(width).for_each(|r| r.copy_from_slice(b)))
-        }
-        None => buf.par_chunks_mut(width * 64).for_each(|c| c.fill(0.0)),
-    }
-}
-
-/// Every row of `buf` (width `b.len()`) += `b`.
-pub fn add_rows(buf: &mut [f32], b: &[f32]) {
-    buf.par_chunks_mut(b.len() * 64)
-        .for_each(|c| c.chunks_exact_mut(b.len()).for_each(|r| r.iter_mut().zip(b).for_each(|(x, y)| *x += y)));
-}
-
 /// Splits `buf` ([tokens, width]) into one mutable slice per packed row, for `par_iter`.
 pub fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -> Vec<&'a mut [f32]> {
     let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
@@ -594,7 +659,7 @@ mod tests {
     fn fused_ops_match_plain_formulas() {
         let x: Vec<f32> = (0..3000).map(|i| ((i * 37) % 1000) as f32 / 100.0 - 5.0).collect();
         let mut g = x.clone();
-        gelu_erf(&mut g);
+        gelu_erf_serial(&mut g);
         for (a, b) in x.iter().zip(&g) {
             let want = 0.5 * f64::from(*a) * (1.0 + libm_erf(f64::from(*a) / 2f64.sqrt()));
             assert!((f64::from(*b) - want).abs() < 1e-6, "gelu({a})");
@@ -616,30 +681,59 @@ mod tests {
     }
 
     /// A prepared weight (AMX tiles where the CPU has them and the shape fits, gemm otherwise)
-    /// gives the plain f32 product: within the bf16x3 bound for f32, the bf16 bound for bf16.
+    /// gives the plain f32 product: within the bf16x3 bound for f32, the bf16 bound for bf16;
+    /// with every epilogue, strided output, on one thread or many.
     #[test]
     fn prepared_weights_match_plain_products() {
         let mut r = uniform(9, 0.5);
         for (m, k, n) in [(37, 64, 96), (5, 48, 40), (64, 384, 64)] {
             let x: Vec<f32> = (0..m * k).map(|_| r()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
-            let mut want = vec![0f32; m * n];
-            matmul_t(Mat::new(&x, m, k), Mat::new(&w, n, k), &mut want, n, false, true);
-            for (wt, tol) in [(Weight::new(w.clone(), n, k), 1e-5), (Weight::bf16(w.clone(), n, k), 1e-2)] {
+            let bias: Vec<f32> = (0..n).map(|_| r()).collect();
+            let ldo = n + 3;
+            let start: Vec<f32> = (0..m * ldo).map(|_| r()).collect();
+            let mut plain = vec![0f32; m * n];
+            matmul_t(Mat::new(&x, m, k), Mat::new(&w, n, k), &mut plain, n, false, true);
+            for (wt, tol, may_use_amx) in [
+                (Weight::new(w.clone(), n, k), 1e-5, true),
+                (Weight::bf16(w.clone(), n, k), 1e-2, true),
+                (Weight::portable(w.clone(), n, k), 1e-6, false),
+            ] {
                 assert_eq!((wt.rows(), wt.cols()), (n, k));
                 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-                assert_eq!(wt.on_amx(), crate::amx::available() && crate::amx::fits(n, k));
-                let mut got = vec![1f32; m * n];
-                linear(Mat::new(&x, m, k), &wt, &mut got, n, false, true);
-                for (g, e) in got.iter().zip(&want) {
-                    assert!((g - e).abs() <= tol * (k as f32).sqrt(), "({m},{k},{n}) amx={}: {g} vs {e}", wt.on_amx());
+                assert_eq!(wt.on_amx(), may_use_amx && crate::amx::available() && crate::amx::fits(n, k));
+                #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+                assert!(!wt.on_amx() || may_use_amx);
+                for then in [
+                    Epilogue::overwrite(None),
+                    Epilogue::overwrite(Some(&bias)).gelu(),
+                    Epilogue::accumulate(Some(&bias)),
+                    Epilogue::accumulate(None).gelu(),
+                ] {
+                    for threads in [true, false] {
+                        let mut got = start.clone();
+                        linear(Mat::new(&x, m, k), &wt, &mut got, ldo, then, threads);
+                        for i in 0..m {
+                            for j in 0..ldo {
+                                let (g, s) = (got[i * ldo + j], start[i * ldo + j]);
+                                if j >= n {
+                                    assert_eq!(g, s, "a value past the output columns changed");
+                                    continue;
+                                }
+                                let mut e = plain[i * n + j] + then.bias.map_or(0.0, |b| b[j]);
+                                if then.accumulate {
+                                    e += s;
+                                }
+                                if then.gelu {
+                                    e = gelu(e);
+                                }
+                                let what = format!("({m},{k},{n}) amx={} {then:?} threads={threads}", wt.on_amx());
+                                assert!((g - e).abs() <= tol * (k as f32).sqrt(), "{what}: {g} vs {e}");
+                            }
+                        }
+                    }
                 }
             }
-            let plain = Weight::portable(w, n, k);
-            assert!(!plain.on_amx());
-            let mut got = vec![0f32; m * n];
-            linear(Mat::new(&x, m, k), &plain, &mut got, n, false, true);
-            assert_eq!(got, want);
         }
     }
 

@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use crate::config::DecoderConfig;
-use crate::kernels::{self, Mat, Visibility, Weight};
+use crate::kernels::{self, Epilogue, Mat, Visibility, Weight};
 
 type Result<T> = std::result::Result<T, candle_core::Error>;
 
@@ -89,8 +89,8 @@ impl PackedDecoder {
         let last = self.layers.len().saturating_sub(1);
         for (li, l) in self.layers.iter().enumerate() {
             kernels::rms_norm(&x, &mut xn, &l.ln1, eps);
-            kernels::fill_rows(&mut qkv, l.qkv_b.as_deref(), qkv_w);
-            kernels::linear(Mat::new(&xn, total, h), &l.qkv_w, &mut qkv, qkv_w, true, true);
+            let then = Epilogue::overwrite(l.qkv_b.as_deref());
+            kernels::linear(Mat::new(&xn, total, h), &l.qkv_w, &mut qkv, qkv_w, then, true);
             self.norm_and_rope(l, &mut qkv, &positions);
             let qkv_ref = &qkv;
             // Attention of segment `seg` for its queries from `q_from` on, into `out`.
@@ -162,24 +162,18 @@ impl PackedDecoder {
     fn mlp_block(&self, l: &PackedLayer, x: &mut [f32], xn: &mut [f32], ctx: &[f32], act: &mut [f32], n: usize) {
         let c = &self.cfg;
         let (h, hd, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size);
-        if let Some(b) = &l.o_b {
-            kernels::add_rows(x, b);
-        }
-        kernels::linear(Mat::new(ctx, n, hd), &l.o_w, x, h, true, true);
+        kernels::linear(Mat::new(ctx, n, hd), &l.o_w, x, h, Epilogue::accumulate(l.o_b.as_deref()), true);
         kernels::rms_norm(x, xn, &l.ln2, c.rms_norm_eps as f32);
-        kernels::fill_rows(act, l.gate_up_b.as_deref(), 2 * inter);
-        kernels::linear(Mat::new(xn, n, h), &l.gate_up_w, act, 2 * inter, true, true);
+        let then = Epilogue::overwrite(l.gate_up_b.as_deref());
+        kernels::linear(Mat::new(xn, n, h), &l.gate_up_w, act, 2 * inter, then, true);
         act.par_chunks_mut(2 * inter * 8).for_each(|rows| {
             for row in rows.chunks_exact_mut(2 * inter) {
                 let (g, u) = row.split_at_mut(inter);
                 kernels::silu_mul_one(g, u);
             }
         });
-        if let Some(b) = &l.down_b {
-            kernels::add_rows(x, b);
-        }
         let a = Mat { data: act, rows: n, cols: inter, stride: 2 * inter };
-        kernels::linear(a, &l.down_w, x, h, true, true);
+        kernels::linear(a, &l.down_w, x, h, Epilogue::accumulate(l.down_b.as_deref()), true);
     }
 
     /// Qwen3's per-head q/k RMSNorm, then RoPE at each token's position in its row.

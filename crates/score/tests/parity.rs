@@ -150,6 +150,15 @@ fn check_embedder(folder: &Path, golden: &Value, dtype: DType, min_cosine: f64) 
             assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
         }
     }
+    // Thousands of tokens in one batch: the encoder then runs groups of rows on separate
+    // threads, each through every layer. A text's vector does not depend on its batch.
+    let alone = e.embed(&texts, 1).unwrap();
+    let many: Vec<&str> = texts.iter().cycle().take(texts.len() * 40).copied().collect();
+    for (i, g) in e.embed(&many, 1 << 20).unwrap().iter().enumerate() {
+        let want = &alone[i % texts.len()];
+        let diff = g.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "{:?} ({dtype:?}) in a large batch moved by {diff}", many[i]);
+    }
 }
 
 #[test]
