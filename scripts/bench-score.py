@@ -8,8 +8,12 @@ matrix products (rbon's `dtype: bf16`; sentence-transformers with the model in b
 batch: sentence-transformers with batch_size 32, transformers with right-padded batches of 16
 sorted by length, rbon with its token budget (16 384 padded tokens).
 
+The two sides take turns, a timed run each per round, so that both see the same minutes of a
+shared machine (on a cloud VM, AMX and memory throughput drift by 2x from one minute to the
+next); each side's best round is reported.
+
 Needs: pip install torch transformers sentence-transformers.
-Usage: python3 scripts/bench-score.py [--threads 2] [--texts 512]
+Usage: python3 scripts/bench-score.py [--threads 2] [--texts 512] [--embeddings-only]
 """
 
 import argparse
@@ -21,9 +25,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-# Each side runs this many times and reports its best: run-to-run noise on a shared 2-core
-# machine is about ±20% for either side.
-REPEATS = 3
+# Rounds per comparison (each side's best counts): more for the quick embedding rows, where
+# the machine's drift matters most.
+EMBED_ROUNDS = 5
+REWARD_ROUNDS = 3
 WORDS = ("the quick brown fox jumps over a lazy dog while models learn to rank answers by how "
          "helpful honest and harmless they are in every case we test").split()
 
@@ -65,14 +70,16 @@ def make_rm(path):
 
 
 def rbon(kind, model, path, threads):
+    """One timed rbon run (the model loads first, untimed); texts per second."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     out = subprocess.run(["cargo", "run", "--quiet", "--release", "-p", "rbon-score", "--example", "bench_score", "--",
-                          kind, model, path, "16384", str(REPEATS)], cwd=ROOT, env=env, check=True, capture_output=True,
+                          kind, model, path, "16384", "1"], cwd=ROOT, env=env, check=True, capture_output=True,
                          text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["per_s"]
 
 
 def st_embed(model, ts, threads, bf16=False):
+    """sentence-transformers, loaded and warmed up; returns one timed run (texts per second)."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -82,15 +89,16 @@ def st_embed(model, ts, threads, bf16=False):
     kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if bf16 else {}
     m = SentenceTransformer(model, device="cpu", **kwargs)
     m.encode(ts[:8])
-    best = 0.0
-    for _ in range(REPEATS):
+
+    def run():
         t = time.perf_counter()
         m.encode(ts, batch_size=32)
-        best = max(best, len(ts) / (time.perf_counter() - t))
-    return best
+        return len(ts) / (time.perf_counter() - t)
+    return run
 
 
 def hf_reward(model, ts, threads, prompts=None):
+    """transformers, loaded; returns one timed run (scores per second)."""
     import torch
     from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
@@ -103,16 +111,25 @@ def hf_reward(model, ts, threads, prompts=None):
     else:
         texts_ = [p + "\n\n" + t for p, t in zip(prompts, ts)]
     order = sorted(range(len(texts_)), key=lambda i: len(texts_[i]))
-    best = 0.0
-    for _ in range(REPEATS):
+
+    def run():
         t0 = time.perf_counter()
         with torch.no_grad():
             for s in range(0, len(order), 16):
                 batch = [texts_[i] for i in order[s:s + 16]]
                 enc = tok(batch, return_tensors="pt", padding=True)
                 m(**enc)
-        best = max(best, len(ts) / (time.perf_counter() - t0))
-    return best
+        return len(ts) / (time.perf_counter() - t0)
+    return run
+
+
+def side_by_side(what, reference, ours, rounds):
+    """Alternates a reference run and an rbon run `rounds` times; prints both bests."""
+    ref = mine = 0.0
+    for _ in range(rounds):
+        ref = max(ref, reference())
+        mine = max(mine, ours())
+    print(f"{what:>28} | {ref:>12.1f} | {mine:>8.1f} | {mine / ref:.2f}x", flush=True)
 
 
 def main():
@@ -121,6 +138,7 @@ def main():
     ap.add_argument("--texts", type=int, default=512)
     ap.add_argument("--minilm", default=os.path.join(ROOT, "data", "models", "all-minilm-l6-v2"))
     ap.add_argument("--rm", default="/tmp/rbon-bench-qwen2-rm-57m")
+    ap.add_argument("--embeddings-only", action="store_true", help="skip the reward-model rows (minutes each)")
     args = ap.parse_args()
     ts = texts(args.texts)
     path = "/tmp/rbon-bench-texts.txt"
@@ -129,14 +147,16 @@ def main():
     make_rm(args.rm)
     print(f"{args.texts} texts of 20-200 words, {args.threads} threads")
     print(f"{'what':>28} | {'reference /s':>12} | {'rbon /s':>8} | speed-up")
-    ref, ours = st_embed(args.minilm, ts, args.threads), rbon("embed", args.minilm, path, args.threads)
-    print(f"{'MiniLM embeddings':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
+    side_by_side("MiniLM embeddings", st_embed(args.minilm, ts, args.threads),
+                 lambda: rbon("embed", args.minilm, path, args.threads), EMBED_ROUNDS)
     # `dtype: bf16`: rbon multiplies in bf16 on AMX (f32 elsewhere), sentence-transformers runs
     # the whole model in bf16.
-    ref, ours = st_embed(args.minilm, ts, args.threads, bf16=True), rbon("embed-bf16", args.minilm, path, args.threads)
-    print(f"{'  ... bf16':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
-    ref, ours = hf_reward(args.rm, ts, args.threads), rbon("reward", args.rm, path, args.threads)
-    print(f"{'Qwen2-57M reward scores':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
+    side_by_side("  ... bf16", st_embed(args.minilm, ts, args.threads, bf16=True),
+                 lambda: rbon("embed-bf16", args.minilm, path, args.threads), EMBED_ROUNDS)
+    if args.embeddings_only:
+        return
+    side_by_side("Qwen2-57M reward scores", hf_reward(args.rm, ts, args.threads),
+                 lambda: rbon("reward", args.rm, path, args.threads), REWARD_ROUNDS)
     # The score stage's shape: N responses per prompt. transformers scores each (prompt,
     # response) text; rbon computes the shared prompt once per prompt.
     n = 16
@@ -146,8 +166,8 @@ def main():
         f.write("\n".join(g) + "\n")
     prompts = [g[i - i % (n + 1)] for i in range(len(g)) if i % (n + 1)]
     responses = [g[i] for i in range(len(g)) if i % (n + 1)]
-    ref, ours = hf_reward(args.rm, responses, args.threads, prompts), rbon("reward-grouped", args.rm, gpath, args.threads)
-    print(f"{'  ... 16 per prompt':>28} | {ref:>12.1f} | {ours:>8.1f} | {ours / ref:.2f}x", flush=True)
+    side_by_side("  ... 16 per prompt", hf_reward(args.rm, responses, args.threads, prompts),
+                 lambda: rbon("reward-grouped", args.rm, gpath, args.threads), REWARD_ROUNDS)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 //! Times the prefill-shaped linear layer of scoring (`kernels::linear`, [M, K] · [N, K]ᵀ) with the
 //! weight packed for AMX tiles against plain f32 gemm, alternating the two so that both see the
-//! same machine: `bench_prefill M K N [ROUNDS] [POOL]`. POOL 0 runs each product on the calling
-//! thread (as the encoder's row groups do), 1 (the default) spreads it over rayon's pool.
+//! same machine: `bench_prefill M K N [ROUNDS] [POOL] [EPILOGUE]`. POOL 0 runs each product on
+//! the calling thread (as the encoder's row groups do), 1 (the default) spreads it over rayon's
+//! pool. EPILOGUE: 0 none (the default), 1 bias, 2 bias and GELU, 3 bias into a residual.
 //! Without AMX only gemm runs.
 use std::time::Instant;
 
@@ -9,11 +10,12 @@ use rbon_models::kernels::{self, Epilogue, Mat, Weight};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse()).collect::<Result<_, _>>()?;
-    let (m, k, n, rounds, pool) = match a.as_slice() {
-        [m, k, n] => (*m, *k, *n, 5, true),
-        [m, k, n, r] => (*m, *k, *n, *r, true),
-        [m, k, n, r, p] => (*m, *k, *n, *r, *p != 0),
-        _ => return Err("usage: bench_prefill M K N [ROUNDS] [POOL]".into()),
+    let (m, k, n, rounds, pool, epilogue) = match a.as_slice() {
+        [m, k, n] => (*m, *k, *n, 5, true, 0),
+        [m, k, n, r] => (*m, *k, *n, *r, true, 0),
+        [m, k, n, r, p] => (*m, *k, *n, *r, *p != 0, 0),
+        [m, k, n, r, p, e] => (*m, *k, *n, *r, *p != 0, *e),
+        _ => return Err("usage: bench_prefill M K N [ROUNDS] [POOL] [EPILOGUE]".into()),
     };
     let mut s = 1u64;
     let mut rnd = move || {
@@ -22,6 +24,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
     let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+    let bias: Vec<f32> = (0..n).map(|_| rnd()).collect();
+    let then = match epilogue {
+        0 => Epilogue::overwrite(None),
+        1 => Epilogue::overwrite(Some(&bias)),
+        2 => Epilogue::overwrite(Some(&bias)).gelu(),
+        _ => Epilogue::accumulate(Some(&bias)),
+    };
     let packed = Weight::new(w.clone(), n, k);
     let bf16 = Weight::bf16(w.clone(), n, k);
     let plain = Weight::portable(w, n, k);
@@ -33,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 continue;
             }
             let t = Instant::now();
-            kernels::linear(Mat::new(&x, m, k), wt, &mut out, n, Epilogue::default(), pool);
+            kernels::linear(Mat::new(&x, m, k), wt, &mut out, n, then, pool);
             best[i] = best[i].min(t.elapsed().as_secs_f64());
         }
     }

@@ -140,8 +140,8 @@ impl Packed {
     }
 }
 
-/// Packs rows `rows` of `x` (row stride `ldx`, `k` wide) into `buf` as blocks of 32 rows (the
-/// last one padded with zeros), each block as k steps (`[xh, xl, xh]` for f32, `xh` for bf16)
+/// Packs rows `rows` of `x` (row stride `ldx`, `k` wide) into the start of `buf` as blocks of 32
+/// rows (the last one padded with stale values), each block as k steps (`[xh, xl, xh]` for f32, `xh` for bf16)
 /// of two 16×32 tiles.
 fn pack_rows(x: &[f32], ldx: usize, k: usize, precision: Precision, rows: std::ops::Range<usize>, buf: &mut Vec<u16>) {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -164,8 +164,13 @@ fn pack_rows_generic(
 ) {
     let blocks = rows.len().div_ceil(BLOCK);
     let steps = precision.terms() * k / BLOCK;
-    buf.clear();
-    buf.resize(blocks * steps * STEP, 0);
+    // Rows past the end of the last block keep whatever an earlier call left there: they only
+    // reach output rows that are never stored.
+    let need = blocks * steps * STEP;
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
+    let buf = &mut buf[..need];
     let kq = k / BLOCK;
     for (b, block) in buf.chunks_exact_mut(steps * STEP).enumerate() {
         for i in 0..BLOCK {
@@ -232,30 +237,43 @@ macro_rules! prefetch_ahead {
     };
 }
 
-/// `c[32×32] ← (zero ? 0 : c) + a · b` over `steps` packed k steps: `a` one packed block of
-/// rows, `b` one packed weight panel, `c` f32 with row stride `ldc` (elements).
+/// Where a block's four accumulator tiles start from.
+#[derive(Clone, Copy)]
+enum Init {
+    Zero,
+    /// 32 rows of 32 f32 values at a row stride in elements (0: one row read for all 32).
+    Load(*const f32, usize),
+}
+
+/// `out[32×32] ← init + a · b` over `steps` packed k steps: `a` one packed block of rows, `b` one
+/// packed weight panel, `out` f32 with row stride `ldo` (elements).
 ///
 /// # Safety
 /// Tiles configured by [`with_tiles`] on this thread; `a` and `b` hold `steps · STEP` values;
-/// `c` has 32 rows of 32 values at stride `ldc`.
+/// `out` has 32 rows of 32 values at stride `ldo`, and so has `init` at its stride.
 #[inline(never)]
-unsafe fn block(a: *const u16, b: *const u16, steps: usize, c: *mut f32, ldc: usize, zero: bool) {
+unsafe fn block(a: *const u16, b: *const u16, steps: usize, init: Init, out: *mut f32, ldo: usize) {
+    let (cin, ldi) = match init {
+        Init::Zero => (std::ptr::null(), 0),
+        Init::Load(c, ld) => (c, ld),
+    };
     // SAFETY: the caller's contract bounds every tile load and store: 16-row tiles of 64 bytes
-    // at stride 64 within a and b, and at stride ldc·4 within c. Prefetches never fault.
+    // at stride 64 within a and b, at stride ldi·4 within init and ldo·4 within out.
+    // Prefetches never fault.
     unsafe {
         asm!(
-            "test {zero}, {zero}",
-            "jz 3f",
+            "test {cin}, {cin}",
+            "jnz 3f",
             "tilezero tmm0",
             "tilezero tmm1",
             "tilezero tmm2",
             "tilezero tmm3",
             "jmp 2f",
             "3:",
-            "tileloadd tmm0, [{c} + {ldc}*1]",
-            "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
-            "tileloadd tmm2, [{c2} + {ldc}*1]",
-            "tileloadd tmm3, [{c2} + {ldc}*1 + 64]",
+            "tileloadd tmm0, [{cin} + {ldi}*1]",
+            "tileloadd tmm1, [{cin} + {ldi}*1 + 64]",
+            "tileloadd tmm2, [{cin2} + {ldi}*1]",
+            "tileloadd tmm3, [{cin2} + {ldi}*1 + 64]",
             "2:",
             "tileloadd tmm4, [{a} + {s64}*1]",
             "tileloadd tmm6, [{b} + {s64}*1]",
@@ -281,10 +299,12 @@ unsafe fn block(a: *const u16, b: *const u16, steps: usize, c: *mut f32, ldc: us
             b = inout(reg) b => _,
             n = inout(reg) steps => _,
             s64 = in(reg) 64usize,
-            c = in(reg) c,
-            c2 = in(reg) c.add(16 * ldc),
-            ldc = in(reg) ldc * 4,
-            zero = in(reg) usize::from(zero),
+            cin = in(reg) cin,
+            cin2 = in(reg) cin.wrapping_add(16 * ldi),
+            ldi = in(reg) ldi * 4,
+            c = in(reg) out,
+            c2 = in(reg) out.add(16 * ldo),
+            ldc = in(reg) ldo * 4,
             options(nostack),
         );
     }
@@ -294,17 +314,31 @@ thread_local! {
     static ROWS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An [`Epilogue`]'s bias and GELU on rows `0..rows` of the 32 output columns at `c` (row
-/// stride `ldc`); `bias` holds those columns' values.
+/// Rows `0..rows` of a 32-column block at `src` (row stride `lds`) to `out` (stride `ldo`; the
+/// same place, or another), adding `bias` (those 32 columns' values) and applying GELU on the
+/// way.
 ///
 /// # Safety
-/// `c` has `rows` rows of 32 values at stride `ldc`, none borrowed elsewhere.
+/// `src` and `out` have `rows` rows of 32 values at their strides, borrowed nowhere else.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-unsafe fn finish_block(c: *mut f32, ldc: usize, rows: usize, bias: Option<&[f32]>, gelu: bool) {
+unsafe fn finish_block(
+    src: *mut f32,
+    lds: usize,
+    rows: usize,
+    bias: Option<&[f32]>,
+    gelu: bool,
+    out: *mut f32,
+    ldo: usize,
+) {
     for i in 0..rows {
-        // SAFETY: by the caller's contract.
-        let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), BLOCK) };
-        kernels::finish(row, bias, gelu);
+        // SAFETY: by the caller's contract; `to` is made only when it is not `row`.
+        unsafe {
+            let row = std::slice::from_raw_parts_mut(src.add(i * lds), BLOCK);
+            kernels::finish(row, bias, gelu);
+            if src != out {
+                std::slice::from_raw_parts_mut(out.add(i * ldo), BLOCK).copy_from_slice(row);
+            }
+        }
     }
 }
 
@@ -327,8 +361,6 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue,
     if m == 0 {
         return;
     }
-    let zero = !then.accumulate;
-    let finish = then.bias.is_some() || then.gelu;
     let steps = w.precision.terms() * k / BLOCK;
     let panels = n / BLOCK;
     let blocks = m.div_ceil(BLOCK);
@@ -356,46 +388,56 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue,
             with_tiles(|| {
                 // Rows past the valid ones stay whatever they were: the kernel computes them and
                 // nobody reads them.
-                let mut edge = [0f32; BLOCK * BLOCK];
+                // A block with GELU goes through `near` (always in L1) and then to `out`:
+                // vector loads of output lines that a tile store has only just written (and
+                // that were not in the cache) wait for the store to complete. So do partial
+                // blocks, whose rows past `m` have nowhere to go.
+                let mut near = [0f32; BLOCK * BLOCK];
                 // Weight panels outer, row blocks inner: a panel (32 outputs × all of k) is
                 // reused from L2 across the task's blocks, and the kernel prefetches both
                 // streams. (Passes over k in L1-sized chunks ran slower: each pass loads and
                 // stores the accumulators again.)
                 for p in p0..p1 {
                     let b = &w.data[p * steps * STEP..][..steps * STEP];
-                    for (bi, a) in buf.chunks_exact(steps * STEP).enumerate() {
+                    let bias = then.bias.map(|b| &b[p * BLOCK..][..BLOCK]);
+                    let packed = &buf[..(row1 - row0).div_ceil(BLOCK) * steps * STEP];
+                    for (bi, a) in packed.chunks_exact(steps * STEP).enumerate() {
                         let first = row0 + bi * BLOCK;
                         let valid = (row1 - first).min(BLOCK);
                         // SAFETY: `a` and `b` hold steps·STEP values; the output block is rows
-                        // first..first+32 (all < m when valid == 32) and columns p·32..p·32+32
-                        // (≤ n ≤ ldo), inside `out` by the asserts above; a partial block goes
-                        // through `edge`, 32×32 at stride 32.
+                        // first..first+valid (< m) and columns p·32..p·32+32 (≤ n ≤ ldo), inside
+                        // `out` by the asserts above; `near` is 32×32 at stride 32, and a bias
+                        // read with stride 0 is one row of 32 values.
                         unsafe {
                             let c = dst.0.add(first * ldo + p * BLOCK);
-                            let bias = then.bias.map(|b| &b[p * BLOCK..][..BLOCK]);
-                            if valid == BLOCK {
-                                block(a.as_ptr(), b.as_ptr(), steps, c, ldo, zero);
-                                if finish {
-                                    finish_block(c, ldo, BLOCK, bias, then.gelu);
-                                }
-                            } else {
-                                if !zero {
+                            // A fresh sum starts from the bias; a residual from `out`.
+                            let init = match (then.accumulate, bias) {
+                                (false, None) => Init::Zero,
+                                (false, Some(b)) => Init::Load(b.as_ptr(), 0),
+                                (true, _) if valid == BLOCK => Init::Load(c, ldo),
+                                (true, _) => {
                                     for i in 0..valid {
                                         std::ptr::copy_nonoverlapping(
                                             c.add(i * ldo),
-                                            edge.as_mut_ptr().add(i * BLOCK),
+                                            near.as_mut_ptr().add(i * BLOCK),
                                             BLOCK,
                                         );
                                     }
+                                    Init::Load(near.as_ptr(), BLOCK)
                                 }
-                                block(a.as_ptr(), b.as_ptr(), steps, edge.as_mut_ptr(), BLOCK, zero);
-                                if finish {
-                                    finish_block(edge.as_mut_ptr(), BLOCK, valid, bias, then.gelu);
+                            };
+                            // The bias of a fresh sum is in `init` already.
+                            let add = if then.accumulate { bias } else { None };
+                            if valid == BLOCK && !then.gelu {
+                                block(a.as_ptr(), b.as_ptr(), steps, init, c, ldo);
+                                // A residual's lines were in L1 for the tile load.
+                                if add.is_some() {
+                                    finish_block(c, ldo, BLOCK, add, false, c, ldo);
                                 }
-                                for i in 0..valid {
-                                    std::ptr::copy_nonoverlapping(edge.as_ptr().add(i * BLOCK), c.add(i * ldo), BLOCK);
-                                }
+                                continue;
                             }
+                            block(a.as_ptr(), b.as_ptr(), steps, init, near.as_mut_ptr(), BLOCK);
+                            finish_block(near.as_mut_ptr(), BLOCK, valid, add, then.gelu, c, ldo);
                         }
                     }
                 }
@@ -511,7 +553,9 @@ mod tests {
         let wv: Vec<f32> = (0..n * k).map(|_| r()).collect();
         let w = Packed::new(&wv, n, k, Precision::F32).expect("fits");
         let mut all = vec![0f32; 70 * n];
-        matmul_t(Mat::new(&x, 70, k), &w, &mut all, n, Epilogue::default(), true);
+        // On this thread, so that the single rows below reuse (and must not read past their
+        // part of) the larger packing buffer this leaves behind.
+        matmul_t(Mat::new(&x, 70, k), &w, &mut all, n, Epilogue::default(), false);
         for i in [0, 31, 32, 69] {
             let mut one = vec![0f32; n];
             matmul_t(Mat::new(&x[i * k..][..k], 1, k), &w, &mut one, n, Epilogue::default(), false);

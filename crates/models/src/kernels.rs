@@ -172,19 +172,27 @@ multiversion! {
     fn softmax_serial(x: &mut [f32], scale: f32) {
         let max = max_of(x);
         let mut acc = [0f32; LANES];
-        let mut chunks = x.chunks_exact_mut(LANES);
-        for c in &mut chunks {
+        let (chunks, rest) = x.as_chunks_mut::<LANES>();
+        for c in chunks {
             for l in 0..LANES {
                 let e = exp((c[l] - max) * scale);
                 c[l] = e;
                 acc[l] += e;
             }
         }
-        let mut sum: f32 = acc.iter().sum();
-        for v in chunks.into_remainder() {
-            *v = exp((*v - max) * scale);
-            sum += *v;
+        // The tail as one more vector, padded with -inf (whose exp is 0), rather than a scalar
+        // exp per leftover element: rows of ~100 keys leave up to 15.
+        if !rest.is_empty() {
+            let mut pad = [f32::NEG_INFINITY; LANES];
+            pad[..rest.len()].copy_from_slice(rest);
+            for l in 0..LANES {
+                let e = exp((pad[l] - max) * scale);
+                pad[l] = e;
+                acc[l] += e;
+            }
+            rest.copy_from_slice(&pad[..rest.len()]);
         }
+        let sum: f32 = acc.iter().sum();
         let inv = 1.0 / sum;
         for v in x.iter_mut() {
             *v *= inv;
