@@ -343,9 +343,9 @@ unsafe fn finish_block(
 }
 
 /// `out ← gelu?((accumulate ? out : 0) + x · wᵀ + bias)` (see [`Epilogue`]) for x [m, k] and a
-/// packed weight; `out` [m, n] with row stride `ldo`. The bias and GELU are applied to each
-/// 32×32 block of the output as soon as its sums are done. `threads`: spread the work over
-/// rayon's pool.
+/// packed weight; `out` [m, n] with row stride `ldo`. A fresh sum's accumulators start from
+/// the bias; GELU, and a residual's bias, are applied to each 32×32 block of the output as soon
+/// as its sums are done. `threads`: spread the work over rayon's pool.
 ///
 /// Call only when [`available`]. Panics when the buffers are too small for the shapes (a bug in
 /// the caller, like [`crate::kernels::matmul_t`]).
@@ -386,12 +386,11 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue,
         ROWS.with_borrow_mut(|buf| {
             pack_rows(x, ldx, k, w.precision, row0..row1, buf);
             with_tiles(|| {
-                // Rows past the valid ones stay whatever they were: the kernel computes them and
-                // nobody reads them.
                 // A block with GELU goes through `near` (always in L1) and then to `out`:
                 // vector loads of output lines that a tile store has only just written (and
                 // that were not in the cache) wait for the store to complete. So do partial
-                // blocks, whose rows past `m` have nowhere to go.
+                // blocks, whose rows past `m` have nowhere to go (those rows of `near` hold
+                // whatever was there; nobody reads them).
                 let mut near = [0f32; BLOCK * BLOCK];
                 // Weight panels outer, row blocks inner: a panel (32 outputs × all of k) is
                 // reused from L2 across the task's blocks, and the kernel prefetches both
@@ -410,6 +409,7 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue,
                         // read with stride 0 is one row of 32 values.
                         unsafe {
                             let c = dst.0.add(first * ldo + p * BLOCK);
+                            let np = near.as_mut_ptr();
                             // A fresh sum starts from the bias; a residual from `out`.
                             let init = match (then.accumulate, bias) {
                                 (false, None) => Init::Zero,
@@ -417,13 +417,9 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue,
                                 (true, _) if valid == BLOCK => Init::Load(c, ldo),
                                 (true, _) => {
                                     for i in 0..valid {
-                                        std::ptr::copy_nonoverlapping(
-                                            c.add(i * ldo),
-                                            near.as_mut_ptr().add(i * BLOCK),
-                                            BLOCK,
-                                        );
+                                        std::ptr::copy_nonoverlapping(c.add(i * ldo), np.add(i * BLOCK), BLOCK);
                                     }
-                                    Init::Load(near.as_ptr(), BLOCK)
+                                    Init::Load(np, BLOCK)
                                 }
                             };
                             // The bias of a fresh sum is in `init` already.
@@ -436,8 +432,8 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue,
                                 }
                                 continue;
                             }
-                            block(a.as_ptr(), b.as_ptr(), steps, init, near.as_mut_ptr(), BLOCK);
-                            finish_block(near.as_mut_ptr(), BLOCK, valid, add, then.gelu, c, ldo);
+                            block(a.as_ptr(), b.as_ptr(), steps, init, np, BLOCK);
+                            finish_block(np, BLOCK, valid, add, then.gelu, c, ldo);
                         }
                     }
                 }

@@ -279,3 +279,17 @@ struct Scratch {
     up: Vec<f32>,
     attn: Vec<f32>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_hold_whole_rows_up_to_the_budget() {
+        // Rows of 100, 100, 100, 400 and 10 tokens.
+        let offsets = [0, 100, 200, 300, 700, 710];
+        assert_eq!(groups(&offsets, 256), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(groups(&offsets, 1000), vec![0..5]);
+        assert_eq!(groups(&[0], 256), Vec::<std::ops::Range<usize>>::new());
+    }
+}
