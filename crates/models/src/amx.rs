@@ -141,8 +141,8 @@ impl Packed {
 }
 
 /// Packs rows `rows` of `x` (row stride `ldx`, `k` wide) into the start of `buf` as blocks of 32
-/// rows (the last one padded with stale values), each block as k steps (`[xh, xl, xh]` for f32, `xh` for bf16)
-/// of two 16×32 tiles.
+/// rows (the last one padded with stale values), each block as k steps (`[xh, xl, xh]` for f32,
+/// `xh` for bf16) of two 16×32 tiles.
 fn pack_rows(x: &[f32], ldx: usize, k: usize, precision: Precision, rows: std::ops::Range<usize>, buf: &mut Vec<u16>) {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     fn v4(x: &[f32], ldx: usize, k: usize, precision: Precision, rows: std::ops::Range<usize>, buf: &mut Vec<u16>) {
@@ -164,7 +164,7 @@ fn pack_rows_generic(
 ) {
     let blocks = rows.len().div_ceil(BLOCK);
     let steps = precision.terms() * k / BLOCK;
-    // Rows past the end of the last block keep whatever an earlier call left there: they only
+    // The last block's rows past `rows.end` keep whatever an earlier call left there: they only
     // reach output rows that are never stored.
     let need = blocks * steps * STEP;
     if buf.len() < need {
@@ -331,7 +331,7 @@ unsafe fn finish_block(
     ldo: usize,
 ) {
     for i in 0..rows {
-        // SAFETY: by the caller's contract; `to` is made only when it is not `row`.
+        // SAFETY: by the caller's contract; a slice of `out` is made only when it is not `src`.
         unsafe {
             let row = std::slice::from_raw_parts_mut(src.add(i * lds), BLOCK);
             kernels::finish(row, bias, gelu);

@@ -1,6 +1,7 @@
 //! A BERT encoder for the CPU in f32 over packed rows: the tokens of every row of a batch sit
-//! end to end in one [tokens, hidden] matrix, so the linear layers are single large GEMMs with
-//! no padding, and attention runs per row over exactly its tokens. Used for sentence
+//! end to end in one [tokens, hidden] matrix, so the linear layers are GEMMs with no padding
+//! (over groups of a few hundred tokens, one group per thread), and attention runs per row over
+//! exactly its tokens. Used for sentence
 //! embedders (all-MiniLM-L6-v2 and the rest of the BERT family); other devices and dtypes use
 //! candle-transformers' `BertModel`, which this matches (see `crates/score/tests/parity.rs`).
 

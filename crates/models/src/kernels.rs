@@ -421,8 +421,9 @@ impl<'a> Epilogue<'a> {
 }
 
 /// `out ← gelu?((accumulate ? out : 0) + x · wᵀ + bias)` with a prepared [`Weight`] (see
-/// [`Epilogue`]); `out` is [x.rows, w.rows] at row stride `ldo`. On AMX the bias and GELU are
-/// applied to each block of the output while it is in L1, not in passes of their own.
+/// [`Epilogue`]); `out` is [x.rows, w.rows] at row stride `ldo`. On AMX, not in passes of their
+/// own: a fresh sum starts from the bias in its accumulator tiles, and GELU (or a residual's
+/// bias) is applied to each block of the output while it is in L1.
 ///
 /// # Panics
 /// As [`matmul_t`], and when the bias is not one value per output column.
