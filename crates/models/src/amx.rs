@@ -130,8 +130,8 @@ impl Packed {
                     let (half, r, j) = (i / 256, i / 16 % 16, i % 16);
                     let row = &w[(p * BLOCK + half * 16 + j) * k..][..k];
                     for (e, v) in pair.iter_mut().enumerate() {
-                        let (hi, lo) = split(row[k0 + 2 * r + e]);
-                        *v = if seg == 2 { lo } else { hi };
+                        let x = row[k0 + 2 * r + e];
+                        *v = if seg == 2 { split(x).1 } else { bf16(x) };
                     }
                 }
             }
@@ -142,10 +142,24 @@ impl Packed {
 
 /// Packs rows `rows` of `x` (row stride `ldx`, `k` wide) into the start of `buf` as blocks of 32
 /// rows (the last one padded with stale values), each block as k steps (`[xh, xl, xh]` for f32,
-/// `xh` for bf16) of two 16×32 tiles.
-fn pack_rows(x: &[f32], ldx: usize, k: usize, precision: Precision, rows: std::ops::Range<usize>, buf: &mut Vec<u16>) {
+/// `xh` for bf16) of two 16×32 tiles. Returns that start of `buf`.
+fn pack_rows<'b>(
+    x: &[f32],
+    ldx: usize,
+    k: usize,
+    precision: Precision,
+    rows: std::ops::Range<usize>,
+    buf: &'b mut Vec<u16>,
+) -> &'b [u16] {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    fn v4(x: &[f32], ldx: usize, k: usize, precision: Precision, rows: std::ops::Range<usize>, buf: &mut Vec<u16>) {
+    fn v4<'b>(
+        x: &[f32],
+        ldx: usize,
+        k: usize,
+        precision: Precision,
+        rows: std::ops::Range<usize>,
+        buf: &'b mut Vec<u16>,
+    ) -> &'b [u16] {
         pack_rows_generic(x, ldx, k, precision, rows, buf)
     }
     // SAFETY: every CPU with AMX has AVX-512 F/BW/VL (Sapphire Rapids on), and this is only
@@ -154,14 +168,14 @@ fn pack_rows(x: &[f32], ldx: usize, k: usize, precision: Precision, rows: std::o
 }
 
 #[inline(always)]
-fn pack_rows_generic(
+fn pack_rows_generic<'b>(
     x: &[f32],
     ldx: usize,
     k: usize,
     precision: Precision,
     rows: std::ops::Range<usize>,
-    buf: &mut Vec<u16>,
-) {
+    buf: &'b mut Vec<u16>,
+) -> &'b [u16] {
     let blocks = rows.len().div_ceil(BLOCK);
     let steps = precision.terms() * k / BLOCK;
     // The last block's rows past `rows.end` keep whatever an earlier call left there: they only
@@ -201,6 +215,7 @@ fn pack_rows_generic(
             }
         }
     }
+    buf
 }
 
 /// The tile configuration: eight tiles of 16 rows × 64 bytes (palette 1).
@@ -384,7 +399,7 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue,
         let row1 = (row0 + per_task * BLOCK).min(m);
         let (p0, p1) = (pr * panels_per, ((pr + 1) * panels_per).min(panels));
         ROWS.with_borrow_mut(|buf| {
-            pack_rows(x, ldx, k, w.precision, row0..row1, buf);
+            let packed = pack_rows(x, ldx, k, w.precision, row0..row1, buf);
             with_tiles(|| {
                 // A block with GELU goes through `near` (always in L1) and then to `out`:
                 // vector loads of output lines that a tile store has only just written (and
@@ -399,7 +414,6 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue,
                 for p in p0..p1 {
                     let b = &w.data[p * steps * STEP..][..steps * STEP];
                     let bias = then.bias.map(|b| &b[p * BLOCK..][..BLOCK]);
-                    let packed = &buf[..(row1 - row0).div_ceil(BLOCK) * steps * STEP];
                     for (bi, a) in packed.chunks_exact(steps * STEP).enumerate() {
                         let first = row0 + bi * BLOCK;
                         let valid = (row1 - first).min(BLOCK);

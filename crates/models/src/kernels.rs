@@ -436,7 +436,7 @@ pub fn linear(x: Mat, w: &Weight, out: &mut [f32], ldo: usize, then: Epilogue, t
             if let Some(b) = then.bias {
                 rows_of(out, ldo, m, n, threads, |r| {
                     if then.accumulate {
-                        r.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                        finish(r, Some(b), false);
                     } else {
                         r.copy_from_slice(b);
                     }
