@@ -375,7 +375,7 @@ fn print_summary(r: &RunReport) {
     }
     println!();
     let busy: Vec<String> =
-        r.stages.iter().filter(|s| !s.busy.is_zero()).map(|s| format!("{} {:.2?}", s.stage, s.busy)).collect();
+        r.stages.iter().filter(|s| !s.busy.is_zero()).map(|s| format!("{} {:.2?}", s.label, s.busy)).collect();
     if !busy.is_empty() {
         println!("  time per stage: {}", busy.join(", "));
     }

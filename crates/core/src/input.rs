@@ -493,6 +493,9 @@ pub struct Candidates {
 /// What a candidates file offers, read from its schema or first record only.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CandidatesHeader {
+    /// Every column (for JSON, the fields of the first record).
+    pub columns: Vec<String>,
+    /// Reward model names (`reward_<name>` columns); none when the config scores the file.
     pub rewards: Vec<String>,
     pub has_logprob: bool,
     pub has_num_tokens: bool,
@@ -550,10 +553,7 @@ pub fn candidates_header(path: &Path) -> Result<CandidatesHeader> {
             ));
         }
     }
-    if h.rewards.is_empty() {
-        return Err(CoreError::data(&shown, format!("no `reward_<name>` column (found {})", names.join(", "))));
-    }
-    Ok(h)
+    Ok(CandidatesHeader { columns: names, ..h })
 }
 
 /// What checking a candidates file found, without keeping its text: enough to stream it again
@@ -1159,9 +1159,13 @@ mod tests {
         let p = write(d.path(), "c2.jsonl", &format!("{ok}{ok}"));
         let e = read_candidates(&p, None).unwrap_err().to_string();
         assert!(e.contains("c2.jsonl:2: duplicate sample_idx 0") && e.contains("c2.jsonl:1"), "{e}");
+        // No reward column: the score section computes them (checked in the pipeline config).
         let p = write(d.path(), "c3.jsonl", &ok.replace("\"reward_x\": 1.0", "\"score\": 1.0"));
-        let e = read_candidates(&p, None).unwrap_err().to_string();
-        assert!(e.contains("no `reward_<name>` column"), "{e}");
+        let c = read_candidates(&p, None).unwrap();
+        assert!(c.rewards.is_empty() && c.groups[0].samples[0].rewards.is_empty(), "{c:?}");
+        let h = candidates_header(&p).unwrap();
+        assert_eq!(h.columns.len(), 5);
+        assert!(h.rewards.is_empty() && h.columns.iter().any(|c| c == "score"), "{h:?}");
         let p = write(
             d.path(),
             "c4.jsonl",

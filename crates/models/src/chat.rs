@@ -122,6 +122,12 @@ impl ChatTokenizer {
         &self.eos_ids
     }
 
+    /// The tokenizer's own EOS token (`eos_token` of tokenizer_config.json): the one trainers
+    /// append to plain-string completions (`tokenizer.eos_token`).
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
         &self.tokenizer
     }

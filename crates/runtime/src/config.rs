@@ -141,6 +141,20 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
             a.source = format!("{} with the `score` section", a.source);
         }
     }
+    // Candidates: rewards come from the file or from `score.rewards`; with neither there is
+    // nothing to select with.
+    if let (Some(i), Some(a)) = (&input, &available)
+        && let Some(c) = &i.candidates
+        && a.rewards.is_empty()
+    {
+        let columns = candidates_header(Path::new(c)).map(|h| h.columns.join(", ")).unwrap_or_default();
+        d.push(doc.diag(
+            "input.candidates",
+            format!(
+                "{c} has no `reward_<name>` column (found {columns}) and no `score.rewards` computes one:                  add reward models under `score.rewards`"
+            ),
+        ));
+    }
     // Candidates: the policy adds log-probs (and token counts) by teacher forcing.
     if let Some(a) = available.as_mut().filter(|_| input.as_ref().is_some_and(|i| i.candidates.is_some()))
         && doc.get("policy").is_some()

@@ -45,6 +45,7 @@ type Results = mpsc::UnboundedSender<Msg>;
 /// Per-stage tallies of one rank.
 struct Tally {
     stage: &'static str,
+    label: String,
     fingerprint: String,
     owned: usize,
     skipped: usize,
@@ -88,11 +89,12 @@ pub(crate) fn execute(
     let mut metas: BTreeMap<&'static str, BTreeMap<usize, ShardMeta>> = BTreeMap::new();
     let mut done: Vec<Vec<bool>> = Vec::new();
     let mut tallies = Vec::new();
-    for &stage in chain {
+    for (k, &stage) in chain.iter().enumerate() {
         let fp = plan.fps.get(stage).cloned().unwrap_or_default();
         let mut d = vec![false; plan.n_shards];
         let mut t = Tally {
             stage,
+            label: plan.labels.get(k).cloned().unwrap_or_else(|| stage.to_owned()),
             fingerprint: fp.clone(),
             owned: owned.len(),
             skipped: 0,
@@ -125,11 +127,11 @@ pub(crate) fn execute(
     let mut recorder = Recorder { ctx, manifest, state: &mut state, n_shards: plan.n_shards };
     recorder.record(&tallies)?;
     for t in &mut tallies {
-        ctx.progress.event(Event::StageStarted { stage: t.stage.to_owned(), total: t.owned, skipped: t.skipped });
+        ctx.progress.event(Event::StageStarted { stage: t.label.clone(), total: t.owned, skipped: t.skipped });
         if t.done() == t.owned {
             t.finished = true;
             ctx.progress.event(Event::StageFinished {
-                stage: t.stage.to_owned(),
+                stage: t.label.clone(),
                 counters: t.counters.clone(),
                 elapsed: Duration::ZERO,
             });
@@ -210,11 +212,11 @@ pub(crate) fn execute(
                         t.busy += busy;
                         t.add(&meta);
                         metas.entry(t.stage).or_default().insert(shard, meta);
-                        ctx.progress.event(Event::ShardDone { stage: t.stage.to_owned(), shard, rows, busy });
+                        ctx.progress.event(Event::ShardDone { stage: t.label.clone(), shard, rows, busy });
                         if t.done() == t.owned && !t.finished {
                             t.finished = true;
                             ctx.progress.event(Event::StageFinished {
-                                stage: t.stage.to_owned(),
+                                stage: t.label.clone(),
                                 counters: t.counters.clone(),
                                 elapsed: t.busy,
                             });
@@ -245,6 +247,7 @@ pub(crate) fn execute(
         .iter()
         .map(|t| StageReport {
             stage: t.stage.to_owned(),
+            label: t.label.clone(),
             shards: t.owned,
             reused: t.skipped,
             counters: t.counters.clone(),

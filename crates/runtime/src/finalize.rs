@@ -49,7 +49,12 @@ impl ChatRender for PolicyTemplate {
         self.0.render(messages, add_generation_prompt).map_err(|e| e.to_string())
     }
 
+    /// What TRL and OpenRLHF append: the tokenizer's `eos_token` (Llama 3's `<|eot_id|>`, where
+    /// generation_config's first EOS id is `<|end_of_text|>`), else the first EOS id's text.
     fn eos(&self) -> Option<String> {
+        if let Some(t) = self.0.eos_token() {
+            return Some(t.to_owned());
+        }
         let id = *self.0.eos_ids().first()?;
         self.0.tokenizer().id_to_token(id)
     }
@@ -134,6 +139,7 @@ pub(crate) fn merge(
         manifest.stages.insert(stage.clone(), st);
         stages.push(StageReport {
             stage: stage.clone(),
+            label: stage.clone(),
             shards: m.n_shards,
             reused: 0,
             counters,

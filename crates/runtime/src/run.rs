@@ -96,6 +96,9 @@ pub struct RunOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageReport {
     pub stage: String,
+    /// What the stage is called in progress and summaries: its name, or for a candidates
+    /// import (the `samples` stage of such a run) what the import computes.
+    pub label: String,
     pub shards: usize,
     pub reused: usize,
     pub counters: BTreeMap<String, u64>,
@@ -126,6 +129,9 @@ pub struct RunReport {
 struct ImportFingerprint<'a> {
     input: &'a InputConfig,
     files_sha256: Vec<String>,
+    /// The prompts table holds the conversation with `policy.system_prompt` applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_prompt: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -194,7 +200,11 @@ fn read_source(cfg: &PipelineConfig) -> Result<Source, RunError> {
         {
             return Err(CoreError::data(loc, "`num_tokens` is 0; rbon_len divides by the length").into());
         }
-        let fp = fingerprint("import", &ImportFingerprint { input: &cfg.input, files_sha256: vec![file_sha256] }, &[]);
+        let fp = fingerprint(
+            "import",
+            &ImportFingerprint { input: &cfg.input, files_sha256: vec![file_sha256], system_prompt: None },
+            &[],
+        );
         return Ok(Source::Candidates { path, index, fp });
     }
     let spec = cfg.input.path.as_deref().unwrap_or_default();
@@ -202,7 +212,8 @@ fn read_source(cfg: &PipelineConfig) -> Result<Source, RunError> {
     let files_sha256 = files.iter().map(|f| hash_file(f)).collect::<Result<Vec<_>, _>>()?;
     // A first pass checks every row (and counts them) without keeping any.
     let count = for_each_prompt(&cfg.input, |_| Ok(true))?;
-    let fp = fingerprint("prompts", &ImportFingerprint { input: &cfg.input, files_sha256 }, &[]);
+    let system_prompt = cfg.policy.as_ref().and_then(|p| p.system_prompt.as_deref());
+    let fp = fingerprint("prompts", &ImportFingerprint { input: &cfg.input, files_sha256, system_prompt }, &[]);
     Ok(Source::Prompts { count, fp })
 }
 
@@ -237,6 +248,21 @@ fn score_fingerprint(sc: &rbon_score::ScoreConfig, upstream: &[&str]) -> Result<
     Ok(fingerprint("scores", &ScoreFingerprint { score: sc, models }, upstream))
 }
 
+/// What a candidates import is called: `import`, with what it computes for the file.
+fn import_label(cfg: &PipelineConfig) -> String {
+    let mut parts = Vec::new();
+    if cfg.policy.is_some() {
+        parts.push("log-probs");
+    }
+    if cfg.score.as_ref().is_some_and(|s| !s.rewards.is_empty()) {
+        parts.push("rewards");
+    }
+    if cfg.score.as_ref().is_some_and(|s| s.embedding.is_some()) {
+        parts.push("embeddings");
+    }
+    if parts.is_empty() { "import".to_owned() } else { format!("import ({})", parts.join(", ")) }
+}
+
 /// The stages a run goes through and every stage's fingerprint, known before any work.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
@@ -244,6 +270,8 @@ pub(crate) struct Plan {
     /// The shard stages in order. A candidates import is the `samples` stage (it writes the
     /// prompts and scores shards too).
     pub chain: Vec<&'static str>,
+    /// What each stage of `chain` is called in progress events and reports.
+    pub labels: Vec<String>,
     pub fps: BTreeMap<String, String>,
     /// The exports' fingerprint, when the run makes pairs.
     pub export_fp: Option<String>,
@@ -252,6 +280,7 @@ pub(crate) struct Plan {
 fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Plan, RunError> {
     let cfg = &p.config;
     let mut chain = Vec::new();
+    let mut labels = Vec::new();
     let mut fps = BTreeMap::new();
     let fp_scores = match source {
         Source::Candidates { fp, .. } => {
@@ -267,6 +296,7 @@ fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Plan, RunError
             let refs: Vec<&str> = identity.iter().map(String::as_str).collect();
             let fp = fingerprint("import", &(), &refs);
             chain.push("samples");
+            labels.push(import_label(cfg));
             for stage in ["prompts", "samples", "scores"] {
                 fps.insert(stage.to_owned(), fp.clone());
             }
@@ -277,6 +307,7 @@ fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Plan, RunError
                 return Err(CoreError::internal("prompts input without policy and sample passed validation").into());
             };
             chain.push("prompts");
+            labels.push("prompts".to_owned());
             fps.insert("prompts".to_owned(), fp.clone());
             let identity = SampleFingerprint {
                 policy: policy_cfg,
@@ -286,11 +317,13 @@ fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Plan, RunError
             };
             let fp_samples = fingerprint("samples", &identity, &[fp]);
             chain.push("samples");
+            labels.push("samples".to_owned());
             fps.insert("samples".to_owned(), fp_samples.clone());
             match &cfg.score {
                 Some(sc) => {
                     let fp_scores = score_fingerprint(sc, &[&fp_samples])?;
                     chain.push("scores");
+                    labels.push("scores".to_owned());
                     fps.insert("scores".to_owned(), fp_scores.clone());
                     Some(fp_scores)
                 }
@@ -327,10 +360,11 @@ fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Plan, RunError
             &[&fp_pairs],
         ));
         chain.extend(["selections", "pairs"]);
+        labels.extend(["selections".to_owned(), "pairs".to_owned()]);
         fps.insert("selections".to_owned(), fp_select);
         fps.insert("pairs".to_owned(), fp_pairs);
     }
-    Ok(Plan { n_shards, chain, fps, export_fp })
+    Ok(Plan { n_shards, chain, labels, fps, export_fp })
 }
 
 /// The pair configuration of the pairs shards. With `pair.betas: best`, the shards pair every β

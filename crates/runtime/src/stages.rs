@@ -65,7 +65,16 @@ pub(crate) fn load_scorers(sc: &rbon_score::ScoreConfig, device: &Device) -> Res
 /// A prompts shard from rows of the input.
 pub(crate) fn prompts(ctx: &Ctx, i: usize, rows: &[PromptRow]) -> Result<Done, RunError> {
     let ids = arrow_array::StringArray::from_iter_values(rows.iter().map(|r| r.prompt_id.as_str()));
-    let msgs = rbon_core::messages::messages_array(rows.iter().map(|r| r.messages.as_slice()));
+    // The conversation the policy answers (with its system prompt) is the one stored: sampling,
+    // the reward models and the exports all read it from here.
+    let conversations: Vec<Vec<rbon_core::Message>> = rows
+        .iter()
+        .map(|r| match &ctx.cfg.policy {
+            Some(pc) => pc.conversation(r.messages.clone()),
+            None => r.messages.clone(),
+        })
+        .collect();
+    let msgs = rbon_core::messages::messages_array(conversations.iter().map(Vec::as_slice));
     let batch = arrow_array::RecordBatch::try_new(schema::prompts_schema(), vec![Arc::new(ids), msgs])
         .map_err(|e| CoreError::internal(format!("prompts: {e}")))?;
     let meta = ShardMeta {
@@ -186,16 +195,13 @@ impl Completion<'_> {
         let budget = self.cfg.runtime.batch_tokens.max(1) as usize;
         if let Some(pc) = &self.cfg.policy {
             let policy = loaded(&mut models.policy, || Ok(rbon_sample::Policy::load(pc, device)?))?;
-            // Imported responses are complete: scored with the policy's EOS after them.
-            let eos = policy.tokenizer().eos_ids().first().copied();
+            // Imported responses are complete: each is closed as the template closes a turn.
             for g in groups.iter_mut() {
-                let prompt = policy.prompt_ids(&g.messages)?;
-                for s in &mut g.samples {
-                    let mut ids =
-                        policy.tokenizer().encode_text(&s.response).map_err(rbon_sample::SampleError::from)?;
-                    ids.extend(eos);
-                    s.logprob = Some(policy.score(&prompt, &ids)?.iter().sum());
-                    s.num_tokens.get_or_insert(ids.len() as u32);
+                let responses: Vec<&str> = g.samples.iter().map(|s| s.response.as_str()).collect();
+                let forced = policy.teacher_force(&g.messages, &responses)?;
+                for (s, (logprob, tokens)) in g.samples.iter_mut().zip(forced) {
+                    s.logprob = Some(logprob);
+                    s.num_tokens.get_or_insert(tokens);
                 }
             }
         }
@@ -235,6 +241,12 @@ pub(crate) fn import(
     models: &mut Completers,
     device: &Device,
 ) -> Result<Done, RunError> {
+    // The conversation the policy saw is the one every later stage and export sees.
+    if let Some(pc) = &ctx.cfg.policy {
+        for g in &mut groups {
+            g.messages = pc.conversation(std::mem::take(&mut g.messages));
+        }
+    }
     let embedding_dim = complete.fill(&mut groups, models, device)?;
     let groups = groups.as_slice();
     let samples: usize = groups.iter().map(|g| g.samples.len()).sum();

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use rbon_core::{ConfigDoc, Diagnostics};
+use rbon_core::{ConfigDoc, Diagnostics, Message};
 use rbon_models::{DTypeName, DecoderConfig, ModelDir};
 
 fn auto() -> String {
@@ -25,7 +25,9 @@ pub struct PolicyConfig {
     /// path of a `.jinja` file.
     #[serde(default = "auto")]
     pub chat_template: String,
-    /// A system turn put before prompts that have none.
+    /// A system turn put before prompts that have none. It becomes part of the conversation
+    /// stored in the prompts table, so sampling, teacher forcing, reward models and exports all
+    /// see the same context.
     #[serde(default)]
     pub system_prompt: Option<String>,
 }
@@ -105,6 +107,20 @@ impl SampleConfig {
 }
 
 impl PolicyConfig {
+    /// The conversation the policy answers: `messages` with the system prompt put first when one
+    /// is configured and the conversation has no system turn of its own.
+    pub fn conversation(&self, messages: Vec<Message>) -> Vec<Message> {
+        match &self.system_prompt {
+            Some(sys) if messages.first().is_none_or(|m| m.role != "system") => {
+                let mut out = Vec::with_capacity(messages.len() + 1);
+                out.push(Message::new("system", sys));
+                out.extend(messages);
+                out
+            }
+            _ => messages,
+        }
+    }
+
     /// Every problem with this section that shows without loading weights: the folder, its
     /// config.json or GGUF header (architecture, tensor types) and the template choice.
     pub fn check(&self, doc: &ConfigDoc, d: &mut Diagnostics) {

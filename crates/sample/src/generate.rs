@@ -53,9 +53,11 @@ impl FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generated {
     pub sample_idx: u32,
-    /// The generated ids, EOS included when it was drawn.
+    /// The generated ids, EOS included when it was drawn; exactly the tokens of `text`.
     pub token_ids: Vec<u32>,
-    /// The text: special tokens skipped, cut before a stop string.
+    /// The text of `token_ids`, special tokens skipped. A stop string ends the response at the
+    /// last token boundary before it (the stop string and the token holding its start are not
+    /// kept); a cut at `max_new_tokens` drops trailing tokens that hold only part of a character.
     pub text: String,
     pub finish_reason: FinishReason,
     /// Σ log π_ref over `token_ids` at temperature 1 without truncation.
@@ -75,7 +77,6 @@ pub fn sample_seed(seed: u64, prompt_id: &str, k: u32) -> u64 {
 pub struct Policy {
     decoder: Decoder,
     tokenizer: ChatTokenizer,
-    system_prompt: Option<String>,
 }
 
 impl Policy {
@@ -84,7 +85,7 @@ impl Policy {
         let dir = ModelDir::resolve(&cfg.model)?;
         let decoder = Decoder::load(&dir, cfg.dtype.dtype(), device)?;
         let tokenizer = ChatTokenizer::load(&dir, &template_choice(&cfg.chat_template, std::path::Path::new(".")))?;
-        Ok(Self { decoder, tokenizer, system_prompt: cfg.system_prompt.clone() })
+        Ok(Self { decoder, tokenizer })
     }
 
     pub fn decoder(&self) -> &Decoder {
@@ -95,23 +96,97 @@ impl Policy {
         &self.tokenizer
     }
 
-    /// The prompt as token ids: system prompt added when configured and absent, rendered with
-    /// the chat template and its generation prompt.
+    /// The prompt as token ids: the conversation exactly as given (with `policy.system_prompt`
+    /// already applied, see [`PolicyConfig::conversation`]), rendered with the chat template and
+    /// its generation prompt.
     pub fn prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>, SampleError> {
-        let mut msgs = Vec::with_capacity(messages.len() + 1);
-        if let Some(sys) = &self.system_prompt
-            && messages.first().is_none_or(|m| m.role != "system")
-        {
-            msgs.push(Message::new("system", sys));
-        }
-        msgs.extend_from_slice(messages);
-        let text = self.tokenizer.render(&msgs, true)?;
+        let text = self.tokenizer.render(messages, true)?;
         Ok(self.tokenizer.encode_prompt(&text)?)
+    }
+
+    /// The tokens that close an assistant turn after `messages`, as the chat template writes
+    /// them: the template's text after an assistant message, encoded, up to and including its
+    /// first EOS id (Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`, Mistral's `</s>`). Without a
+    /// template, or when the template's closing holds no EOS id, the first EOS id.
+    pub fn turn_end(&self, messages: &[Message]) -> Result<Vec<u32>, SampleError> {
+        // A marker no template trims or rewrites, to find where the response ends.
+        const MARK: &str = "\u{E000}rbon-response\u{E000}";
+        let eos = self.tokenizer.eos_ids();
+        let first: Vec<u32> = eos.first().copied().into_iter().collect();
+        if !self.tokenizer.has_template() {
+            return Ok(first);
+        }
+        let mut conversation = messages.to_vec();
+        conversation.push(Message::assistant(MARK));
+        let text = self.tokenizer.render(&conversation, false)?;
+        let Some(at) = text.rfind(MARK) else { return Ok(first) };
+        let after = self.tokenizer.encode_text(&text[at + MARK.len()..])?;
+        Ok(match after.iter().position(|t| eos.contains(t)) {
+            Some(p) => after[..=p].to_vec(),
+            None => first,
+        })
+    }
+
+    /// Teacher forcing of responses given as text (candidates made elsewhere) after the
+    /// conversation `messages`: each response is encoded and closed as the chat template closes
+    /// an assistant turn ([`Policy::turn_end`]). Returns per response Σ log π_ref over those
+    /// tokens and their count.
+    pub fn teacher_force(&self, messages: &[Message], responses: &[&str]) -> Result<Vec<(f64, u32)>, SampleError> {
+        let ids = responses.iter().map(|r| self.tokenizer.encode_text(r)).collect::<Result<Vec<_>, _>>()?;
+        self.teacher_force_ids(messages, &ids)
+    }
+
+    /// [`Policy::teacher_force`] of responses given as token ids (without the turn's closing).
+    pub fn teacher_force_ids(
+        &self,
+        messages: &[Message],
+        responses: &[Vec<u32>],
+    ) -> Result<Vec<(f64, u32)>, SampleError> {
+        let prompt = self.prompt_ids(messages)?;
+        let close = self.turn_end(messages)?;
+        responses
+            .iter()
+            .map(|r| {
+                let ids = [r.as_slice(), &close].concat();
+                let logprob = self.score(&prompt, &ids)?.iter().fold(0.0, |a, b| a + b);
+                Ok((logprob, ids.len() as u32))
+            })
+            .collect()
     }
 
     /// Log-probabilities of `response` after `prompt` by teacher forcing (one per token).
     pub fn score(&self, prompt: &[u32], response: &[u32]) -> Result<Vec<f64>, SampleError> {
         self.decoder.score(prompt, response).map_err(candle("teacher forcing"))
+    }
+
+    /// Where a response that reached a stop string ends: the longest run of whole tokens whose
+    /// text is a prefix of `before` (the text before the stop string). A token that holds the
+    /// start of the stop string is dropped with any text it holds before it, so the stored text,
+    /// its token ids and its log-prob always describe the same tokens.
+    fn before_stop(&self, tokens: &[u32], before: &str) -> Result<(usize, String), SampleError> {
+        for keep in (0..tokens.len()).rev() {
+            let text = self.tokenizer.decode(&tokens[..keep])?;
+            if before.starts_with(&text) {
+                return Ok((keep, text));
+            }
+        }
+        Ok((0, String::new()))
+    }
+
+    /// A response cut at `max_new_tokens` keeps whole characters: when its last tokens hold only
+    /// the first bytes of a character (byte-level tokens split multi-byte characters), which
+    /// decode to U+FFFD, those tokens are dropped (at most three: a character has four bytes).
+    fn whole_chars(&self, tokens: &[u32], text: String) -> Result<(usize, String), SampleError> {
+        if !text.ends_with(char::REPLACEMENT_CHARACTER) {
+            return Ok((tokens.len(), text));
+        }
+        for keep in (tokens.len().saturating_sub(3)..tokens.len()).rev() {
+            let shorter = self.tokenizer.decode(&tokens[..keep])?;
+            if !shorter.ends_with(char::REPLACEMENT_CHARACTER) && text.starts_with(&shorter) {
+                return Ok((keep, shorter));
+            }
+        }
+        Ok((tokens.len(), text))
     }
 
     /// Draws one response per `(sample_idx, seed)` from one prefill of `prompt`, decoding up to
@@ -147,7 +222,8 @@ impl Policy {
             struct Row {
                 rng: ChaCha8Rng,
                 tokens: Vec<u32>,
-                logprob: f64,
+                /// Per token, so a cut can drop the log-probs of the tokens it drops.
+                logprobs: Vec<f64>,
                 done: Option<FinishReason>,
                 text: Option<String>,
             }
@@ -156,7 +232,7 @@ impl Policy {
                 .map(|&(_, s)| Row {
                     rng: ChaCha8Rng::seed_from_u64(s),
                     tokens: Vec::new(),
-                    logprob: 0.0,
+                    logprobs: Vec::new(),
                     done: None,
                     text: None,
                 })
@@ -175,17 +251,25 @@ impl Policy {
                     let row = &mut rows[r];
                     let d = draws[slot];
                     row.tokens.push(d.token);
-                    row.logprob += d.logprob;
+                    row.logprobs.push(d.logprob);
                     if eos.contains(&d.token) {
                         row.done = Some(FinishReason::Stop);
                     } else if !cfg.stop.is_empty() {
                         let text = self.tokenizer.decode(&row.tokens)?;
                         if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                            row.text = Some(text[..cut].to_owned());
+                            let (keep, kept) = self.before_stop(&row.tokens, &text[..cut])?;
+                            row.tokens.truncate(keep);
+                            row.logprobs.truncate(keep);
+                            row.text = Some(kept);
                             row.done = Some(FinishReason::Stop);
                         }
                     }
                     if row.done.is_none() && row.tokens.len() >= cfg.max_new_tokens as usize {
+                        let text = self.tokenizer.decode(&row.tokens)?;
+                        let (keep, kept) = self.whole_chars(&row.tokens, text)?;
+                        row.tokens.truncate(keep);
+                        row.logprobs.truncate(keep);
+                        row.text = Some(kept);
                         row.done = Some(FinishReason::Length);
                     }
                     if row.done.is_none() {
@@ -217,7 +301,8 @@ impl Policy {
                     token_ids: row.tokens,
                     text,
                     finish_reason: row.done.unwrap_or(FinishReason::Length),
-                    logprob: row.logprob,
+                    // Summed in drawing order from 0.0, as the tokens came.
+                    logprob: row.logprobs.iter().fold(0.0, |a, b| a + b),
                     seed,
                 });
             }

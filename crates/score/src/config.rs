@@ -40,7 +40,8 @@ pub struct EmbeddingSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreConfig {
-    /// Reward models, each a `reward_<name>` column.
+    /// Reward models, each a `reward_<name>` column (may be empty when the embedding is all a
+    /// candidates file lacks).
     #[serde(default)]
     pub rewards: Vec<RewardSpec>,
     /// The sentence embedder (needed by `rbon_wd` and `mbr`).
@@ -56,8 +57,11 @@ impl ScoreConfig {
 
     /// Every problem that shows without loading weights.
     pub fn check(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
-        if self.rewards.is_empty() {
-            d.push(doc.diag("score.rewards", "must list at least one reward model ({ name, model })"));
+        if self.rewards.is_empty() && self.embedding.is_none() {
+            d.push(doc.diag(
+                "score",
+                "must list reward models (`rewards: [{ name, model }]`), an `embedding` model, or both",
+            ));
         }
         for (i, r) in self.rewards.iter().enumerate() {
             let path = format!("score.rewards[{i}]");
