@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::kernels::Weight;
 use crate::linear::Linear;
@@ -26,15 +26,18 @@ type Result<T> = std::result::Result<T, candle_core::Error>;
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// Positions to allocate at once (the prompt plus every token to be drawn), so that on a
+    /// GPU decoding never reallocates and copies the cache.
+    room: usize,
 }
 
 /// Appends `new` [b, h, t, d] after `len` positions of `buf` [b, h, cap, d], growing it when
-/// full; returns the valid part [b, h, len + t, d].
-fn append(buf: &mut Option<Tensor>, new: &Tensor, len: usize) -> Result<Tensor> {
+/// full (to at least `room` positions); returns the valid part [b, h, len + t, d].
+fn append(buf: &mut Option<Tensor>, new: &Tensor, len: usize, room: usize) -> Result<Tensor> {
     let (b, h, t, d) = new.dims4()?;
     let cap = buf.as_ref().map_or(0, |x| x.dim(2).unwrap_or(0));
     if len + t > cap {
-        let grown = Tensor::zeros((b, h, (len + t).max(2 * cap).max(64), d), new.dtype(), new.device())?;
+        let grown = Tensor::zeros((b, h, (len + t).max(2 * cap).max(64).max(room), d), new.dtype(), new.device())?;
         if let Some(old) = buf.as_ref()
             && len > 0
         {
@@ -85,7 +88,44 @@ impl KvCache {
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, len: self.len })
+        Ok(Self { layers, len: self.len, room: self.room })
+    }
+}
+
+/// RMSNorm as transformers computes it in half precision: normalised in f32, rounded once to the
+/// model's dtype, then scaled by the weight in that dtype. candle's CPU kernel rounds the RMS
+/// itself to bf16 first, a per-row scale error of up to 0.4% that these chaotic models amplify;
+/// f32 models, and other devices (whose fused kernel computes in f32 and rounds once), use
+/// candle's op.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    fused: candle_nn::RmsNorm,
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(weight: Tensor, eps: f64) -> Self {
+        Self { fused: candle_nn::RmsNorm::new(weight.clone(), eps), weight, eps }
+    }
+
+    fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::new(vb.get(size, "weight")?, eps))
+    }
+
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        if dtype == DType::F32 || !x.device().is_cpu() {
+            return self.fused.forward(x);
+        }
+        let x32 = x.to_dtype(DType::F32)?;
+        let var = x32.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let normed = x32.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)
     }
 }
 
@@ -114,7 +154,7 @@ impl Attention {
     fn load(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let norm = |name: &str| -> Result<Option<RmsNorm>> {
-            if cfg.qk_norm { Ok(Some(candle_nn::rms_norm(d, cfg.rms_norm_eps, vb.pp(name))?)) } else { Ok(None) }
+            if cfg.qk_norm { Ok(Some(RmsNorm::load(d, cfg.rms_norm_eps, vb.pp(name))?)) } else { Ok(None) }
         };
         Ok(Self {
             q: linear(h, cfg.num_heads * d, cfg.qkv_bias, vb.pp("q_proj"))?,
@@ -137,7 +177,7 @@ impl Attention {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
-        len: usize,
+        (len, room): (usize, usize),
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
@@ -159,8 +199,8 @@ impl Attention {
             Some((kb, vb)) => (Some(kb), Some(vb)),
             None => (None, None),
         };
-        let k = append(&mut kb, &k, len)?;
-        let v = append(&mut vb, &v, len)?;
+        let k = append(&mut kb, &k, len, room)?;
+        let v = append(&mut vb, &v, len, room)?;
         if let (Some(kb), Some(vb)) = (kb, vb) {
             *cache = Some((kb, vb));
         }
@@ -283,12 +323,12 @@ impl Decoder {
                 Ok(Layer {
                     attn: Attention::load(&cfg, l.pp("self_attn"))?,
                     mlp: Mlp::load(&cfg, l.pp("mlp"))?,
-                    ln1: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                    ln2: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
+                    ln1: RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                    ln2: RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let norm = RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
         let lm_head = match (with_lm_head, cfg.tie_word_embeddings) {
             (false, _) => None,
             (true, true) => Some(Linear::new(embed.embeddings().clone(), None)),
@@ -407,9 +447,10 @@ impl Decoder {
     }
 
     /// The same model over packed rows for scoring (see [`PackedDecoder`]): on the CPU in f32
-    /// with dense weights; None otherwise (quantized, half precision or another device).
+    /// with dense weights; None otherwise (quantized, half precision, another device, or
+    /// `RBON_KERNELS=candle`).
     pub fn packed(&self) -> Result<Option<PackedDecoder>> {
-        if !matches!(self.device, Device::Cpu) || self.dtype != DType::F32 {
+        if !crate::path::host_kernels(&self.device) || self.dtype != DType::F32 {
             return Ok(None);
         }
         let Embed::Dense(embed) = &self.embed else { return Ok(None) };
@@ -474,7 +515,13 @@ impl Decoder {
 
     /// An empty cache for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: vec![None; self.layers.len()], len: 0 }
+        self.new_cache_with_room(0)
+    }
+
+    /// An empty cache whose buffers are allocated for `positions` at once (prompt plus
+    /// `max_new_tokens`): decoding then writes in place and never grows the cache.
+    pub fn new_cache_with_room(&self, positions: usize) -> KvCache {
+        KvCache { layers: vec![None; self.layers.len()], len: 0, room: positions }
     }
 
     fn rope(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
@@ -509,8 +556,9 @@ impl Decoder {
         let (cos, sin) = self.rope(start, t)?;
         let mask = self.mask(start, t, start + t)?;
         let mut x = self.embed.forward(ids, self.dtype)?;
+        let room = cache.room;
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.attn.forward(&layer.ln1.forward(&x)?, &cos, &sin, mask.as_ref(), c, start)?;
+            let h = layer.attn.forward(&layer.ln1.forward(&x)?, &cos, &sin, mask.as_ref(), c, (start, room))?;
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.ln2.forward(&x)?)?;
             x = (x + h)?;
@@ -547,8 +595,7 @@ impl Decoder {
         let mut cache = self.new_cache();
         let h = self.forward_hidden(&Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?, &mut cache)?;
         let h = h.i((0, prompt.len() - 1.., ..))?;
-        let logp = candle_nn::ops::log_softmax(&self.logits(&h)?, D::Minus1)?;
-        let logp: Vec<Vec<f32>> = logp.to_vec2()?;
-        Ok(response.iter().zip(logp).map(|(&tok, row)| f64::from(row[tok as usize])).collect())
+        // On the device: only the picked logits and each position's log-sum-exp come back.
+        crate::rows::log_softmax_at(&self.logits(&h)?, response)
     }
 }

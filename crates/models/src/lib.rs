@@ -14,6 +14,8 @@ pub mod hub;
 pub mod kernels;
 pub mod linear;
 pub mod packed;
+pub mod path;
+pub mod rows;
 
 pub use bert::{BertConfig, PackedBert};
 pub use chat::{ChatTokenizer, TemplateChoice};

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows up to which the fast path is used with AVX2: measured on 2 cores, it beats candle's
@@ -88,8 +88,10 @@ fn dense(weight: &Tensor, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    let fast =
-        matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && m <= small_m();
+    let fast = crate::path::host_kernels(x.device())
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && m <= small_m();
     if fast {
         let x2 = x.reshape((m, k))?.contiguous()?;
         let y = x2.apply_op2_no_bwd(&weight.contiguous()?, &SmallMatmul)?;
@@ -331,7 +333,7 @@ mod tests {
 
     #[test]
     fn matches_candle_matmul() {
-        let dev = Device::Cpu;
+        let dev = candle_core::Device::Cpu;
         for (m, k, n) in [(1, 7, 5), (3, 64, 130), (16, 100, 257), (21, 48, 9), (32, 33, 65), (40, 16, 3)] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();

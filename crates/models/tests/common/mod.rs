@@ -4,12 +4,32 @@
 
 use std::path::{Path, PathBuf};
 
-use rbon_models::{Decoder, Tensor};
+use rbon_models::{Decoder, Device, Tensor};
 use serde_json::Value;
 
 /// The repository's `data/` folder.
 pub fn data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
+    std::env::var_os("RBON_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data"))
+}
+
+/// Where the models run: `RBON_TEST_DEVICE` (default cpu).
+pub fn device() -> Device {
+    rbon_models::path::test_device().unwrap()
+}
+
+/// Per-token log-prob tolerance against transformers (f32): 1e-4 on the CPU; 1e-3 on a GPU,
+/// whose kernels sum in other orders.
+pub fn logprob_tolerance(d: &Device) -> f64 {
+    if d.is_cpu() { 1e-4 } else { 1e-3 }
+}
+
+/// Per-token bf16 log-prob tolerance against transformers in bf16. Measured on the fixtures on
+/// the CPU: 0.12 (Llama), 0.14 (Mistral), 0.28 (Qwen2), 0.13 (Qwen3); transformers' own bf16
+/// differs from its f32 by up to 0.38 on them.
+pub fn bf16_bound() -> f64 {
+    0.4
 }
 
 pub fn u32s(v: &Value) -> Vec<u32> {
