@@ -12,7 +12,7 @@ use rbon_core::seed::derive_seed;
 use rbon_models::{ChatTokenizer, Decoder, Device, ModelDir, Tensor, chat::template_choice};
 
 use crate::config::{PolicyConfig, SampleConfig};
-use crate::sampler::{SamplingParams, draw};
+use crate::sampler::{Draw, SamplingParams, draw};
 
 /// Errors of the sample stage.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,13 @@ pub struct Generated {
     /// Σ log π_ref over `token_ids` at temperature 1 without truncation.
     pub logprob: f64,
     pub seed: u64,
+}
+
+/// A decode step's logits [rows, vocab]: copied to the host for rbon's CPU sampler, or left on
+/// the device for [`crate::device::draw_rows`].
+enum Logits {
+    Host(Vec<Vec<f32>>),
+    Device(Tensor),
 }
 
 /// The seed of sample `k` of a prompt.
@@ -211,12 +218,22 @@ impl Policy {
             min_p: cfg.min_p,
         };
         let dev = self.decoder.device();
+        // rbon's CPU path copies each step's logits to the host sampler; elsewhere (a GPU, or
+        // RBON_KERNELS=candle) the logits stay on the device and only small summaries cross.
+        let host = rbon_models::path::host_kernels(dev);
         let eos = self.tokenizer.eos_ids();
         let ids = Tensor::new(prompt, dev).and_then(|t| t.unsqueeze(0)).map_err(candle("prefill"))?;
-        let mut base = self.decoder.new_cache();
-        let first =
-            self.decoder.forward_last(&ids, &mut base).and_then(|l| l.to_vec2::<f32>()).map_err(candle("prefill"))?;
-        let first = first.into_iter().next().unwrap_or_default();
+        let mut base = if host {
+            self.decoder.new_cache()
+        } else {
+            self.decoder.new_cache_with_room(prompt.len() + cfg.max_new_tokens as usize)
+        };
+        let first = self.decoder.forward_last(&ids, &mut base).map_err(candle("prefill"))?;
+        let first_host = if host {
+            first.to_vec2::<f32>().map_err(candle("prefill"))?.into_iter().next().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut out = Vec::with_capacity(seeds.len());
         for chunk in seeds.chunks(max_rows.max(1)) {
             struct Row {
@@ -238,15 +255,23 @@ impl Policy {
                 })
                 .collect();
             let mut cache = base.fork(chunk.len()).map_err(candle("fork"))?;
-            let mut logits: Vec<Vec<f32>> = vec![first.clone(); chunk.len()];
+            let mut logits = if host {
+                Logits::Host(vec![first_host.clone(); chunk.len()])
+            } else {
+                let (_, vocab) = first.dims2().map_err(candle("prefill"))?;
+                Logits::Device(first.broadcast_as((chunk.len(), vocab)).map_err(candle("fork"))?)
+            };
             let mut active: Vec<usize> = (0..chunk.len()).collect();
             loop {
                 let mut next = Vec::with_capacity(active.len());
                 let mut keep = Vec::with_capacity(active.len());
-                // One uniform per row from its own generator, then the draws in parallel: each is
-                // a pure function of its row's logits and uniform.
+                // One uniform per row from its own generator, then the draws: each is a pure
+                // function of its row's logits and uniform.
                 let us: Vec<f64> = active.iter().map(|&r| rows[r].rng.random::<f64>()).collect();
-                let draws: Vec<_> = logits.par_iter().zip(us.par_iter()).map(|(l, &u)| draw(l, &params, u)).collect();
+                let draws: Vec<Draw> = match &logits {
+                    Logits::Host(l) => l.par_iter().zip(us.par_iter()).map(|(l, &u)| draw(l, &params, u)).collect(),
+                    Logits::Device(t) => crate::device::draw_rows(t, &params, &us).map_err(candle("sampling"))?,
+                };
                 for (slot, &r) in active.iter().enumerate() {
                     let row = &mut rows[r];
                     let d = draws[slot];
@@ -285,11 +310,12 @@ impl Policy {
                     active = keep.iter().map(|&s| active[s as usize]).collect();
                 }
                 let ids = Tensor::new(next.as_slice(), dev).and_then(|t| t.unsqueeze(1)).map_err(candle("decode"))?;
-                logits = self
-                    .decoder
-                    .forward_last(&ids, &mut cache)
-                    .and_then(|l| l.to_vec2::<f32>())
-                    .map_err(candle("decode"))?;
+                let step = self.decoder.forward_last(&ids, &mut cache).map_err(candle("decode"))?;
+                logits = if host {
+                    Logits::Host(step.to_vec2::<f32>().map_err(candle("decode"))?)
+                } else {
+                    Logits::Device(step)
+                };
             }
             for (row, &(sample_idx, seed)) in rows.into_iter().zip(chunk) {
                 let text = match row.text {

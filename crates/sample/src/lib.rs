@@ -2,6 +2,7 @@
 //! with per-sample seeds and the exact log π_ref(y | x) that RBoN_KL needs (DESIGN §1, §4).
 
 pub mod config;
+pub mod device;
 pub mod generate;
 pub mod sampler;
 pub mod stage;

@@ -134,7 +134,7 @@ pub fn draw(logits: &[f32], p: &SamplingParams, u: f64) -> Draw {
 }
 
 /// Keeps the shortest prefix whose mass reaches `top_p` of `total` (at least one token).
-fn cut_top_p(cand: &mut Vec<u32>, weights: &mut Vec<f64>, top_p: f32, total: f64) {
+pub(crate) fn cut_top_p(cand: &mut Vec<u32>, weights: &mut Vec<f64>, top_p: f32, total: f64) {
     let goal = f64::from(top_p) * total;
     let mut acc = 0.0;
     let mut keep = weights.len();

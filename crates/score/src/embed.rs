@@ -107,7 +107,7 @@ impl Embedder {
             .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("config.json").display())))?;
         let vb = var_builder(&dir, dtype, device)?;
         let ctx = format!("loading the embedder {}", dir.root().display());
-        let model = if matches!(device, Device::Cpu) && packed_cfg.supported() {
+        let model = if rbon_models::path::host_kernels(device) && packed_cfg.supported() {
             let pb = PackedBert::load(vb, &packed_cfg, cfg.model_type.as_deref(), bf16_products);
             Encoder::Packed(pb.map_err(candle(&ctx))?)
         } else {
@@ -174,16 +174,34 @@ impl Embedder {
         let mask = Tensor::from_vec(mask, shape, &self.device).map_err(candle(ctx))?;
         let types = ids.zeros_like().map_err(candle(ctx))?;
         let h = model.forward(&ids, &types, Some(&mask)).map_err(candle(ctx))?;
-        let h: Vec<Vec<Vec<f32>>> = h.to_dtype(DType::F32).and_then(|h| h.to_vec3()).map_err(candle(ctx))?;
-        Ok(h.into_iter()
-            .zip(rows)
-            .map(|(tokens, r)| self.pool(tokens[..r.len().max(1)].iter().map(Vec::as_slice)))
-            .collect())
+        // Pooled where the model ran (on a GPU, only [rows, dim] comes back); an empty text
+        // pools its one pad token, as on the packed path.
+        let mut pool_mask = vec![0f32; rows.len() * t];
+        for (i, r) in rows.iter().enumerate() {
+            pool_mask[i * t..i * t + r.len().max(1)].fill(1.0);
+        }
+        let pooled = self.pool_device(&h, &pool_mask, (rows.len(), t)).map_err(candle(ctx))?;
+        Ok(pooled.into_iter().map(|v| self.normalized(v)).collect())
+    }
+
+    /// [`Self::pool`] on the device: `h` [rows, t, dim], `mask` 1 on the tokens to pool.
+    fn pool_device(&self, h: &Tensor, mask: &[f32], shape: (usize, usize)) -> candle_core::Result<Vec<Vec<f32>>> {
+        let h = h.to_dtype(DType::F32)?;
+        let m = Tensor::from_slice(mask, shape, &self.device)?.unsqueeze(2)?;
+        let pooled = match self.pooling {
+            Pooling::Cls => h.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => h.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?,
+            Pooling::Max => {
+                let floor = Tensor::full(f32::MIN, h.shape(), &self.device)?;
+                m.broadcast_as(h.shape())?.ne(0f32)?.where_cond(&h, &floor)?.max(1)?
+            }
+        };
+        pooled.to_vec2()
     }
 
     /// One sentence vector from the token vectors of a text (no padding among them).
     fn pool<'a>(&self, tokens: impl Iterator<Item = &'a [f32]> + Clone) -> Vec<f32> {
-        let mut v = match self.pooling {
+        let v = match self.pooling {
             Pooling::Cls => tokens.clone().next().map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; self.dim]),
             Pooling::Mean => {
                 let mut acc = vec![0f64; self.dim];
@@ -198,6 +216,11 @@ impl Embedder {
             }
             Pooling::Max => (0..self.dim).map(|d| tokens.clone().map(|tok| tok[d]).fold(f32::MIN, f32::max)).collect(),
         };
+        self.normalized(v)
+    }
+
+    /// L2-normalised when the model's modules end with `Normalize`.
+    fn normalized(&self, mut v: Vec<f32>) -> Vec<f32> {
         if self.normalize {
             let n = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt().max(1e-12);
             v.iter_mut().for_each(|x| *x = (f64::from(*x) / n) as f32);
