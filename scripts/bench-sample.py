@@ -4,7 +4,7 @@
 For N in (1, 16, 64) and a short and a long prompt, both draw N samples of up to NEW tokens
 from one prompt at temperature 1 (no truncation): transformers with
 `generate(num_return_sequences=N)`, rbon with its shared-prefill lock-step sampler
-(`cargo run --release -p rbon-sample --example bench_sample`). Generated tokens count up to and
+(`rbon bench sample`). Generated tokens count up to and
 including EOS. Prints a table of tokens/s.
 
 The model is a random-weight Qwen2-shaped decoder made here (no download); pass --model to use
@@ -93,12 +93,12 @@ def bench_rbon(path, n, prompt_tokens, new_tokens, threads):
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     out = subprocess.run(
-        ["cargo", "run", "--quiet", "--release", "-p", "rbon-sample", "--example", "bench_sample", "--",
-         path, str(n), str(prompt_tokens), str(new_tokens), str(REPEATS)],
+        ["cargo", "run", "--quiet", "--release", "-p", "rbon", "--", "bench", "sample", path, "--n", str(n),
+         "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--repeats", str(REPEATS)],
         cwd=root, env=env, check=True, capture_output=True, text=True,
     ).stdout
     r = json.loads(out.strip().splitlines()[-1])
-    return r["generated"], r["seconds"]
+    return r["items"], r["seconds"]
 
 
 def main():

@@ -72,9 +72,10 @@ def make_rm(path):
 def rbon(kind, model, path, threads):
     """One timed rbon run (the model loads first, untimed); texts per second."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    out = subprocess.run(["cargo", "run", "--quiet", "--release", "-p", "rbon-score", "--example", "bench_score", "--",
-                          kind, model, path, "16384", "1"], cwd=ROOT, env=env, check=True, capture_output=True,
-                         text=True).stdout
+    dtype = ["--dtype", "bf16"] if kind.endswith("-bf16") else []
+    out = subprocess.run(["cargo", "run", "--quiet", "--release", "-p", "rbon", "--", "bench", "score",
+                          kind.removesuffix("-bf16"), model, path, "--batch-tokens", "16384", *dtype],
+                         cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["per_s"]
 
 

@@ -74,6 +74,122 @@ enum Command {
         /// The run directory (the pipeline's `output`).
         run_dir: PathBuf,
     },
+    /// Measure sampling or scoring throughput on a device (prints one line of JSON); the
+    /// benchmark scripts under scripts/ run it beside transformers, vLLM and sentence-transformers.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// N samples from one prompt of ordinary token ids, at temperature 1 without truncation.
+    Sample {
+        /// A decoder folder (or cached hub id, or .gguf file).
+        model: String,
+        /// Samples per prompt.
+        #[arg(long, default_value_t = 16)]
+        n: u32,
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens per sample at most (EOS included).
+        #[arg(long, default_value_t = 128)]
+        new_tokens: u32,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
+    /// Embed, or score with a reward model, every line of a text file.
+    Score {
+        /// `embed`, `reward` (each line the response to one fixed question) or `reward-grouped`
+        /// (groups of 17 lines: a prompt and its 16 responses, one call per prompt).
+        #[arg(value_parser = ["embed", "reward", "reward-grouped"])]
+        kind: String,
+        /// The embedder or reward-model folder.
+        model: String,
+        /// One text per line.
+        texts: PathBuf,
+        /// Padded tokens per model batch.
+        #[arg(long, default_value_t = 16384)]
+        batch_tokens: usize,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
+}
+
+#[derive(clap::Args)]
+struct BenchCommon {
+    /// Timed repeats; the fastest counts.
+    #[arg(long, default_value_t = 1)]
+    repeats: u32,
+    /// cpu, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or f16 (an embedder's `bf16` makes its products bf16, as in `score.embedding`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    dtype: String,
+}
+
+impl BenchCommon {
+    fn dtype(&self) -> rbon_runtime::bench::DTypeName {
+        match self.dtype.as_str() {
+            "bf16" => rbon_runtime::bench::DTypeName::Bf16,
+            "f16" => rbon_runtime::bench::DTypeName::F16,
+            _ => rbon_runtime::bench::DTypeName::F32,
+        }
+    }
+}
+
+fn bench(what: Bench) -> ExitCode {
+    use rbon_runtime::bench::{self, SampleBench, ScoreBench, ScoreKind};
+    let (res, what) = match what {
+        Bench::Sample { model, n, prompt_tokens, new_tokens, common } => {
+            let b = SampleBench {
+                model,
+                n,
+                prompt_tokens,
+                new_tokens,
+                repeats: common.repeats,
+                dtype: common.dtype(),
+                device: common.device.clone(),
+            };
+            let json = format!(
+                "\"kind\": \"sample\", \"device\": \"{}\", \"n\": {n}, \"prompt_tokens\": {prompt_tokens}, \"new_tokens\": {new_tokens}",
+                common.device
+            );
+            (bench::sample(&b), json)
+        }
+        Bench::Score { kind, model, texts, batch_tokens, common } => {
+            let k = match kind.as_str() {
+                "embed" => ScoreKind::Embed,
+                "reward" => ScoreKind::Reward,
+                _ => ScoreKind::RewardGrouped,
+            };
+            let b = ScoreBench {
+                kind: k,
+                model,
+                texts,
+                batch_tokens,
+                repeats: common.repeats,
+                dtype: common.dtype(),
+                device: common.device.clone(),
+            };
+            (bench::score(&b), format!("\"kind\": \"{kind}\", \"device\": \"{}\"", common.device))
+        }
+    };
+    match res {
+        Ok(m) => {
+            println!(
+                "{{\"impl\": \"rbon\", {what}, \"items\": {}, \"seconds\": {:.4}, \"per_s\": {:.2}}}",
+                m.items,
+                m.seconds,
+                m.per_second()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => failure(&e),
+    }
 }
 
 fn main() -> ExitCode {
@@ -113,6 +229,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench { what } => bench(what),
         Command::Status { run_dir } => match rbon_runtime::status(&run_dir) {
             Ok(s) => {
                 print!("{s}");

@@ -1365,3 +1365,39 @@ fn candidates_with_rewards_need_only_an_embedder() {
     assert_eq!(selections(&sampled), selections(&f.path().join("c")));
     assert!(selections(&sampled).iter().any(|s| s.1 == "rbon_wd"));
 }
+
+#[test]
+fn bench_prints_one_json_line_per_measurement() {
+    let f = Fixture::new(1, 1);
+    let models = repo().join("data/models");
+    let o = f.run(&["bench", "sample", models.join("tiny-qwen2").to_str().unwrap(), "--n", "4", "--new-tokens", "8"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!((v["kind"].as_str(), v["device"].as_str(), v["n"].as_u64()), (Some("sample"), Some("cpu"), Some(4)));
+    let tokens = v["items"].as_u64().unwrap();
+    assert!((4..=32).contains(&tokens) && v["per_s"].as_f64().unwrap() > 0.0, "{v}");
+    f.write("t.txt", "a short text\nanother one, a little longer\n");
+    let o =
+        f.run(&["bench", "score", "embed", models.join("tiny-minilm").to_str().unwrap(), "t.txt", "--repeats", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!((v["kind"].as_str(), v["items"].as_u64()), (Some("embed"), Some(2)));
+    // A device this build does not have is a usage error.
+    let o = f.run(&["bench", "sample", models.join("tiny-qwen2").to_str().unwrap(), "--device", "tpu:0"]);
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+}
+
+#[test]
+fn an_unknown_kernel_path_is_a_usage_error_before_anything_is_written() {
+    let f = Fixture::new(2, 2);
+    f.write("p.yaml", &pipeline("c.jsonl", "out", 5, BETAS));
+    let o = Command::new(env!("CARGO_BIN_EXE_rbon"))
+        .args(["run", "p.yaml"])
+        .env("RBON_KERNELS", "fast")
+        .current_dir(f.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("RBON_KERNELS=\"fast\" is not one of packed, candle"), "{}", text(&o));
+    assert!(!f.path().join("out").exists());
+}

@@ -24,12 +24,17 @@ pub fn check_device(dev: &str) -> Result<(), String> {
 
 /// Opens the configured devices; `cuda:*` is every CUDA device present.
 pub fn open(specs: &[String]) -> Result<Vec<Device>, String> {
+    if let Some(v) = rbon_models::path::invalid_setting() {
+        return Err(format!(
+            "{}={v:?} is not one of {}",
+            rbon_models::path::ENV,
+            rbon_models::path::CHOICES.join(", ")
+        ));
+    }
     let mut out = Vec::new();
     for spec in specs {
         check_device(spec)?;
         match spec.as_str() {
-            "cpu" => out.push(Device::Cpu),
-            "metal" => out.push(Device::new_metal(0).map_err(|e| format!("{spec}: {e}"))?),
             "cuda:*" => {
                 let before = out.len();
                 while let Ok(d) = Device::new_cuda(out.len() - before) {
@@ -39,26 +44,13 @@ pub fn open(specs: &[String]) -> Result<Vec<Device>, String> {
                     return Err("cuda:*: no CUDA device found".into());
                 }
             }
-            other => {
-                let n: usize =
-                    other.trim_start_matches("cuda:").parse().map_err(|_| format!("bad device `{other}`"))?;
-                out.push(Device::new_cuda(n).map_err(|e| format!("{spec}: {e}"))?);
-            }
+            other => out.push(rbon_models::path::open_device(other)?),
         }
     }
     if out.is_empty() {
         return Err("runtime.devices names no device".into());
     }
     Ok(out)
-}
-
-/// A short name for progress lines.
-pub fn describe(d: &Device) -> String {
-    match d.location() {
-        rbon_models::DeviceLocation::Cpu => "cpu".into(),
-        rbon_models::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        rbon_models::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
 }
 
 #[cfg(test)]

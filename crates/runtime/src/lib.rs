@@ -2,6 +2,7 @@
 //! shards of one rank through the stages over the run directory, with resume; merges finished
 //! runs into exports and reports their status. Emits progress events; never prints.
 
+pub mod bench;
 pub mod config;
 pub mod devices;
 mod exec;
