@@ -186,6 +186,60 @@ fn repository_pipelines_run() {
         assert!(o.status.success(), "{name}: {}", text(&o));
         assert!(out.path().join(check).is_file(), "{name}: {}", text(&o));
     }
+    assert_export_hashes(out.path());
+}
+
+/// The sha256 of every export data file of the repository pipelines, against
+/// `data/golden/export-hashes.json`: a refactoring must not change a byte. Regenerate with
+/// `RBON_UPDATE_EXPORT_HASHES=1 cargo test -p rbon --test cli repository_pipelines_run` when
+/// outputs change on purpose. The demo's numbers come from the CPU kernels, so its hashes hold
+/// on a CPU with AVX-512 and AMX, as the one that took them; elsewhere only byo and
+/// byo-variants (no model arithmetic) are compared.
+fn assert_export_hashes(runs: &Path) {
+    use sha2::Digest;
+    let mut got = std::collections::BTreeMap::new();
+    for name in ["demo", "byo", "byo-variants"] {
+        let mut stack = vec![runs.join(name).join("pairs"), runs.join(name).join("vbon")];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "parquet" || x == "jsonl") {
+                    let rel = p.strip_prefix(runs).unwrap().display().to_string();
+                    got.insert(rel, rbon_core::seed::hex(&sha2::Sha256::digest(fs::read(&p).unwrap())));
+                }
+            }
+        }
+    }
+    let path = repo().join("data/golden/export-hashes.json");
+    if std::env::var_os("RBON_UPDATE_EXPORT_HASHES").is_some() {
+        fs::write(&path, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();
+        return;
+    }
+    let want: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let same_kernels = same_cpu_kernels();
+    if !same_kernels {
+        eprintln!("this CPU lacks AVX-512 or AMX: the demo's export hashes are not compared");
+    }
+    let keep = |k: &String| same_kernels || !k.starts_with("demo/");
+    let got: std::collections::BTreeMap<_, _> = got.into_iter().filter(|(k, _)| keep(k)).collect();
+    let want: std::collections::BTreeMap<_, _> = want.into_iter().filter(|(k, _)| keep(k)).collect();
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "the set of export files changed");
+    let changed: Vec<&String> = got.iter().filter(|(k, v)| want.get(*k) != Some(v)).map(|(k, _)| k).collect();
+    assert!(changed.is_empty(), "{} export files changed, e.g. {:?}", changed.len(), &changed[..changed.len().min(5)]);
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn same_cpu_kernels() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && rbon_models::amx::available()
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn same_cpu_kernels() -> bool {
+    false
 }
 
 #[test]
