@@ -1,5 +1,7 @@
 //! `rbon`: builds DPO preference datasets with Regularized Best-of-N.
 
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "the binary owns the terminal; libraries never print")]
+
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,11 @@
 //! End-to-end tests that run the `rbon` binary on files in a temporary directory.
 
-#![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests: unwraps are the assertions; prints report skipped or measured cases"
+)]
 
 use std::fmt::Write as _;
 use std::fs;
@@ -906,17 +911,9 @@ fn candidates_get_exactly_what_they_lack() {
     let lp = samples.column_by_name("logprob").unwrap().as_primitive::<arrow_array::types::Float64Type>();
     assert_eq!(lp.null_count(), 0);
     assert!(lp.values().iter().all(|&x| x < 0.0));
-    // Teacher forcing under the policy's template, the response closed by its EOS.
-    let policy = rbon_sample::Policy::load(
-        &rbon_sample::PolicyConfig {
-            model: models.join("tiny-qwen2").display().to_string(),
-            dtype: Default::default(),
-            chat_template: "auto".into(),
-            system_prompt: None,
-        },
-        &rbon_models::Device::Cpu,
-    )
-    .unwrap();
+    // Teacher forcing under the policy's template, the response closed as ChatML closes a turn
+    // (<|im_end|>, which is also tiny-qwen2's first EOS id).
+    let policy = load_policy("tiny-qwen2");
     let prompt = policy.prompt_ids(&[rbon_core::Message::user("Question 0?")]).unwrap();
     let mut ids = policy.tokenizer().encode_text("Answer number 0 to 0.").unwrap();
     ids.push(policy.tokenizer().eos_ids()[0]);

@@ -1126,6 +1126,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::print_stderr, reason = "says why the test is skipped")]
     fn shared_hh_rlhf_if_present() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/hh-rlhf/harmless-base/test.jsonl.gz");
         if !p.exists() {

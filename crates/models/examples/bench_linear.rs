@@ -1,4 +1,7 @@
 //! Times the decode-shaped linear layer against candle's matmul: `bench_linear M K N`.
+
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "a benchmark program prints its figures")]
+
 use std::time::Instant;
 
 use candle_core::{Device, Module, Tensor};

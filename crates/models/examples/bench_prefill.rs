@@ -4,6 +4,9 @@
 //! the calling thread (as the encoder's row groups do), 1 (the default) spreads it over rayon's
 //! pool. EPILOGUE: 0 none (the default), 1 bias, 2 bias and GELU, 3 bias into a residual.
 //! Without AMX only gemm runs.
+
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "a benchmark program prints its figures")]
+
 use std::time::Instant;
 
 use rbon_models::kernels::{self, Epilogue, Mat, Weight};

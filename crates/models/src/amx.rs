@@ -22,7 +22,7 @@
 //! Linux hands a process the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
 //! [`available`] asks once. `RBON_AMX=0` in the environment turns the path off.
 
-#![allow(unsafe_code)]
+#![expect(unsafe_code, reason = "AMX tile instructions in inline asm, and arch_prctl through libc")]
 
 use std::arch::asm;
 use std::cell::RefCell;

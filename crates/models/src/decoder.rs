@@ -294,7 +294,7 @@ pub fn var_builder(
     let ctx = format!("loading the weights of {}", dir.root().display());
     // SAFETY: the files are mapped read-only for the model's lifetime; like every safetensors
     // loader we assume they are not modified while the model is loaded.
-    #[allow(unsafe_code)]
+    #[expect(unsafe_code, reason = "memory-mapping the weights")]
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) };
     vb.map_err(ModelError::candle(ctx))
 }

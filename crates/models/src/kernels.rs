@@ -36,12 +36,12 @@ macro_rules! multiversion {
                     && std::is_x86_feature_detected!("avx512vl")
                 {
                     // SAFETY: the CPU has the features `v4` was compiled for (checked above).
-                    #[allow(unsafe_code)]
+                    #[expect(unsafe_code, reason = "calling the AVX-512 build of this function")]
                     return unsafe { v4($($arg),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: as above, for `v3`.
-                    #[allow(unsafe_code)]
+                    #[expect(unsafe_code, reason = "calling the AVX2 build of this function")]
                     return unsafe { v3($($arg),*) };
                 }
             }
@@ -488,7 +488,7 @@ fn gemm_raw(
     // gemm reads or writes inside the three slices: a[i * a.stride + p], b[p * brs + j * bcs]
     // and out[i * ldo + j] for i < m, j < n, p < k. `out` is borrowed mutably, so nothing else
     // aliases it.
-    #[allow(unsafe_code)]
+    #[expect(unsafe_code, reason = "gemm takes raw pointers and strides")]
     unsafe {
         gemm::gemm(
             m,

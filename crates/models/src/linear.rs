@@ -150,7 +150,7 @@ fn block(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports the features the function was compiled for (checked above).
-        #[allow(unsafe_code)]
+        #[expect(unsafe_code, reason = "calling a function compiled for AVX-512")]
         unsafe {
             avx512::block(x, w, out, m, k)
         };
@@ -159,7 +159,7 @@ fn block(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: as above.
-        #[allow(unsafe_code)]
+        #[expect(unsafe_code, reason = "calling a function compiled for AVX2 and FMA")]
         unsafe {
             block_avx2(x, w, out, m, k)
         };
@@ -180,7 +180,7 @@ fn block_avx2(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize) {
 /// 16-float load feeds 2 FMAs on average instead of 0.5 (the dot-product loop above is bound
 /// by its loads). Rows past a multiple of 4 take the 1-row variants.
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
+#[expect(unsafe_code, reason = "AVX-512 intrinsics and unaligned loads")]
 mod avx512 {
     use std::arch::x86_64::*;
 
@@ -316,7 +316,7 @@ mod tests {
         block_with(&x, &w, &mut out, m, k, |a, b, c| a * b + c);
         check(&out, "portable");
         #[cfg(target_arch = "x86_64")]
-        #[allow(unsafe_code)]
+        #[expect(unsafe_code, reason = "calling the SIMD kernels under test")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the features were checked just above.

@@ -10,7 +10,12 @@
 //!   model and ~0.1 nats on the others, where single activations round the other way. Rows
 //!   decoded together equal a row decoded alone.
 
-#![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests: unwraps are the assertions; prints report skipped or measured cases"
+)]
 
 mod common;
 

@@ -2,7 +2,12 @@
 //! golden outputs `scripts/make-tiny-models.py` wrote: rendered prompts, token ids, per-token
 //! log-probs (1e-4 absolute, f32) and greedy continuations (identical).
 
-#![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests: unwraps are the assertions; prints report skipped or measured cases"
+)]
 
 mod common;
 

@@ -2,7 +2,12 @@
 //! the goldens `scripts/make-tiny-scorers.py` and `scripts/make-minilm-golden.py` wrote: reward
 //! scores within 1e-4 relative, embeddings with cosine ≥ 0.9999.
 
-#![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests: unwraps are the assertions; prints report skipped or measured cases"
+)]
 
 use std::path::{Path, PathBuf};
 
