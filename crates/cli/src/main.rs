@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rbon_core::{Event, Progress};
+use rbon_core::stage::counter;
+use rbon_core::{Event, Progress, StageName};
+use rbon_runtime::DropReason;
 use rbon_runtime::{RunError, RunOptions, RunReport};
 
 /// Exit code for a configuration or usage error (sysexits EX_CONFIG).
@@ -318,12 +320,12 @@ impl StageView {
     /// Tokens/s while sampling, samples/s while scoring, from the time the workers spent.
     fn rate(&self, stage: &str) -> Option<String> {
         let secs = self.busy.as_secs_f64();
-        match stage {
-            "samples" if self.tokens > 0 => {
+        match stage.parse::<StageName>() {
+            Ok(StageName::Samples) if self.tokens > 0 => {
                 let wall = self.started.elapsed().as_secs_f64();
                 (wall > 0.0).then(|| format!("{:.0} tok/s", self.tokens as f64 / wall))
             }
-            "scores" if secs > 0.0 => Some(format!("{:.1} samples/s", self.rows as f64 / secs)),
+            Ok(StageName::Scores) if secs > 0.0 => Some(format!("{:.1} samples/s", self.rows as f64 / secs)),
             _ => None,
         }
     }
@@ -477,20 +479,22 @@ impl Progress for Ui {
 }
 
 fn print_summary(r: &RunReport) {
-    let get = |stage: &str, k: &str| {
+    let get = |stage: StageName, k: &str| {
         r.stages.iter().find(|s| s.stage == stage).and_then(|s| s.counters.get(k)).copied().unwrap_or(0)
     };
+    let has = |stage: StageName| r.stages.iter().any(|s| s.stage == stage);
     println!("run: {}", r.run_dir.display());
     if r.ranks.world_size > 1 && !r.finalized {
         println!("  rank {} of {}: its shards are done", r.ranks.rank, r.ranks.world_size);
     }
-    let prompts = get("prompts", "prompts").max(get("samples", "prompts"));
-    print!("  prompts {prompts}, samples {}", get("samples", "samples"));
-    if r.stages.iter().any(|s| s.counters.contains_key("tokens")) {
-        print!(" ({} tokens, {} cut at max_new_tokens)", get("samples", "tokens"), get("samples", "truncated"));
+    let prompts = get(StageName::Prompts, counter::PROMPTS).max(get(StageName::Samples, counter::PROMPTS));
+    print!("  prompts {prompts}, samples {}", get(StageName::Samples, counter::SAMPLES));
+    if r.stages.iter().any(|s| s.counters.contains_key(counter::TOKENS)) {
+        let (tokens, cut) = (get(StageName::Samples, counter::TOKENS), get(StageName::Samples, counter::TRUNCATED));
+        print!(" ({tokens} tokens, {cut} cut at max_new_tokens)");
     }
-    if r.stages.iter().any(|s| s.stage == "selections") {
-        print!(", selections {}", get("selections", "selections"));
+    if has(StageName::Selections) {
+        print!(", selections {}", get(StageName::Selections, counter::SELECTIONS));
     }
     println!();
     let busy: Vec<String> =
@@ -498,17 +502,17 @@ fn print_summary(r: &RunReport) {
     if !busy.is_empty() {
         println!("  time per stage: {}", busy.join(", "));
     }
-    if !r.stages.iter().any(|s| s.stage == "pairs") {
-        let last = if r.stages.iter().any(|s| s.stage == "scores") { "scoring" } else { "sampling" };
+    if !has(StageName::Pairs) {
+        let last = if has(StageName::Scores) { "scoring" } else { "sampling" };
         println!("  stopped after {last}: no `select` section");
         return;
     }
     println!(
         "  pairs written {}; dropped: same index {}, identical text {}, below min_margin {}",
-        get("pairs", "pairs"),
-        get("pairs", "dropped_same_index"),
-        get("pairs", "dropped_identical_text"),
-        get("pairs", "dropped_below_margin")
+        get(StageName::Pairs, counter::PAIRS),
+        get(StageName::Pairs, DropReason::SameIndex.counter()),
+        get(StageName::Pairs, DropReason::IdenticalText.counter()),
+        get(StageName::Pairs, DropReason::BelowMargin.counter())
     );
     if !r.finalized {
         println!("  when every rank is done: rbon finalize {}", r.run_dir.display());

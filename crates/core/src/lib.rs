@@ -12,6 +12,7 @@ pub mod rundir;
 pub mod schema;
 pub mod seed;
 pub mod shard;
+pub mod stage;
 pub mod tables;
 
 pub use config::{ConfigDoc, Diagnostic, Diagnostics};
@@ -20,3 +21,4 @@ pub use messages::Message;
 pub use progress::{Event, NoProgress, Progress};
 pub use rundir::{Manifest, RankState, RunDir, StageState};
 pub use shard::ShardMeta;
+pub use stage::{ShardCtx, ShardWorker, Stage, StageError, StageName};

@@ -12,13 +12,14 @@ use sha2::{Digest, Sha256};
 use crate::error::{CoreError, Result};
 use crate::seed::hex;
 use crate::shard::{self, ShardMeta};
+use crate::stage::{StageName, shard_file_name};
 
-/// The stages that own a directory in the run directory, in pipeline order.
-pub const STAGE_DIRS: [&str; 5] = ["prompts", "samples", "scores", "selections", "pairs"];
-/// Other entries rbon writes there.
+/// Entries rbon writes in a run directory besides the stages' folders.
 pub const OWNED_FILES: [&str; 5] = ["pipeline.yaml", "manifest.json", "report", "vbon", RANKS_DIR];
 /// Where each rank records its plan and progress.
 pub const RANKS_DIR: &str = "ranks";
+/// The manifest's entry for the exports (beside the stages').
+pub const EXPORT_ENTRY: &str = "export";
 
 /// Hash of a stage's own configuration and its inputs' fingerprints. Configs serialize with a
 /// fixed field order (no hash maps), so equal configs give equal fingerprints.
@@ -69,7 +70,7 @@ pub struct RankState {
     /// Shards of the whole run (all ranks).
     pub shards: usize,
     /// The shard stages in pipeline order.
-    pub chain: Vec<String>,
+    pub chain: Vec<StageName>,
     /// Per stage: fingerprint, and this rank's shards (`shards` = owned, `done`, counters).
     pub stages: BTreeMap<String, StageState>,
     /// Fingerprint the merged exports must carry.
@@ -111,18 +112,18 @@ impl RunDir {
         &self.root
     }
 
-    pub fn stage_dir(&self, stage: &str) -> PathBuf {
-        self.root.join(stage)
+    pub fn stage_dir(&self, stage: StageName) -> PathBuf {
+        self.root.join(stage.as_str())
     }
 
     /// `<stage>/shard-00042.parquet`.
-    pub fn shard_path(&self, stage: &str, shard: usize) -> PathBuf {
-        self.stage_dir(stage).join(format!("shard-{shard:05}.parquet"))
+    pub fn shard_path(&self, stage: StageName, shard: usize) -> PathBuf {
+        self.stage_dir(stage).join(shard_file_name(shard))
     }
 
     /// The metadata of a finished shard made with `fingerprint`, or `None` when the shard must
     /// be (re)made: missing, unreadable, or made under another configuration.
-    pub fn finished_shard(&self, stage: &str, shard: usize, fingerprint: &str) -> Option<ShardMeta> {
+    pub fn finished_shard(&self, stage: StageName, shard: usize, fingerprint: &str) -> Option<ShardMeta> {
         let p = self.shard_path(stage, shard);
         if !p.is_file() {
             return None;
@@ -134,7 +135,7 @@ impl RunDir {
     }
 
     /// Deletes a stage's directory (its configuration or inputs changed).
-    pub fn clear_stage(&self, stage: &str) -> Result<()> {
+    pub fn clear_stage(&self, stage: StageName) -> Result<()> {
         let d = self.stage_dir(stage);
         if d.exists() {
             fs::remove_dir_all(&d).map_err(|e| CoreError::io(&d, e))?;
@@ -144,7 +145,7 @@ impl RunDir {
 
     /// Removes everything rbon owns in the directory, leaving files users put there.
     pub fn clear_all(&self) -> Result<()> {
-        for name in STAGE_DIRS.iter().chain(OWNED_FILES.iter()) {
+        for name in StageName::ALL.iter().map(|s| s.as_str()).chain(OWNED_FILES) {
             let p = self.root.join(name);
             let res = if p.is_dir() {
                 fs::remove_dir_all(&p)
@@ -279,7 +280,7 @@ mod tests {
         assert!(run.lock().unwrap_err().to_string().contains("another rbon process"));
         drop(lock);
         fs::remove_file(d.path().join(".lock")).unwrap();
-        fs::create_dir_all(run.stage_dir("pairs")).unwrap();
+        fs::create_dir_all(run.stage_dir(StageName::Pairs)).unwrap();
         run.write_manifest(&Manifest::default()).unwrap();
         fs::write(d.path().join("notes.txt"), "mine").unwrap();
         run.clear_all().unwrap();

@@ -184,7 +184,7 @@ pub fn remove_stale_temps_of(dir: &Path, mine: impl Fn(Option<usize>) -> bool) -
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        let index = name.strip_prefix(".shard-").and_then(|r| r.get(..5)).and_then(|d| d.parse::<usize>().ok());
+        let index = crate::stage::shard_index(&name);
         if mine(index) && name.starts_with('.') && name.contains(".tmp-") && e.path().is_file() {
             fs::remove_file(e.path()).map_err(|err| CoreError::io(e.path(), err))?;
         }

@@ -14,7 +14,15 @@ use arrow_schema::{DataType, Field};
 use crate::error::{CoreError, Result};
 use crate::input::CandidateGroup;
 use crate::messages::{Message, messages_array, read_messages};
+use crate::rundir::RunDir;
 use crate::schema::{self, *};
+use crate::stage::StageName;
+
+/// The prompts shard `shard` of a run: (prompt id, conversation) per prompt, in order.
+pub fn read_prompts_shard(run: &RunDir, shard: usize) -> Result<Vec<(String, Vec<Message>)>> {
+    let stage = StageName::Prompts;
+    read_prompts_batches(&crate::shard::read_parquet(&run.shard_path(stage, shard))?, stage.as_str())
+}
 
 fn arrow_err(what: &str, e: arrow_schema::ArrowError) -> CoreError {
     CoreError::internal(format!("{what}: {e}"))
@@ -121,6 +129,13 @@ fn column<'a>(b: &'a RecordBatch, name: &str, what: &str) -> Result<&'a ArrayRef
 
 impl SampleScores {
     /// Joins a samples shard with its scores shard (same rows in the same order).
+    /// The samples and scores shards `shard` of a run, joined.
+    pub fn read(run: &RunDir, shard: usize) -> Result<Self> {
+        let samples = crate::shard::read_parquet(&run.shard_path(StageName::Samples, shard))?;
+        let scores = crate::shard::read_parquet(&run.shard_path(StageName::Scores, shard))?;
+        Self::from_batches(&samples, &scores, &format!("shard {shard}"))
+    }
+
     pub fn from_batches(samples: &[RecordBatch], scores: &[RecordBatch], what: &str) -> Result<Self> {
         let (Some(sa), Some(sc)) = (concat(samples, what)?, concat(scores, what)?) else {
             return Ok(Self::empty());

@@ -107,6 +107,26 @@ impl ModelDir {
         Ok(files)
     }
 
+    /// What the model's outputs depend on, cheaply enough for every run: config.json by
+    /// content (SHA-256) and each weight file by name and size, so a changed model redoes the
+    /// stages that use it without hashing gigabytes of weights.
+    pub fn identity(&self) -> Result<Vec<(String, u64)>, ModelError> {
+        use sha2::Digest;
+        let mut out = Vec::new();
+        for f in self.model_files()? {
+            let len = std::fs::metadata(&f).map_err(|source| ModelError::Io { path: f.clone(), source })?.len();
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let tag = if name == "config.json" {
+                let bytes = std::fs::read(&f).map_err(|source| ModelError::Io { path: f.clone(), source })?;
+                sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+            } else {
+                name
+            };
+            out.push((tag, len));
+        }
+        Ok(out)
+    }
+
     /// A file of the folder, if present.
     pub fn file(&self, name: &str) -> Option<PathBuf> {
         let p = self.root.join(name);

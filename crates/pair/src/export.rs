@@ -17,7 +17,7 @@ use rbon_core::messages::messages_array;
 use rbon_core::schema::{self, BETA, METHOD};
 use rbon_core::shard::{self, ParquetSink, ShardMeta};
 use rbon_core::tables::{self, SampleScores};
-use rbon_core::{CoreError, Message, RunDir};
+use rbon_core::{CoreError, Message, RunDir, StageName};
 use rbon_regularize::{Method, SelectConfig, group_proxy, vbon_weights};
 
 use std::io::{BufWriter, Write as _};
@@ -281,7 +281,7 @@ pub fn write_exports_with(
         Some(_) => schema::pairs_standard_schema(),
         None => schema::pairs_export_schema(),
     };
-    let pairs_dir = run.stage_dir("pairs");
+    let pairs_dir = run.stage_dir(StageName::Pairs);
     let count = |key: &str| counts.get(key).and_then(|c| c.get("pairs")).copied().unwrap_or(0) as usize;
     let mut staged = Vec::new();
     let mut dpo = Vec::new();
@@ -309,7 +309,7 @@ pub fn write_exports_with(
         }
     };
     for i in 0..shards {
-        let path = run.shard_path("pairs", i);
+        let path = run.shard_path(StageName::Pairs, i);
         for batch in shard::read_parquet(&path)? {
             let (methods, betas) = method_beta(&batch, &path)?;
             for (parts, &(m, b)) in dpo.iter_mut().zip(exports) {
@@ -327,18 +327,18 @@ pub fn write_exports_with(
             continue;
         }
         let prompt_rows =
-            tables::read_prompts_batches(&shard::read_parquet(&run.shard_path("prompts", i))?, "prompts")?;
+            tables::read_prompts_batches(&shard::read_parquet(&run.shard_path(StageName::Prompts, i))?, "prompts")?;
         let prompt_of: HashMap<&str, &[Message]> =
             prompt_rows.iter().map(|(id, m)| (id.as_str(), m.as_slice())).collect();
         let data = SampleScores::from_batches(
-            &shard::read_parquet(&run.shard_path("samples", i))?,
-            &shard::read_parquet(&run.shard_path("scores", i))?,
+            &shard::read_parquet(&run.shard_path(StageName::Samples, i))?,
+            &shard::read_parquet(&run.shard_path(StageName::Scores, i))?,
             &format!("shard {i}"),
         )?;
         if card.pair.sft {
             let row_of: HashMap<(&str, u32), usize> =
                 (0..data.prompt_ids.len()).map(|r| ((data.prompt_ids[r].as_str(), data.sample_idx[r]), r)).collect();
-            let sel_path = run.shard_path("selections", i);
+            let sel_path = run.shard_path(StageName::Selections, i);
             for batch in shard::read_parquet(&sel_path)? {
                 let (methods, betas) = method_beta(&batch, &sel_path)?;
                 let not_sel = || CoreError::internal(format!("{}: not a selections shard", sel_path.display()));
@@ -792,11 +792,16 @@ mod tests {
         ];
         for (i, rows) in shards.iter().enumerate() {
             let b = pairs_batch(rows).unwrap();
-            shard::write_parquet(&run.shard_path("pairs", i), &schema::pairs_schema(), &[b], &ShardMeta::default())
-                .unwrap();
+            shard::write_parquet(
+                &run.shard_path(StageName::Pairs, i),
+                &schema::pairs_schema(),
+                &[b],
+                &ShardMeta::default(),
+            )
+            .unwrap();
         }
         // Parts left by an earlier run with another part count must not survive.
-        let stale = run.stage_dir("pairs").join("bon/beta=0/train-00001-of-00002.parquet");
+        let stale = run.stage_dir(StageName::Pairs).join("bon/beta=0/train-00001-of-00002.parquet");
         fs::create_dir_all(stale.parent().unwrap()).unwrap();
         fs::write(&stale, b"stale").unwrap();
 
@@ -822,7 +827,7 @@ mod tests {
         let out = write_exports_with(&run, 2, &exports, &counts, (0, 0), &card, ExportOptions::default()).unwrap();
         assert!(!stale.exists(), "stale part survived");
         assert_eq!(out.len(), 4);
-        let pairs_dir = run.stage_dir("pairs");
+        let pairs_dir = run.stage_dir(StageName::Pairs);
         let expect: [(&str, &[(&str, u32)]); 4] = [
             ("bon/beta=0", &[("p0", 1), ("p1", 3), ("p2", 5)]),
             ("rbon_kl/beta=0.5", &[("p0", 2), ("p2", 6), ("p3", 7)]),
@@ -879,8 +884,13 @@ mod tests {
         let cut = ROWS_PER_FILE - 2;
         for (i, part) in [&rows[..cut], &rows[cut..]].into_iter().enumerate() {
             let b = pairs_batch(part).unwrap();
-            shard::write_parquet(&run.shard_path("pairs", i), &schema::pairs_schema(), &[b], &ShardMeta::default())
-                .unwrap();
+            shard::write_parquet(
+                &run.shard_path(StageName::Pairs, i),
+                &schema::pairs_schema(),
+                &[b],
+                &ShardMeta::default(),
+            )
+            .unwrap();
         }
         let counts = BTreeMap::from([("bon/beta=0".to_owned(), counters(n as u64, 0))]);
         let select = SelectConfig {
@@ -895,7 +905,7 @@ mod tests {
         let card = CardContext { run_name: "big", version: "0", select: &select, pair: &pair, config_text: "" };
         let out = write_exports_with(&run, 2, &[(Method::Bon, 0.0)], &counts, (0, 0), &card, ExportOptions::default())
             .unwrap();
-        let dir = run.stage_dir("pairs").join("bon/beta=0");
+        let dir = run.stage_dir(StageName::Pairs).join("bon/beta=0");
         assert_eq!(
             out[0].files,
             vec![dir.join("train-00000-of-00002.parquet"), dir.join("train-00001-of-00002.parquet")]
@@ -939,14 +949,14 @@ mod tests {
         let run = RunDir::create(tmp.path()).unwrap();
         let rows = vec![row("p0", Method::Bon, 0.0, 1), row("p1", Method::Bon, 0.0, 2)];
         shard::write_parquet(
-            &run.shard_path("pairs", 0),
+            &run.shard_path(StageName::Pairs, 0),
             &schema::pairs_schema(),
             &[pairs_batch(&rows).unwrap()],
             &ShardMeta::default(),
         )
         .unwrap();
         // A registry left by an earlier conversational export must not survive.
-        fs::write(run.stage_dir("pairs").join(DATASET_INFO), "{}").unwrap();
+        fs::write(run.stage_dir(StageName::Pairs).join(DATASET_INFO), "{}").unwrap();
         let select = SelectConfig {
             proxy: "proxy".into(),
             gold: vec![],
@@ -963,9 +973,9 @@ mod tests {
         assert!(err.to_string().contains("chat template"), "{err}");
         let opts = ExportOptions { render: Some(&Lines) };
         let out = write_exports_with(&run, 1, &exports, &counts, (0, 0), &card, opts).unwrap();
-        let file = run.stage_dir("pairs").join("bon/beta=0/train-00000-of-00001.jsonl");
+        let file = run.stage_dir(StageName::Pairs).join("bon/beta=0/train-00000-of-00001.jsonl");
         assert_eq!(out[0].files, vec![file.clone()]);
-        assert!(!run.stage_dir("pairs").join(DATASET_INFO).exists());
+        assert!(!run.stage_dir(StageName::Pairs).join(DATASET_INFO).exists());
         let text = fs::read_to_string(&file).unwrap();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 2);

@@ -10,12 +10,66 @@ use arrow_array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray, UInt3
 use rbon_core::messages::messages_array;
 use rbon_core::schema::{self, BETA, INDEX, METHOD, PROMPT_ID};
 use rbon_core::seed::{derive_seed, uniform_below};
+use rbon_core::stage::counter;
 use rbon_core::tables::SampleScores;
-use rbon_core::{CoreError, Message};
+use rbon_core::{CoreError, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
 use rbon_regularize::stage::group_proxy;
 use rbon_regularize::{Candidates, Method, RegularizeError, SelectConfig, argmin, second, wasserstein};
 
 use crate::config::{PairConfig, RejectedRule};
+
+/// The pair stage of a pipeline: chosen/rejected pairs of every exported (method, β).
+#[derive(Debug, Clone)]
+pub struct PairStage {
+    /// The pairing settings of the shards (with `betas: [best]`, every β: tuning needs all
+    /// shards and picks among them at export).
+    pub pair: PairConfig,
+    pub select: SelectConfig,
+    /// Seeds `rejected: random`.
+    pub seed: u64,
+}
+
+impl<D> Stage<D> for PairStage {
+    fn name(&self) -> StageName {
+        StageName::Pairs
+    }
+
+    fn upstream(&self) -> &'static [StageName] {
+        &[StageName::Prompts, StageName::Samples, StageName::Scores, StageName::Selections]
+    }
+
+    fn identity(&self) -> Result<serde_json::Value, StageError> {
+        Ok(serde_json::json!({ "pair": self.pair, "seed": self.seed }))
+    }
+
+    fn worker<'s>(&'s self, _: &D) -> Box<dyn ShardWorker + 's> {
+        Box::new(self)
+    }
+}
+
+impl ShardWorker for &PairStage {
+    fn run(&mut self, ctx: &ShardCtx<'_>) -> Result<(ShardMeta, usize), StageError> {
+        let data = SampleScores::read(ctx.run, ctx.shard)?;
+        let prompts = rbon_core::tables::read_prompts_shard(ctx.run, ctx.shard)?;
+        let selections = rbon_core::shard::read_parquet(&ctx.run.shard_path(StageName::Selections, ctx.shard))?;
+        let sp = pair_shard(&self.pair, &self.select, self.seed, &prompts, &data, &selections)?;
+        let meta = ShardMeta { fingerprint: ctx.fingerprint.to_owned(), counters: sp.counters, details: sp.details };
+        let batch = pairs_batch(&sp.rows)?;
+        let path = ctx.run.shard_path(StageName::Pairs, ctx.shard);
+        rbon_core::shard::write_parquet(&path, &schema::pairs_schema(), &[batch], &meta)?;
+        Ok((meta, sp.rows.len()))
+    }
+}
+
+impl From<PairError> for StageError {
+    fn from(e: PairError) -> Self {
+        let data = match &e {
+            PairError::Core(c) => c.is_data(),
+            _ => true,
+        };
+        Self { data, source: Box::new(e) }
+    }
+}
 
 /// Why a pair was not written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +149,7 @@ pub fn pair_shard(
     let group_of: HashMap<&str, usize> =
         data.groups.iter().enumerate().map(|(gi, g)| (data.prompt_ids[g.start].as_str(), gi)).collect();
     let mut out = ShardPairs::default();
-    for key in ["pairs".to_owned()].into_iter().chain(DropReason::ALL.map(|d| d.counter().to_owned())) {
+    for key in [counter::PAIRS.to_owned()].into_iter().chain(DropReason::ALL.map(|d| d.counter().to_owned())) {
         out.counters.insert(key, 0);
     }
     let mut wd_cache: HashMap<usize, Vec<f64>> = HashMap::new();
@@ -163,16 +217,16 @@ pub fn pair_shard(
             } else {
                 None
             };
-            let counter = drop.map_or("pairs", DropReason::counter);
-            *out.counters.entry(counter.to_owned()).or_default() += 1;
+            let kind = drop.map_or(counter::PAIRS, DropReason::counter);
+            *out.counters.entry(kind.to_owned()).or_default() += 1;
             let detail = out.details.entry(key).or_insert_with(|| {
-                ["pairs".to_owned()]
+                [counter::PAIRS.to_owned()]
                     .into_iter()
                     .chain(DropReason::ALL.map(|d| d.counter().to_owned()))
                     .map(|k| (k, 0))
                     .collect()
             });
-            *detail.entry(counter.to_owned()).or_default() += 1;
+            *detail.entry(kind.to_owned()).or_default() += 1;
             if drop.is_some() {
                 continue;
             }

@@ -9,4 +9,4 @@ pub mod stage;
 
 pub use config::{Available, DEFAULT_LAMBDAS, PAPER_BETAS, Proxy, SelectConfig, TuneConfig};
 pub use method::*;
-pub use stage::{SelectError, SelectionRow, group_proxy, select_shard, selections_batch, sweep};
+pub use stage::{SelectError, SelectStage, SelectionRow, group_proxy, select_shard, selections_batch, sweep};

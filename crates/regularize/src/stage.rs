@@ -7,10 +7,11 @@ use std::sync::Arc;
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array};
 use std::ops::Range;
 
-use rbon_core::CoreError;
 use rbon_core::schema::selections_schema;
 use rbon_core::seed::derive_seed;
+use rbon_core::stage::counter;
 use rbon_core::tables::SampleScores;
+use rbon_core::{CoreError, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
 
 use crate::config::SelectConfig;
 use crate::method::{Candidates, Method, RegularizeError, argmax, ensemble, objectives, sample_index, wasserstein};
@@ -38,6 +39,58 @@ pub struct SelectionRow {
     pub objective: f64,
     /// Every reward model's score of the pick (means for `random`), in `reward_names` order.
     pub rewards: Vec<f64>,
+}
+
+/// The selection stage of a pipeline: every (method, β) pick of every prompt.
+#[derive(Debug, Clone)]
+pub struct SelectStage {
+    pub select: SelectConfig,
+    /// Seeds the stochastic rules.
+    pub seed: u64,
+}
+
+impl<D> Stage<D> for SelectStage {
+    fn name(&self) -> StageName {
+        StageName::Selections
+    }
+
+    fn upstream(&self) -> &'static [StageName] {
+        &[StageName::Samples, StageName::Scores]
+    }
+
+    fn identity(&self) -> Result<serde_json::Value, StageError> {
+        Ok(serde_json::json!({ "select": self.select, "seed": self.seed }))
+    }
+
+    fn worker<'s>(&'s self, _: &D) -> Box<dyn ShardWorker + 's> {
+        Box::new(self)
+    }
+}
+
+impl ShardWorker for &SelectStage {
+    fn run(&mut self, ctx: &ShardCtx<'_>) -> Result<(ShardMeta, usize), StageError> {
+        let data = SampleScores::read(ctx.run, ctx.shard)?;
+        let rows = select_shard(&self.select, &data, self.seed)?;
+        let batch = selections_batch(&rows, &data.reward_names)?;
+        let meta = ShardMeta {
+            fingerprint: ctx.fingerprint.to_owned(),
+            counters: counters(&data, &rows),
+            ..Default::default()
+        };
+        let path = ctx.run.shard_path(StageName::Selections, ctx.shard);
+        rbon_core::shard::write_parquet(&path, &batch.schema(), &[batch], &meta)?;
+        Ok((meta, rows.len()))
+    }
+}
+
+impl From<SelectError> for StageError {
+    fn from(e: SelectError) -> Self {
+        let data = match &e {
+            SelectError::Core(c) => c.is_data(),
+            _ => true,
+        };
+        Self { data, source: Box::new(e) }
+    }
 }
 
 /// The (method, β) combinations a config sweeps, in output order. β is 0 for methods without
@@ -162,7 +215,10 @@ pub fn selections_batch(rows: &[SelectionRow], reward_names: &[String]) -> Resul
 
 /// Counters a selection shard reports.
 pub fn counters(data: &SampleScores, rows: &[SelectionRow]) -> BTreeMap<String, u64> {
-    BTreeMap::from([("prompts".to_owned(), data.groups.len() as u64), ("selections".to_owned(), rows.len() as u64)])
+    BTreeMap::from([
+        (counter::PROMPTS.to_owned(), data.groups.len() as u64),
+        (counter::SELECTIONS.to_owned(), rows.len() as u64),
+    ])
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use rbon_models::{Device, TemplateChoice};
 use rbon_sample::{Policy, PolicyConfig, SampleConfig, sample_seed};
 use rbon_score::{Embedder, RewardModel};
 
-use crate::run::RunError;
+use crate::outcome::RunError;
 
 /// N samples of up to `new_tokens` from one prompt of `prompt_tokens` ordinary ids, at
 /// temperature 1 without truncation, as `rbon run` draws them.

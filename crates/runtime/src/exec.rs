@@ -18,12 +18,25 @@ use tokio::sync::mpsc;
 
 use rbon_core::input::{PromptRow, for_each_prompt, stream_candidates};
 use rbon_core::shard::ShardMeta;
-use rbon_core::{CoreError, Event, Manifest, RankState, StageState};
+use rbon_core::{CoreError, Event, Manifest, RankState, RunDir, ShardCtx, StageName, StageState};
 use rbon_models::Device;
 
+use crate::config::PipelineConfig;
+use crate::outcome::{RunError, StageReport};
+use crate::pipeline::Plan;
 use crate::ranks::Ranks;
-use crate::run::{RunError, Source, StageReport};
-use crate::stages::{self, Completers, Completion, Ctx};
+use crate::source::{self, Completers, Completion, Source};
+
+/// What a shard's work returns: its footer metadata and its row count.
+type Done = (ShardMeta, usize);
+
+/// Everything the stages of one rank share.
+pub(crate) struct Ctx<'a> {
+    pub cfg: &'a PipelineConfig,
+    pub run: &'a RunDir,
+    pub plan: &'a Plan,
+    pub progress: &'a dyn rbon_core::Progress,
+}
 
 /// What workers tell the collector.
 enum Msg {
@@ -44,7 +57,7 @@ type Results = mpsc::UnboundedSender<Msg>;
 
 /// Per-stage tallies of one rank.
 struct Tally {
-    stage: &'static str,
+    stage: StageName,
     label: String,
     fingerprint: String,
     owned: usize,
@@ -71,7 +84,7 @@ impl Tally {
 pub(crate) struct Outcome {
     pub reports: Vec<StageReport>,
     /// The footer metadata of every owned shard, per stage (for merging without rereading).
-    pub metas: BTreeMap<&'static str, BTreeMap<usize, ShardMeta>>,
+    pub metas: BTreeMap<StageName, BTreeMap<usize, ShardMeta>>,
 }
 
 /// Runs the stages of `ctx.plan.chain` over the shards `ranks` owns.
@@ -86,15 +99,15 @@ pub(crate) fn execute(
     let chain = &plan.chain;
     let owned: Vec<usize> = RankState::owned(ranks.rank, ranks.world_size, plan.n_shards).collect();
     // What earlier runs already wrote, per stage.
-    let mut metas: BTreeMap<&'static str, BTreeMap<usize, ShardMeta>> = BTreeMap::new();
+    let mut metas: BTreeMap<StageName, BTreeMap<usize, ShardMeta>> = BTreeMap::new();
     let mut done: Vec<Vec<bool>> = Vec::new();
     let mut tallies = Vec::new();
     for (k, &stage) in chain.iter().enumerate() {
-        let fp = plan.fps.get(stage).cloned().unwrap_or_default();
+        let fp = plan.fp(stage).to_owned();
         let mut d = vec![false; plan.n_shards];
         let mut t = Tally {
             stage,
-            label: plan.labels.get(k).cloned().unwrap_or_else(|| stage.to_owned()),
+            label: plan.labels.get(k).cloned().unwrap_or_else(|| stage.to_string()),
             fingerprint: fp.clone(),
             owned: owned.len(),
             skipped: 0,
@@ -119,7 +132,7 @@ pub(crate) fn execute(
         rank: ranks.rank,
         world_size: ranks.world_size,
         shards: plan.n_shards,
-        chain: chain.iter().map(|s| s.to_string()).collect(),
+        chain: chain.clone(),
         stages: BTreeMap::new(),
         export_fingerprint: plan.export_fp.clone().unwrap_or_default(),
         complete: false,
@@ -169,12 +182,12 @@ pub(crate) fn execute(
                 }
             });
         }
-        // Workers of the later stages.
+        // Workers of the later stages: one per device for stages with models.
         for k in 1..chain.len() {
-            let stage = chain[k];
-            let per_device = matches!(stage, "samples" | "scores");
-            let workers: Vec<Device> = if per_device { devices.to_vec() } else { vec![Device::Cpu] };
+            let Some(stage) = plan.stages.get(k - 1) else { continue };
+            let workers: Vec<Device> = if stage.per_device() { devices.to_vec() } else { vec![Device::Cpu] };
             let next = links.get_mut(k).and_then(Option::take);
+            let (name, label) = (chain[k], tallies[k].label.clone());
             for device in workers {
                 let w = Worker {
                     stage: k,
@@ -184,20 +197,19 @@ pub(crate) fn execute(
                     done: &done[k],
                     abort,
                 };
-                s.spawn(move || match stage {
-                    "samples" => {
-                        let mut policy = None;
-                        w.run(|i| stages::samples(ctx, i, &mut policy, &device))
-                    }
-                    "scores" => {
-                        let mut scorers = None;
-                        w.run(|i| stages::scores(ctx, i, &mut scorers, &device))
-                    }
-                    "selections" => w.run(|i| stages::selections(ctx, i)),
-                    "pairs" => w.run(|i| stages::pairs(ctx, i)),
-                    other => {
-                        let _ = w.res.send(Msg::Failed(CoreError::internal(format!("no worker for `{other}`")).into()));
-                    }
+                let label = label.clone();
+                s.spawn(move || {
+                    let mut worker = stage.worker(&device);
+                    w.run(|i| {
+                        let shard = ShardCtx {
+                            run: ctx.run,
+                            shard: i,
+                            fingerprint: plan.fp(name),
+                            label: &label,
+                            progress: ctx.progress,
+                        };
+                        Ok(worker.run(&shard)?)
+                    })
                 });
             }
         }
@@ -246,7 +258,7 @@ pub(crate) fn execute(
     let reports = tallies
         .iter()
         .map(|t| StageReport {
-            stage: t.stage.to_owned(),
+            stage: t.stage,
             label: t.label.clone(),
             shards: t.owned,
             reused: t.skipped,
@@ -276,9 +288,9 @@ impl Recorder<'_, '_> {
                 counters: t.counters.clone(),
             };
             if let Some(m) = self.manifest.as_deref_mut() {
-                m.stages.insert(t.stage.to_owned(), StageState { shards: self.n_shards, ..st.clone() });
+                m.stages.insert(t.stage.to_string(), StageState { shards: self.n_shards, ..st.clone() });
             }
-            self.state.stages.insert(t.stage.to_owned(), st);
+            self.state.stages.insert(t.stage.to_string(), st);
         }
         if let Some(m) = self.manifest.as_deref() {
             self.ctx.run.write_manifest(m)?;
@@ -298,7 +310,7 @@ struct Worker<'a> {
 }
 
 impl Worker<'_> {
-    fn run(&self, work: impl FnMut(usize) -> Result<stages::Done, RunError>) {
+    fn run(&self, work: impl FnMut(usize) -> Result<Done, RunError>) {
         self.serve(work);
         // Closing the input wakes an upstream worker blocked on a full channel after a failure.
         if let Ok(mut rx) = self.input.lock() {
@@ -306,7 +318,7 @@ impl Worker<'_> {
         }
     }
 
-    fn serve(&self, mut work: impl FnMut(usize) -> Result<stages::Done, RunError>) {
+    fn serve(&self, mut work: impl FnMut(usize) -> Result<Done, RunError>) {
         loop {
             // Workers of one stage share its input; the one holding the lock waits for the next shard.
             let next = match self.input.lock() {
@@ -363,7 +375,7 @@ impl Feed<'_> {
     }
 
     /// Makes shard `i` of the first stage unless it exists, then passes it on.
-    fn shard(&self, i: usize, work: impl FnOnce() -> Result<stages::Done, RunError>) -> Result<bool, RunError> {
+    fn shard(&self, i: usize, work: impl FnOnce() -> Result<Done, RunError>) -> Result<bool, RunError> {
         if !self.ranks.owns(i) {
             return Ok(true);
         }
@@ -377,6 +389,10 @@ impl Feed<'_> {
             let _ = self.res.send(Msg::Wrote { stage: 0, shard: i, meta, rows, busy });
         }
         Ok(pass_on(i, self.next.as_ref(), self.res))
+    }
+
+    fn prompts(&self, i: usize, rows: &[PromptRow]) -> Result<Done, RunError> {
+        source::write_prompts(self.ctx.cfg, self.ctx.run, self.ctx.plan.fp(StageName::Prompts), i, rows)
     }
 
     fn run(&self, source: &Source, device: &Device) -> Result<(), RunError> {
@@ -393,7 +409,7 @@ impl Feed<'_> {
                         return Ok(true);
                     }
                     let rows = std::mem::take(&mut chunk);
-                    match self.shard(i, || stages::prompts(self.ctx, i, &rows)) {
+                    match self.shard(i, || self.prompts(i, &rows)) {
                         Ok(m) => more = m,
                         Err(e) => {
                             failure = Some(e);
@@ -407,7 +423,7 @@ impl Feed<'_> {
                     return Err(e);
                 }
                 if more && !chunk.is_empty() {
-                    self.shard(i, || stages::prompts(self.ctx, i, &chunk))?;
+                    self.shard(i, || self.prompts(i, &chunk))?;
                 }
             }
             Source::Candidates { path, index, .. } => {
@@ -427,7 +443,9 @@ impl Feed<'_> {
                 let want = |i: usize| self.ranks.owns(i) && !self.done[i];
                 let mut failure = None;
                 stream_candidates(path, index, shard_size, want, |i, groups| {
-                    match self.shard(i, || stages::import(self.ctx, i, groups, &complete, &mut models, device)) {
+                    let fp = self.ctx.plan.fp(StageName::Samples);
+                    match self.shard(i, || source::import(self.ctx.run, fp, i, groups, &complete, &mut models, device))
+                    {
                         Ok(more) => Ok(more),
                         Err(e) => {
                             failure = Some(e);

@@ -7,22 +7,23 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use rbon_core::rundir::STAGE_DIRS;
+use rbon_core::rundir::EXPORT_ENTRY;
 use rbon_core::shard::ShardMeta;
-use rbon_core::{CoreError, Event, Manifest, Progress, RankState, RunDir, StageState};
+use rbon_core::stage::{counter, shard_index};
+use rbon_core::{CoreError, Event, Manifest, Progress, RankState, RunDir, StageName, StageState};
 use rbon_pair::{CardContext, ChatRender, Export, ExportOptions, PairConfig, export_key, write_exports_with};
 use rbon_regularize::{SelectConfig, sweep};
 
+use crate::outcome::{RunError, RunReport, StageReport, VERSION};
 use crate::ranks::Ranks;
-use crate::run::{RunError, RunReport, StageReport, VERSION};
 
 /// What merging needs to know about a run.
 pub(crate) struct Merge<'a> {
     pub run: &'a RunDir,
     pub world_size: usize,
     pub n_shards: usize,
-    pub chain: Vec<String>,
-    pub fps: BTreeMap<String, String>,
+    pub chain: Vec<StageName>,
+    pub fps: BTreeMap<StageName, String>,
     pub export_fp: String,
     pub name: &'a str,
     pub select: Option<&'a SelectConfig>,
@@ -70,27 +71,27 @@ fn policy_template(policy: &rbon_sample::PolicyConfig) -> Result<PolicyTemplate,
 /// Checks and merges every shard, then writes the exports. `known` holds footers already read.
 pub(crate) fn merge(
     m: &Merge,
-    known: &BTreeMap<&str, BTreeMap<usize, ShardMeta>>,
+    known: &BTreeMap<StageName, BTreeMap<usize, ShardMeta>>,
     manifest: &mut Manifest,
     progress: &dyn Progress,
 ) -> Result<Merged, RunError> {
     let run = m.run;
-    let mut metas: BTreeMap<&str, Vec<ShardMeta>> = BTreeMap::new();
-    let mut missing: BTreeMap<usize, Vec<(String, usize)>> = BTreeMap::new();
-    for stage in &m.chain {
-        let fp = m.fps.get(stage).map(String::as_str).unwrap_or_default();
+    let mut metas: BTreeMap<StageName, Vec<ShardMeta>> = BTreeMap::new();
+    let mut missing: BTreeMap<usize, Vec<(StageName, usize)>> = BTreeMap::new();
+    for &stage in &m.chain {
+        let fp = m.fps.get(&stage).map(String::as_str).unwrap_or_default();
         let mut v = Vec::with_capacity(m.n_shards);
         for i in 0..m.n_shards {
-            let meta = match known.get(stage.as_str()).and_then(|k| k.get(&i)) {
+            let meta = match known.get(&stage).and_then(|k| k.get(&i)) {
                 Some(meta) => Some(meta.clone()),
                 None => run.finished_shard(stage, i, fp),
             };
             match meta {
                 Some(meta) => v.push(meta),
-                None => missing.entry(i % m.world_size.max(1)).or_default().push((stage.clone(), i)),
+                None => missing.entry(i % m.world_size.max(1)).or_default().push((stage, i)),
             }
         }
-        metas.insert(stage.as_str(), v);
+        metas.insert(stage, v);
     }
     if !missing.is_empty() {
         let lines: Vec<String> = missing
@@ -107,12 +108,12 @@ pub(crate) fn merge(
         )));
     }
     // Shards past the end belong to an earlier, larger split of the input.
-    for stage in STAGE_DIRS {
+    for stage in StageName::ALL {
         let dir = run.stage_dir(stage);
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let idx = name.strip_prefix("shard-").and_then(|r| r.strip_suffix(".parquet")).and_then(|d| d.parse().ok());
+            let idx = rbon_core::stage::is_shard_file(&name).then(|| shard_index(&name)).flatten();
             if idx.is_some_and(|i: usize| i >= m.n_shards) {
                 std::fs::remove_file(e.path()).map_err(|err| CoreError::io(e.path(), err))?;
             }
@@ -122,24 +123,24 @@ pub(crate) fn merge(
     manifest.rbon_version = VERSION.to_owned();
     manifest.name = m.name.to_owned();
     let mut stages = Vec::new();
-    for stage in &m.chain {
+    for &stage in &m.chain {
         let mut counters: BTreeMap<String, u64> = BTreeMap::new();
-        for meta in metas.get(stage.as_str()).into_iter().flatten() {
+        for meta in metas.get(&stage).into_iter().flatten() {
             for (k, v) in &meta.counters {
                 *counters.entry(k.clone()).or_default() += v;
             }
         }
         let st = StageState {
-            fingerprint: m.fps.get(stage).cloned().unwrap_or_default(),
+            fingerprint: m.fps.get(&stage).cloned().unwrap_or_default(),
             shards: m.n_shards,
             done: m.n_shards,
             complete: true,
             counters: counters.clone(),
         };
-        manifest.stages.insert(stage.clone(), st);
+        manifest.stages.insert(stage.to_string(), st);
         stages.push(StageReport {
-            stage: stage.clone(),
-            label: stage.clone(),
+            stage,
+            label: stage.to_string(),
             shards: m.n_shards,
             reused: 0,
             counters,
@@ -147,21 +148,22 @@ pub(crate) fn merge(
         });
     }
     // An import writes the prompts and scores shards beside its samples shards.
-    if !m.chain.iter().any(|s| s == "prompts")
-        && let Some(import) = manifest.stages.get("samples").cloned()
+    if !m.chain.contains(&StageName::Prompts)
+        && let Some(import) = manifest.stages.get(StageName::Samples.as_str()).cloned()
     {
-        for stage in ["prompts", "scores"] {
+        for stage in [StageName::Prompts, StageName::Scores] {
             let mut st = import.clone();
-            st.counters.retain(|k, _| (stage == "prompts") == (k == "prompts"));
-            manifest.stages.insert(stage.to_owned(), st);
+            let prompts = stage == StageName::Prompts;
+            st.counters.retain(|k, _| prompts == (k == counter::PROMPTS));
+            manifest.stages.insert(stage.to_string(), st);
         }
     }
     run.write_manifest(manifest)?;
 
-    let Some(select) = m.select.filter(|_| m.chain.iter().any(|s| s == "pairs")) else {
+    let Some(select) = m.select.filter(|_| m.chain.contains(&StageName::Pairs)) else {
         return Ok(Merged { stages, exports: Vec::new(), exports_reused: false, vbon_files: Vec::new(), report: None });
     };
-    let pair_metas = metas.get("pairs").map(Vec::as_slice).unwrap_or_default();
+    let pair_metas = metas.get(&StageName::Pairs).map(Vec::as_slice).unwrap_or_default();
     let (exports, exports_reused) = exports(m, select, pair_metas, &stages, manifest, progress)?;
     let vbon_files = export_files(&run.root().join(rbon_pair::export::VBON_DIR));
     let report = rbon_report::build_report(run.root(), rbon_report::ReportOptions::default())?;
@@ -197,9 +199,9 @@ fn exports(
             }
         }
     }
-    let export_done = manifest.stages.get("export").is_some_and(|s| s.complete && s.fingerprint == export_fp)
+    let export_done = manifest.stages.get(EXPORT_ENTRY).is_some_and(|s| s.complete && s.fingerprint == export_fp)
         && exports.iter().all(|&(me, b)| {
-            let dir = run.stage_dir("pairs").join(export_key(me, b));
+            let dir = run.stage_dir(StageName::Pairs).join(export_key(me, b));
             dir.join("README.md").is_file() && (!cfg_pair.sft || dir.join("sft/README.md").is_file())
         })
         && (!cfg_pair.vbon || run.root().join(rbon_pair::export::VBON_DIR).join("README.md").is_file());
@@ -207,7 +209,7 @@ fn exports(
         let list = exports
             .iter()
             .map(|&(me, b)| {
-                let dir = run.stage_dir("pairs").join(export_key(me, b));
+                let dir = run.stage_dir(StageName::Pairs).join(export_key(me, b));
                 let sft_files = if cfg_pair.sft { export_files(&dir.join("sft")) } else { Vec::new() };
                 let files = export_files(&dir);
                 let counts = details.get(&export_key(me, b)).cloned().unwrap_or_default();
@@ -216,11 +218,12 @@ fn exports(
             .collect();
         return Ok((list, true));
     }
-    manifest.stages.insert("export".into(), StageState { fingerprint: export_fp.clone(), ..Default::default() });
+    manifest.stages.insert(EXPORT_ENTRY.into(), StageState { fingerprint: export_fp.clone(), ..Default::default() });
     run.write_manifest(manifest)?;
     let card = CardContext { run_name: m.name, version: VERSION, select, pair: cfg_pair, config_text: m.config_text };
     let get = |k: &str| {
-        stages.iter().find(|s| s.stage == "samples").and_then(|s| s.counters.get(k)).copied().unwrap_or(0) as usize
+        stages.iter().find(|s| s.stage == StageName::Samples).and_then(|s| s.counters.get(k)).copied().unwrap_or(0)
+            as usize
     };
     let template = match (cfg_pair.format, m.policy) {
         (rbon_pair::PairFormat::Standard, Some(p)) => Some(policy_template(p)?),
@@ -230,7 +233,7 @@ fn exports(
         _ => None,
     };
     let opts = ExportOptions { render: template.as_ref().map(|t| t as &dyn ChatRender) };
-    let totals = (get("prompts"), get("samples"));
+    let totals = (get(counter::PROMPTS), get(counter::SAMPLES));
     let written = write_exports_with(run, m.n_shards, &exports, &details, totals, &card, opts)?;
     for e in &written {
         for f in &e.files {
@@ -239,15 +242,15 @@ fn exports(
     }
     let files: usize = written.iter().map(|e| e.files.len()).sum();
     manifest.stages.insert(
-        "export".into(),
+        EXPORT_ENTRY.into(),
         StageState {
             fingerprint: export_fp,
             shards: files,
             done: files,
             complete: true,
             counters: BTreeMap::from([
-                ("exports".to_owned(), written.len() as u64),
-                ("files".to_owned(), files as u64),
+                (counter::EXPORTS.to_owned(), written.len() as u64),
+                (counter::FILES.to_owned(), files as u64),
             ]),
         },
     );
@@ -330,7 +333,7 @@ pub fn finalize(run_dir: &Path, progress: &dyn Progress) -> Result<RunReport, Ru
         world_size: world,
         n_shards: first.shards,
         chain: first.chain.clone(),
-        fps: first.stages.iter().map(|(k, s)| (k.clone(), s.fingerprint.clone())).collect(),
+        fps: first.stages.iter().filter_map(|(k, s)| Some((k.parse().ok()?, s.fingerprint.clone()))).collect(),
         export_fp: first.export_fingerprint.clone(),
         name: &frozen.name,
         select: frozen.select.as_ref(),
@@ -354,7 +357,7 @@ pub fn finalize(run_dir: &Path, progress: &dyn Progress) -> Result<RunReport, Ru
 /// Progress of one stage of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageStatus {
-    pub stage: String,
+    pub stage: StageName,
     /// Shards written with the run's fingerprint, of `total`.
     pub done: usize,
     pub total: usize,
@@ -397,8 +400,8 @@ pub fn status(run_dir: &Path) -> Result<Status, RunError> {
     };
     let world = first.world_size.max(1);
     let mut stages = Vec::new();
-    for stage in &first.chain {
-        let fp = first.stages.get(stage).map(|s| s.fingerprint.as_str()).unwrap_or_default();
+    for &stage in &first.chain {
+        let fp = first.stages.get(stage.as_str()).map(|s| s.fingerprint.as_str()).unwrap_or_default();
         let mut per_rank = vec![(0usize, 0usize); world];
         for i in 0..first.shards {
             let r = &mut per_rank[i % world];
@@ -408,10 +411,10 @@ pub fn status(run_dir: &Path) -> Result<Status, RunError> {
             }
         }
         let done = per_rank.iter().map(|r| r.0).sum();
-        stages.push(StageStatus { stage: stage.clone(), done, total: first.shards, ranks: per_rank });
+        stages.push(StageStatus { stage, done, total: first.shards, ranks: per_rank });
     }
-    let exports = first.chain.iter().any(|s| s == "pairs").then(|| {
-        manifest.stages.get("export").is_some_and(|s| s.complete && s.fingerprint == first.export_fingerprint)
+    let exports = first.chain.contains(&StageName::Pairs).then(|| {
+        manifest.stages.get(EXPORT_ENTRY).is_some_and(|s| s.complete && s.fingerprint == first.export_fingerprint)
     });
     Ok(Status {
         run_dir: run_dir.to_owned(),
@@ -443,7 +446,7 @@ impl fmt::Display for Status {
         writeln!(f)?;
         for s in &self.stages {
             let pct = if s.total == 0 { 100.0 } else { 100.0 * s.done as f64 / s.total as f64 };
-            write!(f, "  {:<12} {:>13}", s.stage, format!("{}/{} {:>3.0}%", s.done, s.total, pct))?;
+            write!(f, "  {:<12} {:>13}", s.stage.as_str(), format!("{}/{} {:>3.0}%", s.done, s.total, pct))?;
             if show_ranks {
                 for (done, owned) in &s.ranks {
                     write!(f, " {:>9}", format!("{done}/{owned}"))?;

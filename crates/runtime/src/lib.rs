@@ -7,11 +7,16 @@ pub mod config;
 pub mod devices;
 mod exec;
 mod finalize;
+pub mod outcome;
+mod pipeline;
 pub mod ranks;
 pub mod run;
-mod stages;
+mod source;
 
 pub use config::{Pipeline, PipelineConfig, RuntimeConfig, load};
 pub use finalize::{StageStatus, Status, finalize, status};
+pub use outcome::{RunError, RunReport, StageReport, VERSION};
 pub use ranks::Ranks;
-pub use run::{RunError, RunOptions, RunReport, StageReport, VERSION, run};
+/// Why pairs are dropped (each a counter of the pairs stage).
+pub use rbon_pair::DropReason;
+pub use run::{RunOptions, run};

@@ -11,4 +11,4 @@ pub use config::{PolicyConfig, SampleConfig};
 pub use generate::{FinishReason, Generated, Policy, SampleError, sample_seed};
 pub use rbon_models::DTypeName;
 pub use sampler::{Draw, SamplingParams, draw};
-pub use stage::{ShardSamples, sample_shard};
+pub use stage::{SampleStage, ShardSamples, sample_shard};

@@ -7,10 +7,87 @@ use arrow_array::builder::{ListBuilder, UInt32Builder};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow_schema::{DataType, Field};
 use rbon_core::schema::samples_schema;
-use rbon_core::{CoreError, Message};
+use rbon_core::stage::counter;
+use rbon_core::{CoreError, Event, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
+use rbon_models::Device;
 
-use crate::config::SampleConfig;
+use crate::config::{PolicyConfig, SampleConfig};
 use crate::generate::{FinishReason, Generated, Policy, SampleError, sample_seed};
+
+/// The sample stage of a pipeline: N responses per prompt from the policy.
+#[derive(Debug, Clone)]
+pub struct SampleStage {
+    pub policy: PolicyConfig,
+    pub sample: SampleConfig,
+    pub seed: u64,
+    /// Padded tokens per model batch (`runtime.batch_tokens`): rows decoded together.
+    pub batch_tokens: usize,
+}
+
+impl Stage<Device> for SampleStage {
+    fn name(&self) -> StageName {
+        StageName::Samples
+    }
+
+    fn upstream(&self) -> &'static [StageName] {
+        &[StageName::Prompts]
+    }
+
+    fn identity(&self) -> Result<serde_json::Value, StageError> {
+        let dir = rbon_models::ModelDir::resolve(&self.policy.model).map_err(StageError::other)?;
+        Ok(serde_json::json!({
+            "policy": self.policy,
+            "sample": self.sample,
+            "seed": self.seed,
+            "model": dir.identity().map_err(StageError::other)?,
+        }))
+    }
+
+    fn per_device(&self) -> bool {
+        true
+    }
+
+    fn worker<'s>(&'s self, device: &Device) -> Box<dyn ShardWorker + 's> {
+        Box::new(SampleWorker { stage: self, device: device.clone(), policy: None })
+    }
+}
+
+/// One device's policy, loaded on the first shard.
+struct SampleWorker<'a> {
+    stage: &'a SampleStage,
+    device: Device,
+    policy: Option<Policy>,
+}
+
+impl ShardWorker for SampleWorker<'_> {
+    fn run(&mut self, ctx: &ShardCtx<'_>) -> Result<(ShardMeta, usize), StageError> {
+        let st = self.stage;
+        if self.policy.is_none() {
+            self.policy = Some(Policy::load(&st.policy, &self.device)?);
+        }
+        let Some(policy) = self.policy.as_ref() else { return Err(CoreError::internal("no policy").into()) };
+        let rows_per_batch = (st.batch_tokens.max(1) / (st.sample.max_new_tokens as usize + 64)).max(1);
+        let prompts = rbon_core::tables::read_prompts_shard(ctx.run, ctx.shard)?;
+        let mut on_prompt = |tokens: usize| ctx.progress.event(Event::Tokens { stage: ctx.label.to_owned(), tokens });
+        let out = sample_shard(policy, &st.sample, st.seed, &prompts, rows_per_batch, &mut on_prompt)?;
+        let meta = ShardMeta { fingerprint: ctx.fingerprint.to_owned(), counters: out.counters, ..Default::default() };
+        let rows = out.batch.num_rows();
+        rbon_core::shard::write_parquet(
+            &ctx.run.shard_path(StageName::Samples, ctx.shard),
+            &samples_schema(),
+            &[out.batch],
+            &meta,
+        )?;
+        Ok((meta, rows))
+    }
+}
+
+impl From<SampleError> for StageError {
+    fn from(e: SampleError) -> Self {
+        let data = matches!(&e, SampleError::Core(c) if c.is_data());
+        Self { data, source: Box::new(e) }
+    }
+}
 
 /// The samples of one shard, in prompt order then sample index, with counters.
 #[derive(Debug)]
@@ -59,10 +136,10 @@ pub fn sample_shard(
     let batch =
         RecordBatch::try_new(samples_schema(), cols).map_err(|e| CoreError::internal(format!("samples: {e}")))?;
     let counters = BTreeMap::from([
-        ("prompts".to_owned(), prompts.len() as u64),
-        ("samples".to_owned(), rows.len() as u64),
-        ("tokens".to_owned(), tokens as u64),
-        ("truncated".to_owned(), truncated as u64),
+        (counter::PROMPTS.to_owned(), prompts.len() as u64),
+        (counter::SAMPLES.to_owned(), rows.len() as u64),
+        (counter::TOKENS.to_owned(), tokens as u64),
+        (counter::TRUNCATED.to_owned(), truncated as u64),
     ]);
     Ok(ShardSamples { batch, counters })
 }

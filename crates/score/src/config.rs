@@ -55,6 +55,19 @@ impl ScoreConfig {
         self.rewards.iter().map(|r| r.name.clone()).collect()
     }
 
+    /// The identity of every model of the section, reward models first (see
+    /// [`rbon_models::ModelDir::identity`]).
+    pub fn model_identities(&self) -> Result<Vec<Vec<(String, u64)>>, rbon_core::StageError> {
+        let specs =
+            self.rewards.iter().map(|r| r.model.as_str()).chain(self.embedding.iter().map(|e| e.model.as_str()));
+        specs
+            .map(|spec| {
+                let dir = ModelDir::resolve(spec).map_err(rbon_core::StageError::other)?;
+                dir.identity().map_err(rbon_core::StageError::other)
+            })
+            .collect()
+    }
+
     /// Every problem that shows without loading weights.
     pub fn check(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
         if self.rewards.is_empty() && self.embedding.is_none() {

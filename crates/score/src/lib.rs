@@ -9,7 +9,7 @@ pub mod stage;
 pub use config::{EmbeddingSpec, RewardSpec, ScoreConfig};
 pub use embed::{Embedder, Pooling};
 pub use reward::RewardModel;
-pub use stage::{ShardScores, score_shard};
+pub use stage::{ScoreStage, Scorers, ShardScores, score_shard};
 
 /// Errors of the score stage.
 #[derive(Debug, thiserror::Error)]

@@ -10,11 +10,98 @@ use arrow_array::types::UInt32Type;
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array};
 use arrow_schema::{DataType, Field};
 use rbon_core::schema::{PROMPT_ID, RESPONSE, SAMPLE_IDX, scores_schema};
-use rbon_core::{CoreError, Message};
+use rbon_core::stage::counter;
+use rbon_core::{CoreError, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
+use rbon_models::Device;
 
 use crate::ScoreError;
+use crate::config::ScoreConfig;
 use crate::embed::Embedder;
 use crate::reward::RewardModel;
+
+/// The score stage of a pipeline: every reward model and the embedder over each sample.
+#[derive(Debug, Clone)]
+pub struct ScoreStage {
+    pub score: ScoreConfig,
+    /// Padded tokens per model batch (`runtime.batch_tokens`).
+    pub batch_tokens: usize,
+}
+
+impl Stage<Device> for ScoreStage {
+    fn name(&self) -> StageName {
+        StageName::Scores
+    }
+
+    fn upstream(&self) -> &'static [StageName] {
+        &[StageName::Prompts, StageName::Samples]
+    }
+
+    fn identity(&self) -> Result<serde_json::Value, StageError> {
+        Ok(serde_json::json!({ "score": self.score, "models": self.score.model_identities()? }))
+    }
+
+    fn per_device(&self) -> bool {
+        true
+    }
+
+    fn worker<'s>(&'s self, device: &Device) -> Box<dyn ShardWorker + 's> {
+        Box::new(ScoreWorker { stage: self, device: device.clone(), scorers: None })
+    }
+}
+
+/// The loaded reward models (with their names) and embedder of a `score` section.
+#[derive(Debug)]
+pub struct Scorers {
+    pub rewards: Vec<(String, RewardModel)>,
+    pub embedder: Option<Embedder>,
+}
+
+impl Scorers {
+    /// Loads every model of the section on `device`.
+    pub fn load(sc: &ScoreConfig, device: &Device) -> Result<Self, ScoreError> {
+        let mut rewards = Vec::new();
+        for r in &sc.rewards {
+            let template = rbon_models::chat::template_choice(&r.chat_template, std::path::Path::new("."));
+            rewards.push((r.name.clone(), RewardModel::load(&r.model, &template, r.dtype.dtype(), device)?));
+        }
+        let embedder = match &sc.embedding {
+            Some(e) => Some(Embedder::load(&e.model, e.dtype.dtype(), device)?),
+            None => None,
+        };
+        Ok(Self { rewards, embedder })
+    }
+}
+
+/// One device's scorers, loaded on the first shard.
+struct ScoreWorker<'a> {
+    stage: &'a ScoreStage,
+    device: Device,
+    scorers: Option<Scorers>,
+}
+
+impl ShardWorker for ScoreWorker<'_> {
+    fn run(&mut self, ctx: &ShardCtx<'_>) -> Result<(ShardMeta, usize), StageError> {
+        if self.scorers.is_none() {
+            self.scorers = Some(Scorers::load(&self.stage.score, &self.device)?);
+        }
+        let Some(s) = self.scorers.as_ref() else { return Err(CoreError::internal("no scorers").into()) };
+        let prompts = rbon_core::tables::read_prompts_shard(ctx.run, ctx.shard)?;
+        let samples = rbon_core::shard::read_parquet(&ctx.run.shard_path(StageName::Samples, ctx.shard))?;
+        let out = score_shard(&s.rewards, s.embedder.as_ref(), &prompts, &samples, self.stage.batch_tokens)?;
+        let meta = ShardMeta { fingerprint: ctx.fingerprint.to_owned(), counters: out.counters, ..Default::default() };
+        let rows = out.batch.num_rows();
+        let path = ctx.run.shard_path(StageName::Scores, ctx.shard);
+        rbon_core::shard::write_parquet(&path, &out.batch.schema(), &[out.batch], &meta)?;
+        Ok((meta, rows))
+    }
+}
+
+impl From<ScoreError> for StageError {
+    fn from(e: ScoreError) -> Self {
+        let data = matches!(&e, ScoreError::Core(c) if c.is_data());
+        Self { data, source: Box::new(e) }
+    }
+}
 
 /// The scores of one shard and its counters.
 #[derive(Debug)]
@@ -100,6 +187,6 @@ pub fn score_shard(
     let names: Vec<String> = rewards.iter().map(|(n, _)| n.clone()).collect();
     let batch = RecordBatch::try_new(scores_schema(&names, dim), cols)
         .map_err(|e| CoreError::internal(format!("scores: {e}")))?;
-    let counters = BTreeMap::from([("samples".to_owned(), ids.len() as u64)]);
+    let counters = BTreeMap::from([(counter::SAMPLES.to_owned(), ids.len() as u64)]);
     Ok(ShardScores { batch, counters })
 }

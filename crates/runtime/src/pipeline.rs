@@ -1,0 +1,101 @@
+//! The stages a pipeline runs, and every stage's fingerprint, known before any work. Each stage
+//! after the input is registered here in one line; its fingerprint is derived from its
+//! [`Stage::identity`] and the fingerprints of the stages it reads.
+
+use std::collections::BTreeMap;
+
+use rbon_core::rundir::fingerprint;
+use rbon_core::{CoreError, Stage, StageName};
+use rbon_models::Device;
+
+use crate::config::{Pipeline, PipelineConfig};
+use crate::outcome::RunError;
+use crate::source::{Source, import_fingerprint, import_label};
+
+/// A stage of the runtime: over the runtime's model devices.
+pub(crate) type DynStage = Box<dyn Stage<Device>>;
+
+/// The stages of a run and their fingerprints.
+pub(crate) struct Plan {
+    pub n_shards: usize,
+    /// The input's stage, then `stages`' names, in order.
+    pub chain: Vec<StageName>,
+    /// What progress and summaries call each stage of `chain`.
+    pub labels: Vec<String>,
+    /// The stages after the input.
+    pub stages: Vec<DynStage>,
+    pub fps: BTreeMap<StageName, String>,
+    /// The exports' fingerprint, when the run makes pairs.
+    pub export_fp: Option<String>,
+}
+
+impl Plan {
+    pub fn fp(&self, stage: StageName) -> &str {
+        self.fps.get(&stage).map(String::as_str).unwrap_or_default()
+    }
+}
+
+/// The stages after the input, in order. Adding a stage is one line here.
+fn stages(cfg: &PipelineConfig, source: &Source) -> Result<Vec<DynStage>, RunError> {
+    let batch_tokens = cfg.runtime.batch_tokens.max(1) as usize;
+    let mut out: Vec<DynStage> = Vec::new();
+    if let Source::Prompts { .. } = source {
+        let (Some(policy), Some(sample)) = (&cfg.policy, &cfg.sample) else {
+            return Err(CoreError::internal("prompts input without policy and sample passed validation").into());
+        };
+        let (policy, sample, seed) = (policy.clone(), sample.clone(), cfg.seed);
+        out.push(Box::new(rbon_sample::SampleStage { policy, sample, seed, batch_tokens }));
+        if let Some(score) = cfg.score.clone() {
+            out.push(Box::new(rbon_score::ScoreStage { score, batch_tokens }));
+        }
+    }
+    let scored = matches!(source, Source::Candidates { .. }) || cfg.score.is_some();
+    if let (Some(select), true) = (&cfg.select, scored) {
+        out.push(Box::new(rbon_regularize::SelectStage { select: select.clone(), seed: cfg.seed }));
+        let pair = crate::run::shard_pair_config(&cfg.pair);
+        out.push(Box::new(rbon_pair::PairStage { pair, select: select.clone(), seed: cfg.seed }));
+    }
+    Ok(out)
+}
+
+#[derive(serde::Serialize)]
+struct ExportIdentity<'a> {
+    name: &'a str,
+    config_text: &'a str,
+}
+
+/// Every stage of a run with its fingerprint.
+pub(crate) fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Plan, RunError> {
+    let cfg = &p.config;
+    let mut fps = BTreeMap::new();
+    let (first, also) = source.stage();
+    let (source_fp, source_label) = match source {
+        Source::Candidates { fp, .. } => (import_fingerprint(cfg, fp)?, import_label(cfg)),
+        Source::Prompts { fp, .. } => (fp.clone(), first.to_string()),
+    };
+    for s in std::iter::once(first).chain(also.iter().copied()) {
+        fps.insert(s, source_fp.clone());
+    }
+    let stages = stages(cfg, source)?;
+    let mut chain = vec![first];
+    let mut labels = vec![source_label];
+    for st in &stages {
+        let upstream: Vec<&str> = st
+            .upstream()
+            .iter()
+            .map(|u| {
+                fps.get(u)
+                    .map(String::as_str)
+                    .ok_or_else(|| CoreError::internal(format!("{u} runs after {}", st.name())))
+            })
+            .collect::<Result<_, _>>()?;
+        let fp = fingerprint(st.name().as_str(), &st.identity()?, &upstream);
+        fps.insert(st.name(), fp);
+        chain.push(st.name());
+        labels.push(st.label());
+    }
+    let export_fp = fps.get(&StageName::Pairs).map(|fp_pairs| {
+        fingerprint("export", &ExportIdentity { name: &cfg.name, config_text: p.doc.text() }, &[fp_pairs])
+    });
+    Ok(Plan { n_shards, chain, labels, stages, fps, export_fp })
+}
