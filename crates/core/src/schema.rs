@@ -19,6 +19,8 @@ pub const REWARD_PREFIX: &str = "reward_";
 pub const METHOD: &str = "method";
 pub const BETA: &str = "beta";
 pub const INDEX: &str = "index";
+/// The runner-up under the same objective (what `pair.rejected: second` takes).
+pub const SECOND: &str = "second";
 pub const OBJECTIVE: &str = "objective";
 pub const CHOSEN: &str = "chosen";
 pub const REJECTED: &str = "rejected";
@@ -98,6 +100,7 @@ pub fn selections_schema(rewards: &[String]) -> SchemaRef {
         Field::new(METHOD, DataType::Utf8, false),
         Field::new(BETA, DataType::Float64, false),
         Field::new(INDEX, DataType::UInt32, true),
+        Field::new(SECOND, DataType::UInt32, true),
         Field::new(OBJECTIVE, DataType::Float64, false),
     ];
     for r in rewards {

@@ -8,13 +8,13 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
 use arrow_array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array};
 use rbon_core::messages::messages_array;
-use rbon_core::schema::{self, BETA, INDEX, METHOD, PROMPT_ID};
+use rbon_core::schema::{self, BETA, INDEX, METHOD, PROMPT_ID, SECOND};
 use rbon_core::seed::{derive_seed, uniform_below};
 use rbon_core::stage::counter;
 use rbon_core::tables::SampleScores;
 use rbon_core::{CoreError, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
 use rbon_regularize::stage::group_proxy;
-use rbon_regularize::{Candidates, Method, RegularizeError, SelectConfig, argmin, second, wasserstein};
+use rbon_regularize::{Method, RegularizeError, SelectConfig, argmin};
 
 use crate::config::{PairConfig, RejectedRule};
 
@@ -152,13 +152,13 @@ pub fn pair_shard(
     for key in [counter::PAIRS.to_owned()].into_iter().chain(DropReason::ALL.map(|d| d.counter().to_owned())) {
         out.counters.insert(key, 0);
     }
-    let mut wd_cache: HashMap<usize, Vec<f64>> = HashMap::new();
-    let mut proxy_cache: HashMap<usize, (Vec<f64>, Option<Vec<f64>>)> = HashMap::new();
+    let mut proxy_cache: HashMap<usize, Vec<f64>> = HashMap::new();
     for batch in selections {
         let ids = col(batch, PROMPT_ID)?.as_string::<i32>();
         let methods = col(batch, METHOD)?.as_string::<i32>();
         let betas = col(batch, BETA)?.as_primitive::<Float64Type>();
         let index = col(batch, INDEX)?.as_primitive::<UInt32Type>();
+        let seconds = col(batch, SECOND)?.as_primitive::<UInt32Type>();
         for r in 0..batch.num_rows() {
             let Ok(method) = methods.value(r).parse::<Method>() else { continue };
             let beta = betas.value(r);
@@ -170,14 +170,17 @@ pub fn pair_shard(
             let gi = *group_of.get(pid).ok_or_else(|| perr("selected but has no samples".into()))?;
             let g = data.groups[gi].clone();
             let prompt = *prompt_of.get(pid).ok_or_else(|| perr("selected but not in the prompts table".into()))?;
-            let chosen = data.sample_idx[g.clone()]
-                .iter()
-                .position(|&s| s == index.value(r))
-                .ok_or_else(|| perr(format!("selected sample {} does not exist", index.value(r))))?;
+            let position = |k: u32| {
+                data.sample_idx[g.clone()]
+                    .iter()
+                    .position(|&s| s == k)
+                    .ok_or_else(|| perr(format!("selected sample {k} does not exist")))
+            };
+            let chosen = position(index.value(r))?;
             if let std::collections::hash_map::Entry::Vacant(e) = proxy_cache.entry(gi) {
-                e.insert(group_proxy(select, data, &g).map_err(|e| perr(e.to_string()))?);
+                e.insert(group_proxy(select, data, &g).map_err(|e| perr(e.to_string()))?.0);
             }
-            let (proxy_r, uncertainty) = &proxy_cache[&gi];
+            let proxy_r = &proxy_cache[&gi];
             let n = g.len();
             let rejected = match cfg.rejected {
                 RejectedRule::Worst => argmin(proxy_r),
@@ -185,25 +188,8 @@ pub fn pair_shard(
                     let k = uniform_below(derive_seed(seed, pid, b"pair.rejected"), n as u64 - 1) as usize;
                     if k < chosen { k } else { k + 1 }
                 }),
-                RejectedRule::Second => {
-                    let wd = if method.needs_embedding() {
-                        if let std::collections::hash_map::Entry::Vacant(e) = wd_cache.entry(gi) {
-                            let (emb, dim) = data.group_embeddings(&g).ok_or(RegularizeError::MissingEmbedding)?;
-                            e.insert(wasserstein(emb, dim)?);
-                        }
-                        wd_cache.get(&gi).map(Vec::as_slice)
-                    } else {
-                        None
-                    };
-                    let c = Candidates {
-                        proxy: proxy_r,
-                        logprob: data.logprob.as_ref().map(|l| &l[g.clone()]),
-                        num_tokens: data.num_tokens.as_ref().map(|t| &t[g.clone()]),
-                        wd,
-                        uncertainty: uncertainty.as_deref(),
-                    };
-                    second(method, beta, &c, chosen)?
-                }
+                // The runner-up under the same objective, found by the selection stage.
+                RejectedRule::Second => seconds.is_valid(r).then(|| position(seconds.value(r))).transpose()?,
             }
             .unwrap_or(chosen);
             let key = export_key(method, beta);

@@ -190,8 +190,6 @@ pub enum RegularizeError {
     InvalidBeta { beta: f64 },
     #[error("`{method}` is report-only: it is computed from gold rewards, not selected here")]
     ReportOnly { method: Method },
-    #[error("pick {index} is out of range for {n} candidates")]
-    PickOutOfRange { index: usize, n: usize },
 }
 
 /// WD_i = (1/N) Σ_j (1 − cos(e_i, e_j)), j over all N incl. i, from row-major embeddings
@@ -450,14 +448,10 @@ pub fn vbon_weights(rewards: &[f64]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// The runner-up under the same objective: the best index other than `pick` (ties → lowest
+/// The runner-up of objective values: the best index other than `pick` (ties → lowest
 /// index); None if N < 2.
-pub fn second(method: Method, beta: f64, c: &Candidates, pick: usize) -> Result<Option<usize>, RegularizeError> {
-    let values = objectives(method, beta, c)?;
-    if pick >= values.len() {
-        return Err(RegularizeError::PickOutOfRange { index: pick, n: values.len() });
-    }
-    Ok(best_by(&values, Some(pick), |v, b| v > b))
+pub fn runner_up(values: &[f64], pick: usize) -> Option<usize> {
+    best_by(values, Some(pick), |v, b| v > b)
 }
 
 #[cfg(test)]
@@ -467,6 +461,11 @@ mod tests {
     use proptest::prelude::*;
 
     const EPS: f64 = 1e-12;
+
+    /// The runner-up of a method's objectives.
+    fn second(method: Method, beta: f64, c: &Candidates, pick: usize) -> Result<Option<usize>, RegularizeError> {
+        Ok(runner_up(&objectives(method, beta, c)?, pick))
+    }
 
     fn assert_pick(p: Pick, index: usize, objective: f64) {
         assert_eq!(p.index, index, "{p:?}");
@@ -742,10 +741,6 @@ mod tests {
         assert_eq!(second(Method::Bon, 0.0, &Candidates::new(&one), 0), Ok(None));
         let two = [1.0, 2.0];
         assert_eq!(second(Method::Bon, 0.0, &Candidates::new(&two), 1), Ok(Some(0)));
-        assert_eq!(
-            second(Method::Bon, 0.0, &Candidates::new(&two), 2),
-            Err(RegularizeError::PickOutOfRange { index: 2, n: 2 })
-        );
     }
 
     // ---- wasserstein ----

@@ -14,7 +14,9 @@ use rbon_core::tables::SampleScores;
 use rbon_core::{CoreError, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
 
 use crate::config::SelectConfig;
-use crate::method::{Candidates, Method, RegularizeError, argmax, ensemble, objectives, sample_index, wasserstein};
+use crate::method::{
+    Candidates, Method, RegularizeError, argmax, ensemble, objectives, runner_up, sample_index, wasserstein,
+};
 
 /// Errors of the selection stage.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,9 @@ pub struct SelectionRow {
     pub beta: f64,
     /// The chosen `sample_idx`; `None` for `random`, which is an average, not a pick.
     pub index: Option<u32>,
+    /// The runner-up's `sample_idx` under the same objective (ties to the lowest index): what
+    /// `pair.rejected: second` pairs the pick with. `None` with one sample, and for `random`.
+    pub second: Option<u32>,
     pub objective: f64,
     /// Every reward model's score of the pick (means for `random`), in `reward_names` order.
     pub rewards: Vec<f64>,
@@ -165,24 +170,31 @@ pub fn select_shard(cfg: &SelectConfig, data: &SampleScores, seed: u64) -> Resul
             uncertainty: uncertainty.as_deref(),
         };
         let rewards_at = |i: usize| data.rewards.iter().map(|r| r[g.start + i]).collect::<Vec<_>>();
-        let row = |method: String, beta: f64, index: Option<usize>, objective: f64, rewards: Vec<f64>| SelectionRow {
-            prompt_id: pid.clone(),
-            method,
-            beta,
-            index: index.map(|i| data.sample_idx[g.start + i]),
-            objective,
-            rewards,
-        };
+        let row =
+            |method: String, beta: f64, pick: Option<(usize, Option<usize>)>, objective: f64, rewards: Vec<f64>| {
+                let idx = |i: usize| data.sample_idx[g.start + i];
+                SelectionRow {
+                    prompt_id: pid.clone(),
+                    method,
+                    beta,
+                    index: pick.map(|(i, _)| idx(i)),
+                    second: pick.and_then(|(_, s)| s).map(idx),
+                    objective,
+                    rewards,
+                }
+            };
         for &(m, beta) in &combos {
             let obj = objectives(m, beta, &c).map_err(err)?;
             let i = if m.is_stochastic() { sample_index(&obj, draw(seed, pid, m, beta)) } else { argmax(&obj) };
             let i = i.ok_or_else(|| err(RegularizeError::NoCandidates))?;
-            out.push(row(m.as_str().to_owned(), beta, Some(i), obj[i], rewards_at(i)));
+            let second = runner_up(&obj, i);
+            out.push(row(m.as_str().to_owned(), beta, Some((i, second)), obj[i], rewards_at(i)));
         }
         for &(name, gi) in &gold {
             let values = &data.rewards[gi][g.clone()];
             let i = argmax(values).ok_or_else(|| err(RegularizeError::NoCandidates))?;
-            out.push(row(format!("{}:{name}", Method::Oracle.as_str()), 0.0, Some(i), values[i], rewards_at(i)));
+            let pick = Some((i, runner_up(values, i)));
+            out.push(row(format!("{}:{name}", Method::Oracle.as_str()), 0.0, pick, values[i], rewards_at(i)));
         }
         // The random baseline: the expected rewards of a uniformly random pick.
         let n = g.len() as f64;
@@ -204,6 +216,7 @@ pub fn selections_batch(rows: &[SelectionRow], reward_names: &[String]) -> Resul
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.method.as_str()))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.beta))),
         Arc::new(UInt32Array::from_iter(rows.iter().map(|r| r.index))),
+        Arc::new(UInt32Array::from_iter(rows.iter().map(|r| r.second))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.objective))),
     ];
     for i in 0..reward_names.len() {
