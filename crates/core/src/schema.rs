@@ -109,6 +109,38 @@ pub fn selections_schema(rewards: &[String]) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// SFT rows (BoNBoN's SFT term): TRL's conversational prompt-completion format.
+pub fn sft_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(PROMPT_ID, DataType::Utf8, false),
+        Field::new(METHOD, DataType::Utf8, false),
+        Field::new(BETA, DataType::Float64, false),
+        Field::new(PROMPT, messages_type(), false),
+        Field::new(COMPLETION, messages_type(), false),
+        Field::new(SAMPLE_IDX, DataType::UInt32, false),
+    ]))
+}
+
+/// vBoN rows: every sample with its log π_ref and BoN weight.
+pub fn vbon_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(PROMPT_ID, DataType::Utf8, false),
+        Field::new(SAMPLE_IDX, DataType::UInt32, false),
+        Field::new(PROMPT, messages_type(), false),
+        Field::new(COMPLETION, messages_type(), false),
+        Field::new(LOGPROB, DataType::Float64, true),
+        Field::new(REWARD, DataType::Float64, false),
+        Field::new(REWARD_CDF, DataType::Float64, false),
+        Field::new(LOG_WEIGHT, DataType::Float64, false),
+    ]))
+}
+
+/// Columns of the SFT and vBoN exports.
+pub const COMPLETION: &str = "completion";
+pub const REWARD: &str = "reward";
+pub const REWARD_CDF: &str = "reward_cdf";
+pub const LOG_WEIGHT: &str = "log_weight";
+
 /// pairs: TRL conversational rows with an explicit prompt, plus metadata.
 pub fn pairs_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![

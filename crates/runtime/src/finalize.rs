@@ -11,6 +11,7 @@ use rbon_core::rundir::EXPORT_ENTRY;
 use rbon_core::shard::ShardMeta;
 use rbon_core::stage::{counter, shard_index};
 use rbon_core::{CoreError, Event, Manifest, Progress, RankState, RunDir, StageName, StageState};
+use rbon_pair::export::{README, SFT_DIR, VBON_DIR};
 use rbon_pair::{CardContext, ChatRender, Export, ExportOptions, PairConfig, export_key, write_exports_with};
 use rbon_regularize::{SelectConfig, sweep};
 
@@ -165,7 +166,7 @@ pub(crate) fn merge(
     };
     let pair_metas = metas.get(&StageName::Pairs).map(Vec::as_slice).unwrap_or_default();
     let (exports, exports_reused) = exports(m, select, pair_metas, &stages, manifest, progress)?;
-    let vbon_files = export_files(&run.root().join(rbon_pair::export::VBON_DIR));
+    let vbon_files = export_files(&run.root().join(VBON_DIR));
     let report = rbon_report::build_report(run.root(), rbon_report::ReportOptions::default())?;
     Ok(Merged { stages, exports, exports_reused, vbon_files, report: Some(report) })
 }
@@ -202,15 +203,15 @@ fn exports(
     let export_done = manifest.stages.get(EXPORT_ENTRY).is_some_and(|s| s.complete && s.fingerprint == export_fp)
         && exports.iter().all(|&(me, b)| {
             let dir = run.stage_dir(StageName::Pairs).join(export_key(me, b));
-            dir.join("README.md").is_file() && (!cfg_pair.sft || dir.join("sft/README.md").is_file())
+            dir.join(README).is_file() && (!cfg_pair.sft || dir.join(SFT_DIR).join(README).is_file())
         })
-        && (!cfg_pair.vbon || run.root().join(rbon_pair::export::VBON_DIR).join("README.md").is_file());
+        && (!cfg_pair.vbon || run.root().join(VBON_DIR).join(README).is_file());
     if export_done {
         let list = exports
             .iter()
             .map(|&(me, b)| {
                 let dir = run.stage_dir(StageName::Pairs).join(export_key(me, b));
-                let sft_files = if cfg_pair.sft { export_files(&dir.join("sft")) } else { Vec::new() };
+                let sft_files = if cfg_pair.sft { export_files(&dir.join(SFT_DIR)) } else { Vec::new() };
                 let files = export_files(&dir);
                 let counts = details.get(&export_key(me, b)).cloned().unwrap_or_default();
                 Export { method: me, beta: b, dir, files, sft_files, counts }
