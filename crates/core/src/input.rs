@@ -16,7 +16,9 @@ use serde_json::Value;
 
 use crate::error::{CoreError, Result};
 use crate::messages::{Message, canonical, is_messages_type, read_messages};
-use crate::schema::{EMBEDDING, LOGPROB, NUM_TOKENS, PROMPT, PROMPT_ID, RESPONSE, REWARD_PREFIX, SAMPLE_IDX};
+use crate::schema::{
+    EMBEDDING, LOGPROB, NUM_TOKENS, PROMPT, PROMPT_ID, RESPONSE, SAMPLE_IDX, reward_column, reward_name,
+};
 use crate::seed::sha256_hex;
 
 fn default_shard_size() -> u64 {
@@ -509,7 +511,7 @@ fn header_from_names<'a>(names: impl Iterator<Item = &'a str>) -> (CandidatesHea
     let mut all = Vec::new();
     for n in names {
         all.push(n.to_owned());
-        if let Some(r) = n.strip_prefix(REWARD_PREFIX) {
+        if let Some(r) = reward_name(n) {
             h.rewards.push(r.to_owned());
         }
         h.has_logprob |= n == LOGPROB;
@@ -825,7 +827,7 @@ fn json_candidate(
 ) -> Result<(String, Vec<Message>, CandidateSample)> {
     // The columns come from the first record; a field it lacks would otherwise be ignored.
     for k in obj.keys() {
-        let known = match k.strip_prefix(REWARD_PREFIX) {
+        let known = match reward_name(k) {
             Some(r) => h.rewards.iter().any(|x| x == r),
             None => match k.as_str() {
                 LOGPROB => h.has_logprob,
@@ -865,7 +867,7 @@ fn json_candidate(
         .rewards
         .iter()
         .map(|r| {
-            let col = format!("{REWARD_PREFIX}{r}");
+            let col = reward_column(r);
             finite(loc, &col, get(&col).and_then(Value::as_f64))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -959,7 +961,7 @@ impl ParquetColumns {
                 .rewards
                 .iter()
                 .map(|r| {
-                    let name = format!("{REWARD_PREFIX}{r}");
+                    let name = reward_column(r);
                     Ok((name.clone(), cast(&name, &DataType::Float64)?))
                 })
                 .collect::<Result<_>>()?,

@@ -14,8 +14,16 @@ use crate::seed::hex;
 use crate::shard::{self, ShardMeta};
 use crate::stage::{StageName, shard_file_name};
 
+/// The frozen copy of the pipeline that made the run.
+pub const FROZEN_CONFIG: &str = "pipeline.yaml";
+/// Per stage: fingerprint, shards done, counters.
+pub const MANIFEST: &str = "manifest.json";
+/// The report of a merged run.
+pub const REPORT_DIR: &str = "report";
+/// The variational-BoN export.
+pub const VBON_DIR: &str = "vbon";
 /// Entries rbon writes in a run directory besides the stages' folders.
-pub const OWNED_FILES: [&str; 5] = ["pipeline.yaml", "manifest.json", "report", "vbon", RANKS_DIR];
+pub const OWNED_FILES: [&str; 5] = [FROZEN_CONFIG, MANIFEST, REPORT_DIR, VBON_DIR, RANKS_DIR];
 /// Where each rank records its plan and progress.
 pub const RANKS_DIR: &str = "ranks";
 /// The manifest's entry for the exports (beside the stages').
@@ -105,7 +113,7 @@ impl RunDir {
 
     /// An existing run directory (one with `manifest.json`).
     pub fn open(root: &Path) -> Option<Self> {
-        root.join("manifest.json").is_file().then(|| Self { root: root.to_owned() })
+        root.join(MANIFEST).is_file().then(|| Self { root: root.to_owned() })
     }
 
     pub fn root(&self) -> &Path {
@@ -188,7 +196,7 @@ impl RunDir {
     }
 
     pub fn manifest_path(&self) -> PathBuf {
-        self.root.join("manifest.json")
+        self.root.join(MANIFEST)
     }
 
     /// The manifest, or an empty one for a new directory.
@@ -252,9 +260,14 @@ impl RunDir {
         Ok(())
     }
 
+    /// The frozen pipeline YAML.
+    pub fn frozen_config_path(&self) -> PathBuf {
+        self.root.join(FROZEN_CONFIG)
+    }
+
     /// Freezes the config text that produced the run.
     pub fn freeze_config(&self, text: &str) -> Result<()> {
-        shard::write_atomic(&self.root.join("pipeline.yaml"), text.as_bytes())
+        shard::write_atomic(&self.frozen_config_path(), text.as_bytes())
     }
 }
 

@@ -41,6 +41,11 @@ pub fn reward_column(name: &str) -> String {
     format!("{REWARD_PREFIX}{name}")
 }
 
+/// The reward model a column belongs to: `reward_proxy` → `proxy`; `None` for other columns.
+pub fn reward_name(column: &str) -> Option<&str> {
+    column.strip_prefix(REWARD_PREFIX)
+}
+
 /// The fields of one chat message: `struct<role: string, content: string>`.
 pub fn message_fields() -> Fields {
     Fields::from(vec![Field::new(ROLE, DataType::Utf8, false), Field::new(CONTENT, DataType::Utf8, false)])

@@ -154,7 +154,7 @@ impl SampleScores {
         let mut reward_names = Vec::new();
         let mut rewards = Vec::new();
         for f in sc.schema().fields() {
-            if let Some(name) = f.name().strip_prefix(REWARD_PREFIX) {
+            if let Some(name) = reward_name(f.name()) {
                 reward_names.push(name.to_owned());
                 rewards.push(column(&sc, f.name(), what)?.as_primitive::<Float64Type>().values().to_vec());
             }

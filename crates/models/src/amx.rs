@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::kernels::{self, Epilogue, Mat};
+use crate::epilogue::{self, Epilogue, Mat};
 
 /// Rows and columns of an output block; also the k step (32 bf16 values per tile row).
 const BLOCK: usize = 32;
@@ -349,7 +349,7 @@ unsafe fn finish_block(
         // SAFETY: by the caller's contract; a slice of `out` is made only when it is not `src`.
         unsafe {
             let row = std::slice::from_raw_parts_mut(src.add(i * lds), BLOCK);
-            kernels::finish(row, bias, gelu);
+            epilogue::finish(row, bias, gelu);
             if src != out {
                 std::slice::from_raw_parts_mut(out.add(i * ldo), BLOCK).copy_from_slice(row);
             }
@@ -363,7 +363,7 @@ unsafe fn finish_block(
 /// as its sums are done. `threads`: spread the work over rayon's pool.
 ///
 /// Call only when [`available`]. Panics when the buffers are too small for the shapes (a bug in
-/// the caller, like [`crate::kernels::matmul_t`]).
+/// the caller, like the gemm path of the CPU kernels).
 pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue, threads: bool) {
     let (n, k) = (w.n, w.k);
     let (m, ldx, x_cols) = (x.rows, x.stride, x.cols);
@@ -466,7 +466,7 @@ mod tests {
     use super::*;
 
     fn lcg(seed: u64) -> impl FnMut() -> f32 {
-        crate::kernels::uniform(seed, 2.0)
+        crate::epilogue::uniform(seed, 2.0)
     }
 
     #[test]

@@ -10,6 +10,11 @@
 //! vectorises (a Cephes-style polynomial) compiled for AVX-512 or AVX2 where the CPU has it.
 
 use gemm::Parallelism;
+
+#[cfg(test)]
+pub(crate) use crate::epilogue::uniform;
+pub use crate::epilogue::{Epilogue, Mat};
+use crate::epilogue::{exp, finish, gelu};
 use rayon::prelude::*;
 
 /// Rows of work per rayon task for element-wise ops over [tokens, width] buffers.
@@ -50,79 +55,10 @@ macro_rules! multiversion {
     };
 }
 
-/// `e^x` to about 2 ulp for x in [-87, 88], 0 below (masked scores are -inf), in straight-line
-/// code that LLVM vectorises: x = n·ln2 + r, e^r by Cephes' degree-6 polynomial, 2^n by bits.
-/// `mul_add` is one instruction in the AVX2/AVX-512 builds (and on aarch64); only an x86 CPU
-/// without FMA (before 2013) pays a libm call for it.
-///
-/// n is rounded by adding 1.5·2²³, which leaves it in the low bits of the sum: a float-to-int
-/// `as` cast would saturate and map NaN to 0, and LLVM does that one lane at a time (it made
-/// softmax and GELU ten times slower).
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2²³
-    let xc = x.clamp(-87.0, 88.0);
-    let t = xc.mul_add(LOG2E, ROUND);
-    let n = t - ROUND;
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
-    let mut p = 1.987_569_1e-4_f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5);
-    let er = (p * r).mul_add(r, r) + 1.0;
-    // t's bits are ROUND's plus n; 2^n is (n + 127) in the exponent field.
-    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
-    if x < -87.0 { 0.0 } else { er * scale }
-}
-
-/// erf(x) to 5e-7 absolute (Abramowitz & Stegun 7.1.26: 1.5e-7, plus f32 rounding), the
-/// approximation PyTorch's vectorised CPU erf uses too.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A1: f32 = 0.254_829_6;
-    const A2: f32 = -0.284_496_74;
-    const A3: f32 = 1.421_413_7;
-    const A4: f32 = -1.453_152_1;
-    const A5: f32 = 1.061_405_4;
-    let a = x.abs();
-    let t = 1.0 / (1.0 + P * a);
-    let poly = A5.mul_add(t, A4).mul_add(t, A3).mul_add(t, A2).mul_add(t, A1) * t;
-    let y = (-poly).mul_add(exp(-a * a), 1.0);
-    y.copysign(x)
-}
-
-/// The exact (erf) GELU BERT uses.
-#[inline(always)]
-fn gelu(v: f32) -> f32 {
-    0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
-}
-
 multiversion! {
     /// `x ← gelu(x)`, one thread's share.
     fn gelu_erf_serial(x: &mut [f32]) {
         for v in x.iter_mut() {
-            *v = gelu(*v);
-        }
-    }
-}
-
-/// `row ← row + bias`, then GELU when `gelu`: an [`Epilogue`] on a piece of an output row
-/// (`bias` as long as `row`). Inlined into callers compiled for AVX-512 (the AMX kernel's).
-#[inline(always)]
-pub(crate) fn finish(row: &mut [f32], bias: Option<&[f32]>, gelu_after: bool) {
-    if let Some(b) = bias {
-        for (v, b) in row.iter_mut().zip(b) {
-            *v += b;
-        }
-    }
-    if gelu_after {
-        for v in row.iter_mut() {
             *v = gelu(*v);
         }
     }
@@ -271,26 +207,6 @@ pub fn rms_norm(x: &[f32], out: &mut [f32], w: &[f32], eps: f32) {
     x.par_chunks(c).zip(out.par_chunks_mut(c)).for_each(|(x, o)| rms_norm_serial(x, o, w, eps));
 }
 
-/// A row-major f32 matrix view: `rows` rows of `cols` values, row i starting at `i * stride`.
-#[derive(Debug, Clone, Copy)]
-pub struct Mat<'a> {
-    pub data: &'a [f32],
-    pub rows: usize,
-    pub cols: usize,
-    pub stride: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// A dense [rows, cols] matrix.
-    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self { data, rows, cols, stride: cols }
-    }
-
-    fn fits(&self) -> bool {
-        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.stride + self.cols <= self.data.len()
-    }
-}
-
 /// `out ← (accumulate ? out : 0) + x · wᵀ` for x [m, k] and w [n, k] (a linear layer's weight),
 /// `out` [m, n] with row stride `ldo`. `threads`: split the product across rayon's pool (off
 /// when the caller already runs one product per task).
@@ -392,34 +308,6 @@ impl Weight {
 }
 
 /// What [`linear`] does around its product:
-/// `out ← gelu?((accumulate ? out : 0) + x · wᵀ + bias)`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Epilogue<'a> {
-    /// Add to `out` (a residual stream) instead of overwriting it.
-    pub accumulate: bool,
-    /// One value per output column.
-    pub bias: Option<&'a [f32]>,
-    /// The exact (erf) GELU on the result.
-    pub gelu: bool,
-}
-
-impl<'a> Epilogue<'a> {
-    /// `out ← x · wᵀ + bias`.
-    pub fn overwrite(bias: Option<&'a [f32]>) -> Self {
-        Self { accumulate: false, bias, gelu: false }
-    }
-
-    /// `out ← out + x · wᵀ + bias`.
-    pub fn accumulate(bias: Option<&'a [f32]>) -> Self {
-        Self { accumulate: true, bias, gelu: false }
-    }
-
-    /// GELU on the result as well.
-    pub fn gelu(self) -> Self {
-        Self { gelu: true, ..self }
-    }
-}
-
 /// `out ← gelu?((accumulate ? out : 0) + x · wᵀ + bias)` with a prepared [`Weight`] (see
 /// [`Epilogue`]); `out` is [x.rows, w.rows] at row stride `ldo`. On AMX, not in passes of their
 /// own: a fresh sum starts from the bias in its accumulator tiles, and GELU (or a residual's
@@ -607,20 +495,11 @@ pub fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -
     out
 }
 
-/// A deterministic uniform generator on [-half, half) for kernel tests (an LCG).
-#[cfg(test)]
-pub(crate) fn uniform(seed: u64, half: f32) -> impl FnMut() -> f32 {
-    let mut s = seed;
-    move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * half
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::epilogue::erf;
 
     #[test]
     fn exp_and_erf_are_accurate() {

@@ -8,6 +8,7 @@ pub mod bert;
 pub mod chat;
 pub mod config;
 pub mod decoder;
+mod epilogue;
 pub mod error;
 pub mod gguf;
 pub mod hub;

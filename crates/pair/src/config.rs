@@ -143,7 +143,6 @@ impl From<RawPairConfig> for PairConfig {
             vbon: r.vbon,
             format: r.format,
             file_format: r.file_format,
-            best_betas: BTreeMap::new(),
             best_at: best_at.map(|i| (i, best_count)),
         }
     }
@@ -164,8 +163,8 @@ pub struct PairConfig {
     /// for `bon_unc`); methods without β always export. The YAML list may also hold `best`,
     /// which is kept apart in [`PairConfig::best`].
     pub betas: Option<Vec<f64>>,
-    /// `pair.betas` lists `best`: export each method at the β that `select.tune` picks (filled
-    /// into [`PairConfig::best_betas`] by whoever runs the tuning before pairing).
+    /// `pair.betas` lists `best`: export each method at the β that `select.tune` picks (the
+    /// tuned values are passed to [`PairConfig::exports`] once the tuning has run).
     pub best: bool,
     /// Also write each export's SFT half (`<export>/sft/`: prompt + the chosen completion, TRL's
     /// prompt-completion format), the SFT term of BoNBoN alignment.
@@ -178,9 +177,6 @@ pub struct PairConfig {
     pub format: PairFormat,
     /// `parquet` (default) or `jsonl`.
     pub file_format: FileFormat,
-    /// The tuned β per method that `best` stands for; not part of the YAML.
-    #[serde(skip)]
-    pub best_betas: BTreeMap<Method, f64>,
     /// Where `best` sat in the YAML list and how often it was listed, for diagnostics; set by
     /// deserialization.
     #[serde(skip)]
@@ -199,13 +195,24 @@ impl Default for PairConfig {
             vbon: false,
             format: PairFormat::Conversational,
             file_format: FileFormat::Parquet,
-            best_betas: BTreeMap::new(),
             best_at: None,
         }
     }
 }
 
 impl PairConfig {
+    /// The settings the pairs shards are made with. With `pair.betas: best` they pair every β
+    /// of the grid, so they do not depend on the tuning, which needs every shard's selections;
+    /// the exports then keep the tuned β (and any listed) per method.
+    pub fn for_shards(&self) -> Self {
+        let mut p = self.clone();
+        if p.best {
+            p.betas = None;
+            p.best = false;
+        }
+        p
+    }
+
     /// Methods to export, in `select.methods` order.
     pub fn export_methods(&self, select: &SelectConfig) -> Vec<Method> {
         select
@@ -217,11 +224,12 @@ impl PairConfig {
             .collect()
     }
 
-    /// Whether (method, β) is exported. With `best`, a method's tuned β (from
-    /// [`PairConfig::best_betas`]) is exported besides any values listed.
-    pub fn exports(&self, select: &SelectConfig, method: Method, beta: f64) -> bool {
+    /// Whether (method, β) is exported. With `best`, a method's tuned β (`tuned`: the β
+    /// `select.tune` picked per method; empty before the tuning) is exported besides any values
+    /// listed.
+    pub fn exports(&self, select: &SelectConfig, method: Method, beta: f64, tuned: &BTreeMap<Method, f64>) -> bool {
         let listed = |bs: &Vec<f64>| bs.contains(&beta);
-        let tuned = self.best && self.best_betas.get(&method) == Some(&beta);
+        let tuned = self.best && tuned.get(&method) == Some(&beta);
         self.export_methods(select).contains(&method)
             && (!method.uses_beta() || tuned || self.betas.as_ref().is_none_or(listed))
     }
@@ -270,7 +278,7 @@ impl PairConfig {
             }
         }
         for m in self.export_methods(select) {
-            if !self.best && !select.grid(m).iter().any(|&b| self.exports(select, m, b)) {
+            if !self.best && !select.grid(m).iter().any(|&b| self.exports(select, m, b, &BTreeMap::new())) {
                 let grid = if m == Method::BonUnc { "select.lambdas" } else { "select.betas" };
                 diags.push(doc.diag(
                     "pair.betas",
@@ -312,20 +320,24 @@ mod tests {
     #[test]
     fn best_exports_the_tuned_beta_of_each_method() {
         let tune = "  tune: { gold: gold, fraction: 0.5 }\n";
-        let (mut pair, select, problems) =
+        let (pair, select, problems) =
             parse(&format!("{SELECT}{tune}pair:\n  betas: [best, 1.0]\n  format: standard\n  file_format: jsonl\n"));
         assert!(problems.is_empty(), "{problems:?}");
         assert!(pair.best);
         assert_eq!(pair.betas, Some(vec![1.0]));
         assert_eq!((pair.format, pair.file_format), (PairFormat::Standard, FileFormat::Jsonl));
         // Before tuning only the listed β exports; after, each method's own best too.
-        assert!(!pair.exports(&select, Method::RbonKl, 0.1));
-        pair.best_betas = BTreeMap::from([(Method::RbonKl, 0.1), (Method::RbonWd, 0.5)]);
-        assert!(pair.exports(&select, Method::RbonKl, 0.1));
-        assert!(!pair.exports(&select, Method::RbonKl, 0.5));
-        assert!(pair.exports(&select, Method::RbonWd, 0.5));
-        assert!(pair.exports(&select, Method::RbonWd, 1.0));
-        assert!(pair.exports(&select, Method::Bon, 0.0));
+        assert!(!pair.exports(&select, Method::RbonKl, 0.1, &BTreeMap::new()));
+        let tuned = BTreeMap::from([(Method::RbonKl, 0.1), (Method::RbonWd, 0.5)]);
+        assert!(pair.exports(&select, Method::RbonKl, 0.1, &tuned));
+        assert!(!pair.exports(&select, Method::RbonKl, 0.5, &tuned));
+        assert!(pair.exports(&select, Method::RbonWd, 0.5, &tuned));
+        assert!(pair.exports(&select, Method::RbonWd, 1.0, &tuned));
+        assert!(pair.exports(&select, Method::Bon, 0.0, &tuned));
+        // The shards pair every β of the grid: they do not depend on the tuning.
+        let shards = pair.for_shards();
+        assert!(!shards.best && shards.betas.is_none());
+        assert!(shards.exports(&select, Method::RbonKl, 0.5, &BTreeMap::new()));
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub fn pair_shard(
         for r in 0..batch.num_rows() {
             let Ok(method) = methods.value(r).parse::<Method>() else { continue };
             let beta = betas.value(r);
-            if method.is_report_only() || !cfg.exports(select, method, beta) || index.is_null(r) {
+            if method.is_report_only() || !cfg.exports(select, method, beta, &BTreeMap::new()) || index.is_null(r) {
                 continue;
             }
             let pid = ids.value(r);

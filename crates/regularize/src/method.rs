@@ -129,6 +129,52 @@ impl FromStr for Method {
     }
 }
 
+/// What a selections row's `method` column holds: a selection rule, the oracle of one gold
+/// reward (`oracle:<gold>`), or the `random` baseline. Built and parsed only here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Label {
+    Rule(Method),
+    Oracle(String),
+    Random,
+}
+
+impl Label {
+    /// The oracle of gold reward `gold`.
+    pub fn oracle(gold: &str) -> Self {
+        Self::Oracle(gold.to_owned())
+    }
+
+    /// Whether the row is a report-only baseline (an oracle or random), not a rule's pick.
+    pub fn is_baseline(&self) -> bool {
+        !matches!(self, Self::Rule(_))
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Rule(m) => f.write_str(m.as_str()),
+            Self::Oracle(gold) => write!(f, "{}:{gold}", Method::Oracle.as_str()),
+            Self::Random => f.write_str(Method::Random.as_str()),
+        }
+    }
+}
+
+impl FromStr for Label {
+    type Err = ParseMethodError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(gold) = s.strip_prefix(Method::Oracle.as_str()).and_then(|r| r.strip_prefix(':')) {
+            return Ok(Self::Oracle(gold.to_owned()));
+        }
+        match s.parse::<Method>()? {
+            Method::Random => Ok(Self::Random),
+            Method::Oracle => Err(ParseMethodError { name: s.to_owned() }),
+            m => Ok(Self::Rule(m)),
+        }
+    }
+}
+
 /// One prompt's N candidates, index i = sample i (0..N).
 #[derive(Debug, Clone, Copy)]
 pub struct Candidates<'a> {

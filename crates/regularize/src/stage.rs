@@ -15,7 +15,7 @@ use rbon_core::{CoreError, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, 
 
 use crate::config::SelectConfig;
 use crate::method::{
-    Candidates, Method, RegularizeError, argmax, ensemble, objectives, runner_up, sample_index, wasserstein,
+    Candidates, Label, Method, RegularizeError, argmax, ensemble, objectives, runner_up, sample_index, wasserstein,
 };
 
 /// Errors of the selection stage.
@@ -188,13 +188,13 @@ pub fn select_shard(cfg: &SelectConfig, data: &SampleScores, seed: u64) -> Resul
             let i = if m.is_stochastic() { sample_index(&obj, draw(seed, pid, m, beta)) } else { argmax(&obj) };
             let i = i.ok_or_else(|| err(RegularizeError::NoCandidates))?;
             let second = runner_up(&obj, i);
-            out.push(row(m.as_str().to_owned(), beta, Some((i, second)), obj[i], rewards_at(i)));
+            out.push(row(Label::Rule(m).to_string(), beta, Some((i, second)), obj[i], rewards_at(i)));
         }
         for &(name, gi) in &gold {
             let values = &data.rewards[gi][g.clone()];
             let i = argmax(values).ok_or_else(|| err(RegularizeError::NoCandidates))?;
             let pick = Some((i, runner_up(values, i)));
-            out.push(row(format!("{}:{name}", Method::Oracle.as_str()), 0.0, pick, values[i], rewards_at(i)));
+            out.push(row(Label::oracle(name).to_string(), 0.0, pick, values[i], rewards_at(i)));
         }
         // The random baseline: the expected rewards of a uniformly random pick.
         let n = g.len() as f64;
@@ -204,7 +204,7 @@ pub fn select_shard(cfg: &SelectConfig, data: &SampleScores, seed: u64) -> Resul
         let first =
             gold.first().map(|&(_, gi)| gi).or_else(|| cfg.proxy.names().first().and_then(|p| data.reward_index(p)));
         let objective = first.map_or(0.0, |i| means[i]);
-        out.push(row(Method::Random.as_str().to_owned(), 0.0, None, objective, means));
+        out.push(row(Label::Random.to_string(), 0.0, None, objective, means));
     }
     Ok(out)
 }

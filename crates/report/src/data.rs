@@ -56,7 +56,7 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
 
 /// The `select` section of the run's frozen `pipeline.yaml`.
 pub fn frozen_select(root: &Path) -> Result<(String, SelectConfig), ReportError> {
-    let path = root.join("pipeline.yaml");
+    let path = root.join(rbon_core::rundir::FROZEN_CONFIG);
     if !path.is_file() {
         return Err(ReportError::Config {
             path,
@@ -109,10 +109,7 @@ impl RunData {
     pub fn reward_names(&self) -> Result<Vec<String>, ReportError> {
         let first = &self.selections[0];
         let schema = scan(std::slice::from_ref(first))?.collect_schema().map_err(ReportError::polars(first))?;
-        Ok(schema
-            .iter_names()
-            .filter_map(|n| n.strip_prefix(rbon_core::schema::REWARD_PREFIX).map(str::to_owned))
-            .collect())
+        Ok(schema.iter_names().filter_map(|n| rbon_core::schema::reward_name(n).map(str::to_owned)).collect())
     }
 
     /// Per sample: prompt_id, sample_idx, num_tokens, num_chars, logprob and WD (nulls where the

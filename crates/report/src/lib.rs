@@ -85,7 +85,7 @@ pub fn build_report(run_dir: &Path, opts: ReportOptions) -> Result<Report, Repor
         Some(t) => Some(tune::tune_with(&run, t)?),
         None => None,
     };
-    let dir = run_dir.join("report");
+    let dir = run_dir.join(rbon_core::rundir::REPORT_DIR);
     std::fs::create_dir_all(&dir).map_err(|source| ReportError::Io { path: dir.clone(), source })?;
     // Plots of an earlier report (whose runs may have had other methods or gold rewards) go.
     let entries = std::fs::read_dir(&dir).map_err(|source| ReportError::Io { path: dir.clone(), source })?;

@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use polars::prelude::{DataFrame, IntoLazy, JoinArgs, JoinType, col, len, lit};
 
 use rbon_core::schema::{BETA, CHOSEN_INDEX, METHOD, PROMPT_ID, REJECTED_INDEX, SAMPLE_IDX, reward_column};
-use rbon_regularize::Method;
+use rbon_regularize::{Label, Method};
 
 use crate::ReportError;
 use crate::data::{F_CHARS, F_TOKENS, RunData, scan};
@@ -172,11 +172,11 @@ fn reward_vs_beta(summary: &Summary, reward: &str, dir: &Path, is_gold: bool) ->
                 None => curves.push(Curve { label: r.method.clone(), points: vec![(r.beta, v)] }),
             }
         } else {
-            let color = match r.method.as_str() {
-                "bon" => BLACK,
-                "mbr" => RGBColor(0x8c, 0x56, 0x4b),
-                "random" => GREY,
-                m if m == format!("oracle:{reward}") || (m.starts_with("oracle:") && !is_gold) => GREEN,
+            let color = match r.method.parse::<Label>() {
+                Ok(Label::Rule(Method::Bon)) => BLACK,
+                Ok(Label::Rule(Method::Mbr)) => RGBColor(0x8c, 0x56, 0x4b),
+                Ok(Label::Random) => GREY,
+                Ok(Label::Oracle(g)) if g == reward || !is_gold => GREEN,
                 _ => continue,
             };
             refs.push(Reference { label: r.method.clone(), value: v, color });
@@ -290,9 +290,10 @@ fn proxy_vs_gold(run: &RunData, summary: &Summary, gold: &str, dir: &Path) -> Re
     };
     let mut layers = vec![("all samples".to_owned(), points(&samples, &rp, &rg, &at)?, GREY, 2)];
     if run.select.methods.contains(&Method::Bon) {
-        layers.push(("BoN pick".to_owned(), picks("bon".to_owned())?, COLORS[1], 4));
+        layers.push(("BoN pick".to_owned(), picks(Method::Bon.to_string())?, COLORS[1], 4));
     }
-    layers.push((format!("oracle:{gold} pick"), picks(format!("oracle:{gold}"))?, GREEN, 4));
+    let oracle = Label::oracle(gold).to_string();
+    layers.push((format!("{oracle} pick"), picks(oracle)?, GREEN, 4));
     let r = summary.correlations.iter().find(|c| c.proxy == *proxy && c.gold == gold);
     let r_text = r.and_then(|c| c.pooled).map_or(String::new(), |v| format!(" (Pearson r = {v:.2})"));
     let title = format!("{}: proxy vs gold reward{r_text}", summary.run_name);

@@ -11,7 +11,7 @@ use polars::prelude::*;
 
 use rbon_core::schema::{BETA, INDEX, METHOD, PROMPT_ID, SAMPLE_IDX, reward_column};
 use rbon_core::shard::{self, ShardMeta};
-use rbon_regularize::Method;
+use rbon_regularize::{Label, Method};
 
 use crate::ReportError;
 use crate::data::{F_CHARS, F_LOGPROB, F_TOKENS, F_WD, RunData, scan};
@@ -62,7 +62,7 @@ pub struct SummaryRow {
 impl SummaryRow {
     /// Whether this row is the `random` or an `oracle:<gold>` baseline.
     pub fn is_baseline(&self) -> bool {
-        self.method == "random" || self.method.starts_with("oracle:")
+        self.method.parse::<Label>().is_ok_and(|l| l.is_baseline())
     }
 }
 
@@ -110,10 +110,10 @@ fn win_col(g: &str) -> String {
     format!("win_vs_bon_{g}")
 }
 fn mean_col(r: &str) -> String {
-    format!("reward_{r}_mean")
+    format!("{}_mean", rbon_core::schema::reward_column(r))
 }
 fn std_col(r: &str) -> String {
-    format!("reward_{r}_std")
+    format!("{}_std", rbon_core::schema::reward_column(r))
 }
 
 /// Sort key: methods in config order, then the oracles in gold order, then random; β ascending.
@@ -122,10 +122,10 @@ fn order(select_methods: &[Method], gold: &[String], method: &str) -> usize {
         return i;
     }
     let base = select_methods.len();
-    match method.strip_prefix("oracle:") {
-        Some(g) => base + gold.iter().position(|x| x == g).unwrap_or(gold.len()),
-        None if method == "random" => base + gold.len() + 1,
-        None => base + gold.len() + 2,
+    match method.parse::<Label>() {
+        Ok(Label::Oracle(g)) => base + gold.iter().position(|x| *x == g).unwrap_or(gold.len()),
+        Ok(Label::Random) => base + gold.len() + 1,
+        _ => base + gold.len() + 2,
     }
 }
 
@@ -238,7 +238,8 @@ pub fn summarize(run: &RunData) -> Result<Summary, ReportError> {
         let (oa, ob) = (order(&run.select.methods, &gold, &a.method), order(&run.select.methods, &gold, &b.method));
         oa.cmp(&ob).then(a.method.cmp(&b.method)).then(a.beta.total_cmp(&b.beta))
     });
-    let prompts = rows.iter().find(|r| r.method == "random").map_or(0, |r| r.prompts);
+    let random = Label::Random.to_string();
+    let prompts = rows.iter().find(|r| r.method == random).map_or(0, |r| r.prompts);
     let proxy: Vec<String> = run.select.proxy.names().to_vec();
     Ok(Summary {
         run_name: run.name.clone(),

@@ -11,7 +11,7 @@ use polars::prelude::*;
 
 use rbon_core::schema::{BETA, METHOD, PROMPT_ID, reward_column};
 use rbon_core::shard::{self, ShardMeta};
-use rbon_regularize::{Method, SelectConfig, TuneConfig};
+use rbon_regularize::{Label, Method, SelectConfig, TuneConfig};
 
 use crate::ReportError;
 use crate::data::{RunData, scan};
@@ -153,9 +153,9 @@ pub(crate) fn tune_with(run: &RunData, t: &TuneConfig) -> Result<Tuning, ReportE
         tune_prompts,
         heldout_prompts,
         methods: tuned,
-        heldout_bon: heldout("bon", 0.0).map(|c| c.mean),
-        heldout_oracle: heldout(&format!("oracle:{}", t.gold), 0.0).map(|c| c.mean),
-        heldout_random: heldout("random", 0.0).map(|c| c.mean),
+        heldout_bon: heldout(Method::Bon.as_str(), 0.0).map(|c| c.mean),
+        heldout_oracle: heldout(&Label::oracle(&t.gold).to_string(), 0.0).map(|c| c.mean),
+        heldout_random: heldout(&Label::Random.to_string(), 0.0).map(|c| c.mean),
     })
 }
 

@@ -182,15 +182,16 @@ fn exports(
 ) -> Result<(Vec<Export>, bool), RunError> {
     let run = m.run;
     // `best`: each method's β tuned on `select.tune`'s subset, from every shard's selections.
-    let mut tuned = m.pair.clone();
+    let cfg_pair = m.pair;
+    let mut tuned = BTreeMap::new();
     let mut export_fp = m.export_fp.clone();
-    if tuned.best {
-        tuned.best_betas = rbon_report::tune(run.root(), select)?.map(|t| t.best()).unwrap_or_default();
-        let best: Vec<(String, f64)> = tuned.best_betas.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect();
+    if cfg_pair.best {
+        tuned = rbon_report::tune(run.root(), select)?.map(|t| t.best()).unwrap_or_default();
+        let best: Vec<(String, f64)> = tuned.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect();
         export_fp = rbon_core::rundir::fingerprint("export-best", &best, &[&m.export_fp]);
     }
-    let cfg_pair = &tuned;
-    let exports: Vec<_> = sweep(select).into_iter().filter(|&(me, b)| cfg_pair.exports(select, me, b)).collect();
+    let exports: Vec<_> =
+        sweep(select).into_iter().filter(|&(me, b)| cfg_pair.exports(select, me, b, &tuned)).collect();
     let mut details: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for meta in pair_metas {
         for (k, c) in &meta.details {
@@ -323,7 +324,7 @@ pub fn finalize(run_dir: &Path, progress: &dyn Progress) -> Result<RunReport, Ru
         )));
     }
     let first = ranks.values().next().ok_or_else(|| RunError::NotFinished("no rank files".into()))?;
-    let frozen_path = run.root().join("pipeline.yaml");
+    let frozen_path = run.frozen_config_path();
     let frozen = crate::config::load_frozen(&frozen_path).map_err(|d| {
         let msgs: Vec<String> = d.iter().map(|x| x.to_string()).collect();
         RunError::NotFinished(format!("the frozen pipeline cannot be read: {}", msgs.join("; ")))

@@ -52,7 +52,7 @@ fn stages(cfg: &PipelineConfig, source: &Source) -> Result<Vec<DynStage>, RunErr
     let scored = matches!(source, Source::Candidates { .. }) || cfg.score.is_some();
     if let (Some(select), true) = (&cfg.select, scored) {
         out.push(Box::new(rbon_regularize::SelectStage { select: select.clone(), seed: cfg.seed }));
-        let pair = crate::run::shard_pair_config(&cfg.pair);
+        let pair = cfg.pair.for_shards();
         out.push(Box::new(rbon_pair::PairStage { pair, select: select.clone(), seed: cfg.seed }));
     }
     Ok(out)

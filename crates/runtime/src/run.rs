@@ -4,7 +4,7 @@
 //! fingerprint changed is discarded first. The shards then stream through the stages
 //! ([`crate::exec`]), and the run is merged into its exports ([`crate::finalize`]).
 
-use rbon_core::rundir::RANKS_DIR;
+use rbon_core::rundir::{FROZEN_CONFIG, MANIFEST, RANKS_DIR};
 use rbon_core::shard;
 use rbon_core::{CoreError, Event, Manifest, Progress, RunDir, StageName};
 
@@ -25,29 +25,16 @@ pub struct RunOptions {
     pub ranks: Ranks,
 }
 
-/// The pair configuration of the pairs shards. With `pair.betas: best`, the shards pair every β
-/// of the grid, so they do not depend on the tuning, which needs every shard's selections; the
-/// exports then keep the tuned β (and any listed) per method.
-pub(crate) fn shard_pair_config(pair: &rbon_pair::PairConfig) -> rbon_pair::PairConfig {
-    let mut p = pair.clone();
-    if p.best {
-        p.betas = None;
-        p.best = false;
-        p.best_betas.clear();
-    }
-    p
-}
-
 /// Whether `dir` holds something other than an rbon run (hidden temporaries and the ranks'
 /// folder of a run another rank is just creating do not count).
 fn foreign(dir: &std::path::Path) -> bool {
-    if dir.join("manifest.json").is_file() {
+    if dir.join(MANIFEST).is_file() {
         return false;
     }
     std::fs::read_dir(dir).is_ok_and(|d| {
         d.flatten().any(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            !name.starts_with('.') && name != RANKS_DIR && name != "pipeline.yaml"
+            !name.starts_with('.') && name != RANKS_DIR && name != FROZEN_CONFIG
         })
     })
 }

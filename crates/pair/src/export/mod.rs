@@ -241,7 +241,7 @@ fn mask(methods: &StringArray, betas: &Float64Array, m: Method, b: f64) -> Boole
 pub const DATASET_INFO: &str = "dataset_info.json";
 
 /// Folder of the variational-BoN export in the run directory.
-pub const VBON_DIR: &str = "vbon";
+pub use rbon_core::rundir::VBON_DIR;
 /// Folder of an export's SFT half, inside the export's folder.
 pub const SFT_DIR: &str = "sft";
 /// Every export folder's dataset card.
