@@ -35,7 +35,7 @@ impl StageName {
     pub const ALL: [StageName; 5] = [Self::Prompts, Self::Samples, Self::Scores, Self::Selections, Self::Pairs];
 
     /// The stage's name: its folder in the run directory, its key in the manifest.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::Prompts => "prompts",
             Self::Samples => "samples",
@@ -146,6 +146,14 @@ pub mod counter {
     pub const TRUNCATED: &str = "truncated";
     pub const SELECTIONS: &str = "selections";
     pub const PAIRS: &str = "pairs";
+    /// Pairs dropped because chosen and rejected are the same sample.
+    pub const DROPPED_SAME_INDEX: &str = "dropped_same_index";
+    /// Pairs dropped because chosen and rejected have the same text.
+    pub const DROPPED_IDENTICAL_TEXT: &str = "dropped_identical_text";
+    /// Pairs dropped because their proxy margin is below `pair.min_margin`.
+    pub const DROPPED_BELOW_MARGIN: &str = "dropped_below_margin";
+    /// The pair counters of a shard (and of each export), in the order reports show them.
+    pub const PAIR_COUNTERS: [&str; 4] = [PAIRS, DROPPED_SAME_INDEX, DROPPED_IDENTICAL_TEXT, DROPPED_BELOW_MARGIN];
     /// Of the export: folders and files written.
     pub const EXPORTS: &str = "exports";
     pub const FILES: &str = "files";

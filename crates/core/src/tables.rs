@@ -32,7 +32,8 @@ fn arrow_err(what: &str, e: arrow_schema::ArrowError) -> CoreError {
 pub fn prompts_batch(groups: &[CandidateGroup]) -> Result<RecordBatch> {
     let ids = StringArray::from_iter_values(groups.iter().map(|g| g.prompt_id.as_str()));
     let prompts = messages_array(groups.iter().map(|g| g.messages.as_slice()));
-    RecordBatch::try_new(schema::prompts_schema(), vec![Arc::new(ids), prompts]).map_err(|e| arrow_err("prompts", e))
+    RecordBatch::try_new(schema::prompts_schema(), vec![Arc::new(ids), prompts])
+        .map_err(|e| arrow_err(StageName::Prompts.as_str(), e))
 }
 
 /// The samples table of imported candidates (no token ids, finish reasons or seeds).
@@ -61,7 +62,7 @@ pub fn samples_batch(groups: &[CandidateGroup]) -> Result<RecordBatch> {
         Arc::new(logprob),
         Arc::new(seed),
     ];
-    RecordBatch::try_new(schema::samples_schema(), cols).map_err(|e| arrow_err("samples", e))
+    RecordBatch::try_new(schema::samples_schema(), cols).map_err(|e| arrow_err(StageName::Samples.as_str(), e))
 }
 
 /// The scores table of imported candidates.
@@ -95,7 +96,8 @@ pub fn scores_batch(
         }
         cols.push(Arc::new(b.finish()));
     }
-    RecordBatch::try_new(schema::scores_schema(rewards, dim), cols).map_err(|e| arrow_err("scores", e))
+    RecordBatch::try_new(schema::scores_schema(rewards, dim), cols)
+        .map_err(|e| arrow_err(StageName::Scores.as_str(), e))
 }
 
 /// One shard's samples joined with their scores, column by column.

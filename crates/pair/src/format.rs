@@ -56,6 +56,8 @@ pub fn standard_texts(
     Ok((p, out))
 }
 
+const PAIRS: &str = rbon_core::StageName::Pairs.as_str();
+
 fn internal(what: &str, e: impl std::fmt::Display) -> CoreError {
     CoreError::internal(format!("{what}: {e}"))
 }
@@ -67,14 +69,14 @@ fn messages_at(col: &dyn Array, r: usize) -> Result<Vec<Message>, CoreError> {
 /// A pairs batch (schema::pairs_schema) in the conversational export shape: the same columns
 /// plus `chosen_message` and `rejected_message`.
 pub fn conversational_batch(batch: &RecordBatch) -> Result<RecordBatch, CoreError> {
-    let col = |n: &str| batch.column_by_name(n).ok_or_else(|| internal("pairs", format!("no `{n}` column")));
+    let col = |n: &str| batch.column_by_name(n).ok_or_else(|| internal(PAIRS, format!("no `{n}` column")));
     let (chosen, rejected) = (col(CHOSEN)?, col(REJECTED)?);
     let single = |c: &ArrayRef| -> Result<ArrayRef, CoreError> {
         let mut msgs = Vec::with_capacity(batch.num_rows());
         for r in 0..batch.num_rows() {
             let m = messages_at(c.as_ref(), r)?;
             let [one] = <[Message; 1]>::try_from(m)
-                .map_err(|m| internal("pairs", format!("row {r}: {} messages where one is expected", m.len())))?;
+                .map_err(|m| internal(PAIRS, format!("row {r}: {} messages where one is expected", m.len())))?;
             msgs.push(one);
         }
         Ok(message_array(msgs.iter()))
@@ -82,12 +84,12 @@ pub fn conversational_batch(batch: &RecordBatch) -> Result<RecordBatch, CoreErro
     let mut cols = batch.columns().to_vec();
     cols.push(single(chosen)?);
     cols.push(single(rejected)?);
-    RecordBatch::try_new(schema::pairs_export_schema(), cols).map_err(|e| internal("pairs", e))
+    RecordBatch::try_new(schema::pairs_export_schema(), cols).map_err(|e| internal(PAIRS, e))
 }
 
 /// A pairs batch in the standard export shape: prompt, chosen and rejected rendered to strings.
 pub fn standard_batch(batch: &RecordBatch, render: &dyn ChatRender) -> Result<RecordBatch, CoreError> {
-    let col = |n: &str| batch.column_by_name(n).ok_or_else(|| internal("pairs", format!("no `{n}` column")));
+    let col = |n: &str| batch.column_by_name(n).ok_or_else(|| internal(PAIRS, format!("no `{n}` column")));
     let (prompt, chosen, rejected) = (col(PROMPT)?, col(CHOSEN)?, col(REJECTED)?);
     let ids = col(schema::PROMPT_ID)?.as_string::<i32>().clone();
     let n = batch.num_rows();
@@ -116,7 +118,7 @@ pub fn standard_batch(batch: &RecordBatch, render: &dyn ChatRender) -> Result<Re
             })
         })
         .collect::<Result<_, _>>()?;
-    RecordBatch::try_new(out_schema, cols).map_err(|e| internal("pairs", e))
+    RecordBatch::try_new(out_schema, cols).map_err(|e| internal(PAIRS, e))
 }
 
 fn json_value(col: &dyn Array, r: usize) -> Result<serde_json::Value, CoreError> {

@@ -88,9 +88,9 @@ impl DropReason {
     /// The counter name, `dropped_<reason>`.
     pub fn counter(self) -> &'static str {
         match self {
-            Self::SameIndex => "dropped_same_index",
-            Self::IdenticalText => "dropped_identical_text",
-            Self::BelowMargin => "dropped_below_margin",
+            Self::SameIndex => counter::DROPPED_SAME_INDEX,
+            Self::IdenticalText => counter::DROPPED_IDENTICAL_TEXT,
+            Self::BelowMargin => counter::DROPPED_BELOW_MARGIN,
         }
     }
 }

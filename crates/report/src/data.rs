@@ -8,7 +8,7 @@ use polars::prelude::*;
 
 use rbon_core::shard;
 use rbon_core::tables::SampleScores;
-use rbon_core::{ConfigDoc, Diagnostics, RunDir};
+use rbon_core::{ConfigDoc, Diagnostics, RunDir, StageName};
 use rbon_regularize::{SelectConfig, wasserstein};
 
 use crate::ReportError;
@@ -43,12 +43,7 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
     let mut out: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("shard-") && n.ends_with(".parquet"))
-        })
+        .filter(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(rbon_core::stage::is_shard_file))
         .collect();
     out.sort();
     Ok(out)
@@ -90,7 +85,8 @@ impl RunData {
 
     /// Opens `root` with a `select` section given by the caller.
     pub fn with_select(root: &Path, name: String, select: SelectConfig) -> Result<Self, ReportError> {
-        let selections = shard_files(&root.join("selections"))?;
+        let dir = |s: StageName| root.join(s.as_str());
+        let selections = shard_files(&dir(StageName::Selections))?;
         if selections.is_empty() {
             return Err(ReportError::NoSelections { path: root.to_owned() });
         }
@@ -99,9 +95,9 @@ impl RunData {
             name,
             select,
             selections,
-            samples: shard_files(&root.join("samples"))?,
-            scores: shard_files(&root.join("scores"))?,
-            pairs: shard_files(&root.join("pairs"))?,
+            samples: shard_files(&dir(StageName::Samples))?,
+            scores: shard_files(&dir(StageName::Scores))?,
+            pairs: shard_files(&dir(StageName::Pairs))?,
         })
     }
 

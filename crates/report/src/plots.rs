@@ -11,6 +11,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use polars::prelude::{DataFrame, IntoLazy, JoinArgs, JoinType, col, len, lit};
 
+use rbon_core::StageName;
 use rbon_core::schema::{BETA, CHOSEN_INDEX, METHOD, PROMPT_ID, REJECTED_INDEX, SAMPLE_IDX, reward_column};
 use rbon_regularize::{Label, Method};
 
@@ -276,10 +277,10 @@ fn proxy_vs_gold(run: &RunData, summary: &Summary, gold: &str, dir: &Path) -> Re
         return Ok(Vec::new());
     }
     let (rp, rg) = (reward_column(proxy), reward_column(gold));
-    let at = run.root.join("scores");
+    let at = run.root.join(StageName::Scores.as_str());
     let samples =
         scan(&run.scores)?.select([col(rp.as_str()), col(rg.as_str())]).collect().map_err(ReportError::polars(&at))?;
-    let sel_at = run.root.join("selections");
+    let sel_at = run.root.join(StageName::Selections.as_str());
     let picks = |m: String| -> Result<Vec<(f64, f64)>, ReportError> {
         let df = scan(&run.selections)?
             .filter(col(METHOD).eq(lit(m)))
@@ -314,7 +315,7 @@ fn length_pairs(run: &RunData, summary: &Summary, dir: &Path) -> Result<Vec<Path
     if run.pairs.is_empty() {
         return Ok(Vec::new());
     }
-    let at = run.root.join("pairs");
+    let at = run.root.join(StageName::Pairs.as_str());
     let features = run.features()?;
     let tokens = features.column(F_TOKENS).map_err(ReportError::polars(&at))?.null_count() == 0;
     let len_col = if tokens { F_TOKENS } else { F_CHARS };

@@ -36,7 +36,7 @@ fn main_columns(s: &Summary) -> Vec<Cell<'_>> {
     let mut cols: Vec<Cell> = vec![
         ("method".into(), Box::new(|r: &SummaryRow| r.method.clone())),
         ("β".into(), Box::new(beta_text)),
-        ("prompts".into(), Box::new(|r: &SummaryRow| r.prompts.to_string())),
+        (crate::summary::PROMPTS.into(), Box::new(|r: &SummaryRow| r.prompts.to_string())),
     ];
     for p in &s.proxy {
         if let Some(k) = s.reward_index(p) {

@@ -9,6 +9,7 @@ use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array}
 use arrow_schema::{DataType, Field, Schema};
 use polars::prelude::*;
 
+use rbon_core::StageName;
 use rbon_core::schema::{BETA, INDEX, METHOD, PROMPT_ID, SAMPLE_IDX, reward_column};
 use rbon_core::shard::{self, ShardMeta};
 use rbon_regularize::{Label, Method};
@@ -32,7 +33,10 @@ impl ExportCounts {
 }
 
 /// The counters a pair shard records per export, in the order the report shows them.
-pub const PAIR_COUNTERS: [&str; 4] = ["pairs", "dropped_same_index", "dropped_identical_text", "dropped_below_margin"];
+pub use rbon_core::stage::counter::PAIR_COUNTERS;
+
+/// The summary's column of prompts per (method, β).
+pub const PROMPTS: &str = "prompts";
 
 /// One (method, β) of the summary.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,7 +143,7 @@ use polars::prelude::DataType as DataType_;
 
 /// Computes the summary of a run.
 pub fn summarize(run: &RunData) -> Result<Summary, ReportError> {
-    let at = run.root.join("selections");
+    let at = run.root.join(StageName::Selections.as_str());
     let rewards = run.reward_names()?;
     let gold: Vec<String> = run.select.gold.iter().filter(|g| rewards.contains(g)).cloned().collect();
     let features = run.features()?;
@@ -192,7 +196,7 @@ pub fn summarize(run: &RunData) -> Result<Summary, ReportError> {
                 .collect::<Vec<_>>(),
         );
     }
-    let mut aggs = vec![len().alias("prompts")];
+    let mut aggs = vec![len().alias(PROMPTS)];
     for r in &rewards {
         aggs.push(col(reward_column(r)).mean().alias(mean_col(r)));
         aggs.push(col(reward_column(r)).std(1).alias(std_col(r)));
@@ -209,7 +213,7 @@ pub fn summarize(run: &RunData) -> Result<Summary, ReportError> {
     for i in 0..df.height() {
         let method = methods.get(i).unwrap_or_default().to_owned();
         let beta = f64_at(&df, BETA, i, &at)?.unwrap_or(0.0);
-        let prompts = f64_at(&df, "prompts", i, &at)?.unwrap_or(0.0) as u64;
+        let prompts = f64_at(&df, PROMPTS, i, &at)?.unwrap_or(0.0) as u64;
         let mut rw = Vec::with_capacity(rewards.len());
         for r in &rewards {
             let mean = f64_at(&df, &mean_col(r), i, &at)?.unwrap_or(f64::NAN);
@@ -260,7 +264,7 @@ fn correlations(run: &RunData, proxy: &[String], gold: &[String]) -> Result<Vec<
     if pairs.is_empty() || run.scores.is_empty() {
         return Ok(Vec::new());
     }
-    let at = run.root.join("scores");
+    let at = run.root.join(StageName::Scores.as_str());
     let name = |k: usize| format!("r{k}");
     let exprs = || -> Vec<Expr> {
         pairs
@@ -317,7 +321,7 @@ pub fn write_summary(s: &Summary, path: &Path) -> Result<(), ReportError> {
     let mut fields = vec![
         Field::new(METHOD, DataType::Utf8, false),
         Field::new(BETA, DataType::Float64, false),
-        Field::new("prompts", DataType::UInt64, false),
+        Field::new(PROMPTS, DataType::UInt64, false),
     ];
     let mut cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(s.rows.iter().map(|r| r.method.as_str()))),

@@ -71,7 +71,7 @@ struct Cell {
 }
 
 pub(crate) fn tune_with(run: &RunData, t: &TuneConfig) -> Result<Tuning, ReportError> {
-    let at = run.root.join("selections");
+    let at = run.root.join(rbon_core::StageName::Selections.as_str());
     let sel = scan(&run.selections)?;
     let gold = reward_column(&t.gold);
     if !run.reward_names()?.contains(&t.gold) {
