@@ -105,6 +105,22 @@ impl Method {
     }
 }
 
+impl Method {
+    /// What the method picks at β, as dataset cards state it (empty for the baselines).
+    pub fn rule(self, beta: f64) -> String {
+        match self {
+            Method::Bon => "argmax of R_p(x, y)".to_owned(),
+            Method::RbonKl => format!("argmax of R_p(x, y) + {beta} · log π_ref(y | x)"),
+            Method::RbonWd => format!("argmax of R_p(x, y) − {beta} · WD(y)"),
+            Method::Mbr => "argmax of − WD(y)".to_owned(),
+            Method::RbonLen => format!("argmax of R_p(x, y) − {beta} / |y|"),
+            Method::BonUnc => format!("argmax of mean_m z_m(y) − {beta} · std_m z_m(y) over the proxy ensemble"),
+            Method::SrbonKl => format!("a seeded draw from p(y) ∝ π_ref(y | x) · exp({beta} · R_p(x, y))"),
+            Method::Oracle | Method::Random => String::new(),
+        }
+    }
+}
+
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -145,6 +145,15 @@ fn draw_beta<DB: DrawingBackend>(
     let mid = (y0 + y1) / 2.0;
     let low = ys.iter().filter(|&&y| y < mid).count();
     let corner = if 2 * low > ys.len() { SeriesLabelPosition::UpperLeft } else { SeriesLabelPosition::LowerLeft };
+    legend(&mut chart, corner)
+}
+
+/// The legend box every plot draws, in `corner`.
+fn legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>, corner: SeriesLabelPosition) -> Result<(), String>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate,
+{
     chart
         .configure_series_labels()
         .position(corner)
@@ -152,8 +161,7 @@ fn draw_beta<DB: DrawingBackend>(
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))
         .draw()
-        .map_err(s)?;
-    Ok(())
+        .map_err(s)
 }
 
 /// Reward of the pick vs β, per β-method, with references: BoN, MBR, the oracle, random.
@@ -243,15 +251,7 @@ fn draw_scatter<DB: DrawingBackend>(
             .label(label.clone())
             .legend(move |(x, y)| Circle::new((x + 12, y), 5, color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FAMILY, 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .draw()
-        .map_err(s)?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 fn points(df: &DataFrame, x: &str, y: &str, at: &Path) -> Result<Vec<(f64, f64)>, ReportError> {

@@ -124,13 +124,7 @@ pub fn terminal_table(s: &Summary, tuning: Option<&Tuning>) -> String {
                 }
             );
         }
-        let _ = writeln!(
-            out,
-            "  references on the held-out prompts: bon {}, oracle {}, random {}",
-            num(t.heldout_bon, 3),
-            num(t.heldout_oracle, 3),
-            num(t.heldout_random, 3)
-        );
+        let _ = writeln!(out, "  references on the held-out prompts: {}", references(t, 3));
     }
     out
 }
@@ -195,13 +189,7 @@ pub fn markdown(s: &Summary, tuning: Option<&Tuning>, plots: &[PathBuf], dir: &P
             };
             let _ = writeln!(out, "| {} | {} | {:.4} | {held} |", m.method, m.beta, m.tune_mean);
         }
-        let _ = writeln!(
-            out,
-            "\nHeld-out references: bon {}, oracle {}, random {}.",
-            num(t.heldout_bon, 4),
-            num(t.heldout_oracle, 4),
-            num(t.heldout_random, 4)
-        );
+        let _ = writeln!(out, "\nHeld-out references: {}.", references(t, 4));
     }
     if !s.correlations.is_empty() {
         let _ = writeln!(
@@ -240,4 +228,14 @@ pub fn markdown(s: &Summary, tuning: Option<&Tuning>, plots: &[PathBuf], dir: &P
         }
     }
     out
+}
+
+/// BoN's, the oracle's and random's mean gold reward on the held-out prompts.
+fn references(t: &Tuning, digits: usize) -> String {
+    format!(
+        "bon {}, oracle {}, random {}",
+        num(t.heldout_bon, digits),
+        num(t.heldout_oracle, digits),
+        num(t.heldout_random, digits)
+    )
 }

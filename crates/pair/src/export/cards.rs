@@ -45,20 +45,6 @@ fn render(name: &str, ctx: minijinja::Value) -> Result<String, CoreError> {
         .map_err(|e| CoreError::internal(format!("dataset card {name}: {e:#}")))
 }
 
-/// The selection rule of a method at β, as the cards state it.
-fn rule(method: Method, beta: f64) -> String {
-    match method {
-        Method::Bon => "argmax of R_p(x, y)".to_owned(),
-        Method::RbonKl => format!("argmax of R_p(x, y) + {beta} · log π_ref(y | x)"),
-        Method::RbonWd => format!("argmax of R_p(x, y) − {beta} · WD(y)"),
-        Method::Mbr => "argmax of − WD(y)".to_owned(),
-        Method::RbonLen => format!("argmax of R_p(x, y) − {beta} / |y|"),
-        Method::BonUnc => format!("argmax of mean_m z_m(y) − {beta} · std_m z_m(y) over the proxy ensemble"),
-        Method::SrbonKl => format!("a seeded draw from p(y) ∝ π_ref(y | x) · exp({beta} · R_p(x, y))"),
-        Method::Oracle | Method::Random => String::new(),
-    }
-}
-
 /// The README.md of one export of pairs.
 pub fn dataset_card(
     card: &CardContext,
@@ -93,7 +79,7 @@ pub fn dataset_card(
             beta_text => if method.uses_beta() { format!(", β = {beta}") } else { String::new() },
             rejected => card.pair.rejected.as_str(),
             standard => card.pair.format == PairFormat::Standard,
-            rule => rule(method, beta),
+            rule => method.rule(beta),
             proxy,
             sft => card.pair.sft,
             pairs => get(counter::PAIRS),
