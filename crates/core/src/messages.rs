@@ -66,8 +66,30 @@ pub fn message_array<'a>(rows: impl IntoIterator<Item = &'a Message>) -> ArrayRe
     Arc::new(StructArray::new(fields, cols, None))
 }
 
-/// Reads conversation `row` of a messages column (list or large list of struct<role, content>,
-/// string fields of any width). `None` when the column has another type or the row is null.
+/// The spellings of a message's fields: OpenAI's `role`/`content` and ShareGPT's `from`/`value`.
+const ROLE_KEYS: [&str; 2] = [ROLE, "from"];
+const CONTENT_KEYS: [&str; 2] = [CONTENT, "value"];
+
+/// ShareGPT's role names, as chat templates spell them.
+fn role_name(role: &str) -> &str {
+    match role {
+        "human" => "user",
+        "gpt" => "assistant",
+        r => r,
+    }
+}
+
+/// The type JSON messages are decoded as: a list of structs with both spellings of each field,
+/// whichever a message uses.
+pub fn json_messages_type() -> DataType {
+    let text = |n: &str| Field::new(n, DataType::Utf8, true);
+    let fields: Vec<Field> = ROLE_KEYS.iter().chain(&CONTENT_KEYS).map(|n| text(n)).collect();
+    DataType::List(Arc::new(Field::new("item", DataType::Struct(fields.into()), true)))
+}
+
+/// Reads conversation `row` of a messages column (list or large list of struct<role, content>
+/// or struct<from, value>, string fields of any width). `None` when the column has another type,
+/// the row is null, or a message lacks its role or content.
 pub fn read_messages(col: &dyn Array, row: usize) -> Option<Vec<Message>> {
     if col.is_null(row) {
         return None;
@@ -79,14 +101,25 @@ pub fn read_messages(col: &dyn Array, row: usize) -> Option<Vec<Message>> {
     }
 }
 
+/// The columns of a message struct under either spelling, as text.
+fn text_fields(st: &StructArray, keys: [&str; 2]) -> Vec<ArrayRef> {
+    keys.iter().filter_map(|k| st.column_by_name(k)).filter_map(|c| arrow_cast::cast(c, &DataType::Utf8).ok()).collect()
+}
+
 fn from_list<O: OffsetSizeTrait>(list: &GenericListArray<O>, row: usize) -> Option<Vec<Message>> {
     let values = list.value(row);
     let st: &StructArray = values.as_struct_opt()?;
-    let role = arrow_cast::cast(st.column_by_name(ROLE)?, &DataType::Utf8).ok()?;
-    let content = arrow_cast::cast(st.column_by_name(CONTENT)?, &DataType::Utf8).ok()?;
-    let (role, content) = (role.as_string::<i32>(), content.as_string::<i32>());
+    let (roles, contents) = (text_fields(st, ROLE_KEYS), text_fields(st, CONTENT_KEYS));
+    let first = |cols: &[ArrayRef], i: usize| {
+        cols.iter().map(|c| c.as_string::<i32>()).find(|c| c.is_valid(i)).map(|c| c.value(i).to_owned())
+    };
     (0..st.len())
-        .map(|i| (role.is_valid(i) && content.is_valid(i)).then(|| Message::new(role.value(i), content.value(i))))
+        .map(|i| {
+            if st.is_null(i) {
+                return None;
+            }
+            Some(Message::new(role_name(&first(&roles, i)?), first(&contents, i)?))
+        })
         .collect()
 }
 
@@ -94,7 +127,9 @@ fn from_list<O: OffsetSizeTrait>(list: &GenericListArray<O>, row: usize) -> Opti
 pub fn is_messages_type(t: &DataType) -> bool {
     match t {
         DataType::List(f) | DataType::LargeList(f) => match f.data_type() {
-            DataType::Struct(fs) => fs.find(ROLE).is_some() && fs.find(CONTENT).is_some(),
+            DataType::Struct(fs) => {
+                ROLE_KEYS.iter().any(|k| fs.find(k).is_some()) && CONTENT_KEYS.iter().any(|k| fs.find(k).is_some())
+            }
             _ => false,
         },
         _ => false,
