@@ -21,4 +21,4 @@ pub use messages::Message;
 pub use progress::{Event, NoProgress, Progress};
 pub use rundir::{Manifest, RankState, RunDir, StageState};
 pub use shard::ShardMeta;
-pub use stage::{ShardCtx, ShardWorker, Stage, StageError, StageName};
+pub use stage::{ShardCtx, ShardWorker, Stage, StageError, StageFailure, StageName};

@@ -9,9 +9,12 @@
 //! carries that fingerprint. A stage is added by implementing [`Stage`] in its crate and
 //! registering it in the runtime's pipeline (one line).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
@@ -89,16 +92,50 @@ impl From<CoreError> for StageError {
     }
 }
 
+/// The error type of a stage's crate: whether a failure is the input data's fault (exit 65)
+/// rather than the machine's or the models' is all the runtime needs to know.
+pub trait StageFailure: std::error::Error + Send + Sync + 'static {
+    fn is_data(&self) -> bool;
+}
+
+impl<E: StageFailure> From<E> for StageError {
+    fn from(e: E) -> Self {
+        Self { data: e.is_data(), source: Box::new(e) }
+    }
+}
+
 /// What the making of one shard gets.
 #[allow(missing_debug_implementations, reason = "holds a `dyn Progress`")]
 pub struct ShardCtx<'a> {
     pub run: &'a RunDir,
+    /// The stage whose shard is made.
+    pub stage: StageName,
     pub shard: usize,
     /// The stage's fingerprint, for the footer of the shard it writes.
     pub fingerprint: &'a str,
     /// The stage's label, for its progress events.
     pub label: &'a str,
     pub progress: &'a dyn Progress,
+}
+
+impl ShardCtx<'_> {
+    /// The footer of the shard: the stage's fingerprint and these counters.
+    pub fn meta(&self, counters: BTreeMap<String, u64>) -> ShardMeta {
+        ShardMeta { fingerprint: self.fingerprint.to_owned(), counters, ..Default::default() }
+    }
+
+    /// Writes the shard (atomically, with its footer) and hands back what
+    /// [`ShardWorker::run`] returns: the footer and the row count.
+    pub fn write(
+        &self,
+        schema: &SchemaRef,
+        batch: RecordBatch,
+        meta: ShardMeta,
+    ) -> Result<(ShardMeta, usize), StageError> {
+        let rows = batch.num_rows();
+        crate::shard::write_parquet(&self.run.shard_path(self.stage, self.shard), schema, &[batch], &meta)?;
+        Ok((meta, rows))
+    }
 }
 
 /// A stage after the input, over devices of type `D` (the runtime's model devices; stages

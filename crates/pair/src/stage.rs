@@ -12,7 +12,7 @@ use rbon_core::schema::{self, BETA, INDEX, METHOD, PROMPT_ID, SECOND};
 use rbon_core::seed::{derive_seed, uniform_below};
 use rbon_core::stage::counter;
 use rbon_core::tables::SampleScores;
-use rbon_core::{CoreError, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
+use rbon_core::{CoreError, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageFailure, StageName};
 use rbon_regularize::stage::group_proxy;
 use rbon_regularize::{Method, RegularizeError, SelectConfig, argmin};
 
@@ -53,21 +53,15 @@ impl ShardWorker for &PairStage {
         let prompts = rbon_core::tables::read_prompts_shard(ctx.run, ctx.shard)?;
         let selections = rbon_core::shard::read_parquet(&ctx.run.shard_path(StageName::Selections, ctx.shard))?;
         let sp = pair_shard(&self.pair, &self.select, self.seed, &prompts, &data, &selections)?;
-        let meta = ShardMeta { fingerprint: ctx.fingerprint.to_owned(), counters: sp.counters, details: sp.details };
-        let batch = pairs_batch(&sp.rows)?;
-        let path = ctx.run.shard_path(StageName::Pairs, ctx.shard);
-        rbon_core::shard::write_parquet(&path, &schema::pairs_schema(), &[batch], &meta)?;
-        Ok((meta, sp.rows.len()))
+        let meta = ShardMeta { details: sp.details, ..ctx.meta(sp.counters) };
+        ctx.write(&schema::pairs_schema(), pairs_batch(&sp.rows)?, meta)
     }
 }
 
-impl From<PairError> for StageError {
-    fn from(e: PairError) -> Self {
-        let data = match &e {
-            PairError::Core(c) => c.is_data(),
-            _ => true,
-        };
-        Self { data, source: Box::new(e) }
+/// Every pairing failure but the run directory's is the data's.
+impl StageFailure for PairError {
+    fn is_data(&self) -> bool {
+        !matches!(self, Self::Core(c) if !c.is_data())
     }
 }
 

@@ -11,7 +11,7 @@ use rbon_core::schema::selections_schema;
 use rbon_core::seed::derive_seed;
 use rbon_core::stage::counter;
 use rbon_core::tables::SampleScores;
-use rbon_core::{CoreError, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
+use rbon_core::{CoreError, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageFailure, StageName};
 
 use crate::config::SelectConfig;
 use crate::method::{
@@ -77,24 +77,14 @@ impl ShardWorker for &SelectStage {
         let data = SampleScores::read(ctx.run, ctx.shard)?;
         let rows = select_shard(&self.select, &data, self.seed)?;
         let batch = selections_batch(&rows, &data.reward_names)?;
-        let meta = ShardMeta {
-            fingerprint: ctx.fingerprint.to_owned(),
-            counters: counters(&data, &rows),
-            ..Default::default()
-        };
-        let path = ctx.run.shard_path(StageName::Selections, ctx.shard);
-        rbon_core::shard::write_parquet(&path, &batch.schema(), &[batch], &meta)?;
-        Ok((meta, rows.len()))
+        ctx.write(&batch.schema(), batch, ctx.meta(counters(&data, &rows)))
     }
 }
 
-impl From<SelectError> for StageError {
-    fn from(e: SelectError) -> Self {
-        let data = match &e {
-            SelectError::Core(c) => c.is_data(),
-            _ => true,
-        };
-        Self { data, source: Box::new(e) }
+/// Every selection failure but the run directory's is the data's.
+impl StageFailure for SelectError {
+    fn is_data(&self) -> bool {
+        !matches!(self, Self::Core(c) if !c.is_data())
     }
 }
 

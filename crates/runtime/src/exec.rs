@@ -203,6 +203,7 @@ pub(crate) fn execute(
                     w.run(|i| {
                         let shard = ShardCtx {
                             run: ctx.run,
+                            stage: name,
                             shard: i,
                             fingerprint: plan.fp(name),
                             label: &label,

@@ -8,7 +8,9 @@ use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array,
 use arrow_schema::{DataType, Field};
 use rbon_core::schema::samples_schema;
 use rbon_core::stage::counter;
-use rbon_core::{CoreError, Event, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
+use rbon_core::{
+    CoreError, Event, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageFailure, StageName,
+};
 use rbon_models::Device;
 
 use crate::config::{PolicyConfig, SampleConfig};
@@ -70,22 +72,13 @@ impl ShardWorker for SampleWorker<'_> {
         let prompts = rbon_core::tables::read_prompts_shard(ctx.run, ctx.shard)?;
         let mut on_prompt = |tokens: usize| ctx.progress.event(Event::Tokens { stage: ctx.label.to_owned(), tokens });
         let out = sample_shard(policy, &st.sample, st.seed, &prompts, rows_per_batch, &mut on_prompt)?;
-        let meta = ShardMeta { fingerprint: ctx.fingerprint.to_owned(), counters: out.counters, ..Default::default() };
-        let rows = out.batch.num_rows();
-        rbon_core::shard::write_parquet(
-            &ctx.run.shard_path(StageName::Samples, ctx.shard),
-            &samples_schema(),
-            &[out.batch],
-            &meta,
-        )?;
-        Ok((meta, rows))
+        ctx.write(&samples_schema(), out.batch, ctx.meta(out.counters))
     }
 }
 
-impl From<SampleError> for StageError {
-    fn from(e: SampleError) -> Self {
-        let data = matches!(&e, SampleError::Core(c) if c.is_data());
-        Self { data, source: Box::new(e) }
+impl StageFailure for SampleError {
+    fn is_data(&self) -> bool {
+        matches!(self, Self::Core(c) if c.is_data())
     }
 }
 

@@ -11,7 +11,7 @@ use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array}
 use arrow_schema::{DataType, Field};
 use rbon_core::schema::{PROMPT_ID, RESPONSE, SAMPLE_IDX, scores_schema};
 use rbon_core::stage::counter;
-use rbon_core::{CoreError, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageName};
+use rbon_core::{CoreError, Message, ShardCtx, ShardMeta, ShardWorker, Stage, StageError, StageFailure, StageName};
 use rbon_models::Device;
 
 use crate::ScoreError;
@@ -88,18 +88,13 @@ impl ShardWorker for ScoreWorker<'_> {
         let prompts = rbon_core::tables::read_prompts_shard(ctx.run, ctx.shard)?;
         let samples = rbon_core::shard::read_parquet(&ctx.run.shard_path(StageName::Samples, ctx.shard))?;
         let out = score_shard(&s.rewards, s.embedder.as_ref(), &prompts, &samples, self.stage.batch_tokens)?;
-        let meta = ShardMeta { fingerprint: ctx.fingerprint.to_owned(), counters: out.counters, ..Default::default() };
-        let rows = out.batch.num_rows();
-        let path = ctx.run.shard_path(StageName::Scores, ctx.shard);
-        rbon_core::shard::write_parquet(&path, &out.batch.schema(), &[out.batch], &meta)?;
-        Ok((meta, rows))
+        ctx.write(&out.batch.schema(), out.batch, ctx.meta(out.counters))
     }
 }
 
-impl From<ScoreError> for StageError {
-    fn from(e: ScoreError) -> Self {
-        let data = matches!(&e, ScoreError::Core(c) if c.is_data());
-        Self { data, source: Box::new(e) }
+impl StageFailure for ScoreError {
+    fn is_data(&self) -> bool {
+        matches!(self, Self::Core(c) if c.is_data())
     }
 }
 
