@@ -1461,3 +1461,77 @@ fn an_unknown_kernel_path_is_a_usage_error_before_anything_is_written() {
     assert!(text(&o).contains("RBON_KERNELS=\"fast\" is not one of packed, candle"), "{}", text(&o));
     assert!(!f.path().join("out").exists());
 }
+
+/// Flips one bit of a weight in a safetensors file in place, keeping its size and modification
+/// time: what a careless in-place edit (or a bad copy) leaves behind.
+fn flip_weight_bit(file: &Path) {
+    let mtime = fs::metadata(file).unwrap().modified().unwrap();
+    let mut bytes = fs::read(file).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header + 100] ^= 1;
+    fs::write(file, bytes).unwrap();
+    fs::File::options().write(true).open(file).unwrap().set_modified(mtime).unwrap();
+}
+
+#[test]
+fn model_files_edited_in_place_redo_what_read_them() {
+    let f = Fixture::new(1, 1);
+    let model = f.path().join("policy");
+    fs::create_dir(&model).unwrap();
+    for e in fs::read_dir(repo().join("data/models/tiny-qwen2")).unwrap().flatten() {
+        fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let template = f.write(
+        "chat.jinja",
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n",
+    );
+    let pipeline = |out: &str| {
+        sample_pipeline(out, 2)
+            .replace(&repo().join("data/models/tiny-qwen2").display().to_string(), &model.display().to_string())
+            .replace("policy:\n", &format!("policy:\n  chat_template: {}\n", template.display()))
+    };
+    f.write("a.yaml", &pipeline("a"));
+    assert!(f.run(&["run", "a.yaml"]).status.success());
+    let o = f.run(&["run", "a.yaml"]);
+    assert!(text(&o).contains("samples: all 3 shards already done, skipped"), "{}", text(&o));
+    type Edit<'a> = (&'a str, Box<dyn Fn() + 'a>);
+    let edits: [Edit; 3] = [
+        ("weights", Box::new(|| flip_weight_bit(&model.join("model.safetensors")))),
+        (
+            "generation_config.json",
+            Box::new(|| {
+                let g = fs::read_to_string(model.join("generation_config.json")).unwrap();
+                fs::write(
+                    model.join("generation_config.json"),
+                    g.replace("\"eos_token_id\": 4", "\"eos_token_id\": [4, 9]"),
+                )
+                .unwrap();
+            }),
+        ),
+        (
+            "chat template",
+            Box::new(|| {
+                let t = fs::read_to_string(&template).unwrap();
+                fs::write(&template, t.replace("{{ m.content }}", "{{ m.content | trim }}")).unwrap();
+            }),
+        ),
+    ];
+    for (i, (what, edit)) in edits.iter().enumerate() {
+        edit();
+        let o = f.run(&["run", "a.yaml"]);
+        let t = text(&o);
+        assert!(o.status.success(), "{what}: {t}");
+        assert!(t.contains("samples: earlier output discarded"), "{what}: {t}");
+        assert!(!t.contains("samples: all 3 shards already done"), "{what}: {t}");
+        // What the resumed run holds is what a fresh run with the edited files makes.
+        let fresh = format!("fresh-{i}");
+        f.write("fresh.yaml", &pipeline(&fresh));
+        assert!(f.run(&["run", "fresh.yaml"]).status.success());
+        assert_eq!(samples_rows(&f.path().join("a")), samples_rows(&f.path().join(&fresh)), "{what}");
+    }
+    // The digests are cached in the run directory; with nothing changed, everything is skipped.
+    let cache = fs::read_to_string(f.path().join("a/digests.json")).unwrap();
+    assert!(cache.contains("model.safetensors") && cache.contains("chat.jinja"), "{cache}");
+    let o = f.run(&["run", "a.yaml"]);
+    assert!(text(&o).contains("samples: all 3 shards already done, skipped"), "{}", text(&o));
+}

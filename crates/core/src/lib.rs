@@ -4,6 +4,7 @@
 //! seeding, and the progress events that libraries emit instead of printing.
 
 pub mod config;
+pub mod digest;
 pub mod error;
 pub mod input;
 pub mod messages;
@@ -16,6 +17,7 @@ pub mod stage;
 pub mod tables;
 
 pub use config::{ConfigDoc, Diagnostic, Diagnostics};
+pub use digest::FileDigests;
 pub use error::{CoreError, Result};
 pub use messages::Message;
 pub use progress::{Event, NoProgress, Progress};

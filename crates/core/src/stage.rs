@@ -17,6 +17,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use serde::{Deserialize, Serialize};
 
+use crate::digest::FileDigests;
 use crate::error::CoreError;
 use crate::progress::Progress;
 use crate::rundir::RunDir;
@@ -153,8 +154,9 @@ pub trait Stage<D>: Send + Sync {
     fn upstream(&self) -> &'static [StageName];
 
     /// Everything besides its inputs that its output depends on: the whole configuration
-    /// sections it reads (so no field can be left out) and the identity of its model files.
-    fn identity(&self) -> Result<serde_json::Value, StageError>;
+    /// sections it reads (so no field can be left out) and the content digests of the files it
+    /// reads (models, templates), taken from `files`.
+    fn identity(&self, files: &FileDigests) -> Result<serde_json::Value, StageError>;
 
     /// Whether every device gets its own worker (stages with models) or one worker serves all.
     fn per_device(&self) -> bool {

@@ -6,6 +6,20 @@ use std::path::{Path, PathBuf};
 
 use crate::error::ModelError;
 
+/// The files besides config and weights that loaders read when a folder has them.
+const READ_BESIDE: [&str; 10] = [
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+];
+
 /// A Hugging Face model folder on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelDir {
@@ -107,24 +121,14 @@ impl ModelDir {
         Ok(files)
     }
 
-    /// What the model's outputs depend on, cheaply enough for every run: config.json by
-    /// content (SHA-256) and each weight file by name and size, so a changed model redoes the
-    /// stages that use it without hashing gigabytes of weights.
-    pub fn identity(&self) -> Result<Vec<(String, u64)>, ModelError> {
-        use sha2::Digest;
-        let mut out = Vec::new();
-        for f in self.model_files()? {
-            let len = std::fs::metadata(&f).map_err(|source| ModelError::Io { path: f.clone(), source })?.len();
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let tag = if name == "config.json" {
-                let bytes = std::fs::read(&f).map_err(|source| ModelError::Io { path: f.clone(), source })?;
-                sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
-            } else {
-                name
-            };
-            out.push((tag, len));
-        }
-        Ok(out)
+    /// Every file of the folder that a loader reads and that is present: the config and
+    /// weights (or the GGUF file), and the tokenizer, chat template, generation defaults and
+    /// sentence-transformers files beside them. A model's outputs depend on these files' content
+    /// and nothing else of the folder; stages fingerprint them by content.
+    pub fn input_files(&self) -> Result<Vec<PathBuf>, ModelError> {
+        let mut files = self.model_files()?;
+        files.extend(READ_BESIDE.iter().filter_map(|name| self.file(name)));
+        Ok(files)
     }
 
     /// A file of the folder, if present.

@@ -38,7 +38,7 @@ impl<D> Stage<D> for PairStage {
         &[StageName::Prompts, StageName::Samples, StageName::Scores, StageName::Selections]
     }
 
-    fn identity(&self) -> Result<serde_json::Value, StageError> {
+    fn identity(&self, _: &rbon_core::FileDigests) -> Result<serde_json::Value, StageError> {
         Ok(serde_json::json!({ "pair": self.pair, "seed": self.seed }))
     }
 

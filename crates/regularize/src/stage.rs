@@ -63,7 +63,7 @@ impl<D> Stage<D> for SelectStage {
         &[StageName::Samples, StageName::Scores]
     }
 
-    fn identity(&self) -> Result<serde_json::Value, StageError> {
+    fn identity(&self, _: &rbon_core::FileDigests) -> Result<serde_json::Value, StageError> {
         Ok(serde_json::json!({ "select": self.select, "seed": self.seed }))
     }
 

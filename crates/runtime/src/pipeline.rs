@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use rbon_core::rundir::fingerprint;
-use rbon_core::{CoreError, Stage, StageName};
+use rbon_core::{CoreError, FileDigests, Stage, StageName};
 use rbon_models::Device;
 
 use crate::config::{Pipeline, PipelineConfig};
@@ -65,12 +65,12 @@ struct ExportIdentity<'a> {
 }
 
 /// Every stage of a run with its fingerprint.
-pub(crate) fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Plan, RunError> {
+pub(crate) fn plan(p: &Pipeline, source: &Source, n_shards: usize, files: &FileDigests) -> Result<Plan, RunError> {
     let cfg = &p.config;
     let mut fps = BTreeMap::new();
     let (first, also) = source.stage();
     let (source_fp, source_label) = match source {
-        Source::Candidates { fp, .. } => (import_fingerprint(cfg, fp)?, import_label(cfg)),
+        Source::Candidates { fp, .. } => (import_fingerprint(cfg, fp, files)?, import_label(cfg)),
         Source::Prompts { fp, .. } => (fp.clone(), first.to_string()),
     };
     for s in std::iter::once(first).chain(also.iter().copied()) {
@@ -89,7 +89,7 @@ pub(crate) fn plan(p: &Pipeline, source: &Source, n_shards: usize) -> Result<Pla
                     .ok_or_else(|| CoreError::internal(format!("{u} runs after {}", st.name())))
             })
             .collect::<Result<_, _>>()?;
-        let fp = fingerprint(st.name().as_str(), &st.identity()?, &upstream);
+        let fp = fingerprint(st.name().as_str(), &st.identity(files)?, &upstream);
         fps.insert(st.name(), fp);
         chain.push(st.name());
         labels.push(st.label());

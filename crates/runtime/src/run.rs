@@ -68,6 +68,7 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
         .into());
     }
     let run = RunDir::create(&cfg.output)?;
+    let digests = rbon_core::FileDigests::cached_in(run.root().join(rbon_core::digest::DIGESTS));
     let _lock = if multi { run.lock_rank(ranks.rank)? } else { run.lock()? };
     if opts.force {
         run.clear_all()?;
@@ -80,7 +81,8 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     }
     run.freeze_config(p.doc.text())?;
     run.remove_other_ranks(ranks.world_size)?;
-    let plan = plan(p, &source, n_shards)?;
+    let plan = plan(p, &source, n_shards, &digests)?;
+    digests.save()?;
 
     let also = source.stage().1;
     for &stage in plan.chain.iter().chain(also) {

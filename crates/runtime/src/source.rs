@@ -93,15 +93,17 @@ fn hash_file(path: &std::path::Path) -> Result<String, CoreError> {
 
 /// The fingerprint of a candidates import: the file, and the models that complete it (their
 /// fingerprints join the file's).
-pub(crate) fn import_fingerprint(cfg: &PipelineConfig, file_fp: &str) -> Result<String, RunError> {
+pub(crate) fn import_fingerprint(
+    cfg: &PipelineConfig,
+    file_fp: &str,
+    files: &rbon_core::FileDigests,
+) -> Result<String, RunError> {
     let mut identity = vec![file_fp.to_owned()];
     if let Some(pc) = &cfg.policy {
-        let dir = rbon_models::ModelDir::resolve(&pc.model).map_err(rbon_sample::SampleError::from)?;
-        let model = dir.identity().map_err(rbon_sample::SampleError::from)?;
-        identity.push(fingerprint("policy", &(pc, model), &[]));
+        identity.push(fingerprint("policy", &(pc, pc.model_identity(files)?), &[]));
     }
     if let Some(sc) = &cfg.score {
-        identity.push(fingerprint(StageName::Scores.as_str(), &(sc, sc.model_identities()?), &[]));
+        identity.push(fingerprint(StageName::Scores.as_str(), &(sc, sc.model_identities(files)?), &[]));
     }
     let refs: Vec<&str> = identity.iter().map(String::as_str).collect();
     Ok(fingerprint("import", &(), &refs))

@@ -107,6 +107,20 @@ impl SampleConfig {
 }
 
 impl PolicyConfig {
+    /// The content digests of every file the policy's outputs depend on: the model folder's
+    /// ([`ModelDir::input_files`]) and a chat template given by path.
+    pub fn model_identity(
+        &self,
+        files: &rbon_core::FileDigests,
+    ) -> Result<Vec<(String, String)>, rbon_core::StageError> {
+        let dir = ModelDir::resolve(&self.model).map_err(rbon_core::StageError::other)?;
+        let mut inputs = dir.input_files().map_err(rbon_core::StageError::other)?;
+        if !matches!(self.chat_template.as_str(), "auto" | "none") {
+            inputs.push(Path::new(&self.chat_template).to_owned());
+        }
+        Ok(files.of_files(dir.root(), &inputs)?)
+    }
+
     /// The conversation the policy answers: `messages` with the system prompt put first when one
     /// is configured and the conversation has no system turn of its own.
     pub fn conversation(&self, messages: Vec<Message>) -> Vec<Message> {

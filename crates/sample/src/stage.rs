@@ -35,13 +35,12 @@ impl Stage<Device> for SampleStage {
         &[StageName::Prompts]
     }
 
-    fn identity(&self) -> Result<serde_json::Value, StageError> {
-        let dir = rbon_models::ModelDir::resolve(&self.policy.model).map_err(StageError::other)?;
+    fn identity(&self, files: &rbon_core::FileDigests) -> Result<serde_json::Value, StageError> {
         Ok(serde_json::json!({
             "policy": self.policy,
             "sample": self.sample,
             "seed": self.seed,
-            "model": dir.identity().map_err(StageError::other)?,
+            "model": self.policy.model_identity(files)?,
         }))
     }
 

@@ -55,15 +55,19 @@ impl ScoreConfig {
         self.rewards.iter().map(|r| r.name.clone()).collect()
     }
 
-    /// The identity of every model of the section, reward models first (see
-    /// [`rbon_models::ModelDir::identity`]).
-    pub fn model_identities(&self) -> Result<Vec<Vec<(String, u64)>>, rbon_core::StageError> {
+    /// The content digests of every model of the section, reward models first (every file
+    /// its loader reads: [`rbon_models::ModelDir::input_files`]).
+    pub fn model_identities(
+        &self,
+        files: &rbon_core::FileDigests,
+    ) -> Result<Vec<Vec<(String, String)>>, rbon_core::StageError> {
         let specs =
             self.rewards.iter().map(|r| r.model.as_str()).chain(self.embedding.iter().map(|e| e.model.as_str()));
         specs
             .map(|spec| {
                 let dir = ModelDir::resolve(spec).map_err(rbon_core::StageError::other)?;
-                dir.identity().map_err(rbon_core::StageError::other)
+                let inputs = dir.input_files().map_err(rbon_core::StageError::other)?;
+                Ok(files.of_files(dir.root(), &inputs)?)
             })
             .collect()
     }

@@ -36,8 +36,8 @@ impl Stage<Device> for ScoreStage {
         &[StageName::Prompts, StageName::Samples]
     }
 
-    fn identity(&self) -> Result<serde_json::Value, StageError> {
-        Ok(serde_json::json!({ "score": self.score, "models": self.score.model_identities()? }))
+    fn identity(&self, files: &rbon_core::FileDigests) -> Result<serde_json::Value, StageError> {
+        Ok(serde_json::json!({ "score": self.score, "models": self.score.model_identities(files)? }))
     }
 
     fn per_device(&self) -> bool {
