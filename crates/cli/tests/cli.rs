@@ -1535,3 +1535,42 @@ fn model_files_edited_in_place_redo_what_read_them() {
     let o = f.run(&["run", "a.yaml"]);
     assert!(text(&o).contains("samples: all 3 shards already done, skipped"), "{}", text(&o));
 }
+
+#[test]
+fn damaged_or_swapped_shards_are_made_again() {
+    let f = Fixture::new(30, 4);
+    f.write("a.yaml", &pipeline("c.jsonl", "a", 5, BETAS));
+    assert!(f.run(&["run", "a.yaml"]).status.success());
+    let run = f.path().join("a");
+    // 40 bytes flipped in the middle of a finished scores shard: still a readable Parquet file
+    // whose values would be wrong.
+    let scores = run.join("scores/shard-00002.parquet");
+    let mut bytes = fs::read(&scores).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid - 20..mid + 20] {
+        *b ^= 0x55;
+    }
+    fs::write(&scores, bytes).unwrap();
+    // A selections shard copied over another, whole and valid on its own.
+    fs::copy(run.join("selections/shard-00000.parquet"), run.join("selections/shard-00004.parquet")).unwrap();
+    // Then a β change, so that pairing reads both.
+    let betas = "[0.001, 0.01, 0.1, 1.0, 2.0]";
+    f.write("a.yaml", &pipeline("c.jsonl", "a", 5, betas));
+    let o = f.run(&["run", "a.yaml"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("import: a finished shard is damaged") && t.contains("scores/shard-00002.parquet"), "{t}");
+    // The β change redoes selection anyway; a copied shard is named when its stage is kept.
+    f.write("fresh.yaml", &pipeline("c.jsonl", "fresh", 5, betas));
+    assert!(f.run(&["run", "fresh.yaml"]).status.success());
+    assert_same_exports(&run, &f.path().join("fresh"));
+
+    fs::copy(run.join("pairs/shard-00000.parquet"), run.join("pairs/shard-00004.parquet")).unwrap();
+    let o = f.run(&["run", "a.yaml"]);
+    let t = text(&o);
+    assert!(t.contains("pairs: a finished shard is damaged") && t.contains("(copied over this one)"), "{t}");
+    assert_same_exports(&run, &f.path().join("fresh"));
+    // Rewritten intact: the next rerun trusts every shard again.
+    let o = f.run(&["run", "a.yaml"]);
+    assert!(!text(&o).contains("damaged"), "{}", text(&o));
+}

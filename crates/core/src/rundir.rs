@@ -94,6 +94,15 @@ impl RankState {
     }
 }
 
+/// What a shard on disk is, to a run about to make it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShardState {
+    Done(ShardMeta),
+    ToMake,
+    /// Made under this configuration but not intact any more; says what is wrong.
+    Corrupt(String),
+}
+
 /// Holds a run directory's lock.
 #[derive(Debug)]
 pub struct RunLock(#[allow(dead_code)] fs::File);
@@ -129,16 +138,30 @@ impl RunDir {
         self.stage_dir(stage).join(shard_file_name(shard))
     }
 
-    /// The metadata of a finished shard made with `fingerprint`, or `None` when the shard must
-    /// be (re)made: missing, unreadable, or made under another configuration.
+    /// The metadata of a finished, intact shard made with `fingerprint`, or `None` when the
+    /// shard must be (re)made.
     pub fn finished_shard(&self, stage: StageName, shard: usize, fingerprint: &str) -> Option<ShardMeta> {
+        match self.shard_state(stage, shard, fingerprint) {
+            ShardState::Done(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// What a shard of `stage` is: done (made with `fingerprint`, and its bytes match its
+    /// check), to be made (missing, or made under another configuration), or corrupt
+    /// (unreadable, or made with `fingerprint` but changed since).
+    pub fn shard_state(&self, stage: StageName, shard: usize, fingerprint: &str) -> ShardState {
         let p = self.shard_path(stage, shard);
         if !p.is_file() {
-            return None;
+            return ShardState::ToMake;
         }
         match shard::read_meta(&p) {
-            Ok(Some(m)) if m.fingerprint == fingerprint => Some(m),
-            _ => None,
+            Ok(Some(m)) if m.fingerprint == fingerprint => match shard::verify_shard(&p) {
+                Ok(()) => ShardState::Done(m),
+                Err(why) => ShardState::Corrupt(format!("{}: {why}", p.display())),
+            },
+            Ok(_) => ShardState::ToMake,
+            Err(e) => ShardState::Corrupt(e.to_string()),
         }
     }
 

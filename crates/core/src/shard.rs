@@ -2,7 +2,9 @@
 //! renamed into place, so it exists exactly when its final file does and a kill at any moment
 //! leaves either the whole shard or nothing. Each shard carries, in its Parquet key-value
 //! metadata, the fingerprint of the configuration that made it and its counters, so a rerun can
-//! trust a shard without any other bookkeeping.
+//! trust a shard without any other bookkeeping. A stage's shard also carries a check
+//! ([`CHECK_KEY`]): its folder and file name, row count, and the SHA-256 of all its bytes, so a shard flipped, truncated or copied over another is found and made again
+//! ([`verify_shard`]).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -18,11 +20,31 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{CoreError, Result};
 
 /// Key of rbon's entry in a shard's Parquet key-value metadata.
 pub const META_KEY: &str = "rbon";
+
+/// Key of a stage shard's check in its Parquet key-value metadata.
+pub const CHECK_KEY: &str = "rbon.check";
+
+/// What a stage shard's footer says about its bytes and place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ShardCheck {
+    /// `<stage folder>/<file name>`: a shard copied over another does not pass.
+    place: String,
+    rows: u64,
+    /// SHA-256 of the whole file as written with 64 zeros in place of this value.
+    sha256: String,
+}
+
+fn place_of(path: &Path) -> String {
+    let name =
+        |p: Option<&Path>| p.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{}/{}", name(path.parent()), name(Some(path)))
+}
 
 /// What a shard records about itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +170,68 @@ pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], m
     sink.finish().map(|_| ())
 }
 
+/// Writes a stage's shard: as [`write_parquet`], with a check in its footer that
+/// [`verify_shard`] reads.
+///
+/// The file is made in memory (a shard is a few MB at most) with 64 zeros in place of the
+/// check's hash; the hash of those bytes, every byte of the file, is then patched in (a Parquet
+/// footer holds key-value strings verbatim).
+pub fn write_shard(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], meta: &ShardMeta) -> Result<()> {
+    let pq = |source| CoreError::Parquet { path: path.to_owned(), source };
+    let mut w = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(writer_properties(meta))).map_err(pq)?;
+    let mut rows = 0u64;
+    for b in batches {
+        w.write(b).map_err(pq)?;
+        rows += b.num_rows() as u64;
+    }
+    w.flush().map_err(pq)?;
+    let prefix = w.bytes_written();
+    let placeholder = "0".repeat(64);
+    let check = ShardCheck { place: place_of(path), rows, sha256: placeholder.clone() };
+    let json = serde_json::to_string(&check).map_err(|e| CoreError::internal(e.to_string()))?;
+    w.append_key_value_metadata(KeyValue::new(CHECK_KEY.to_owned(), json));
+    let mut bytes = w.into_inner().map_err(pq)?;
+    let needle = format!("\"sha256\":\"{placeholder}\"");
+    let at = bytes
+        .get(prefix..)
+        .and_then(|footer| footer.windows(needle.len()).position(|w| w == needle.as_bytes()))
+        .ok_or_else(|| CoreError::internal("the shard check is not in the footer"))?;
+    let at = prefix + at + needle.len() - 65;
+    let sha = crate::seed::hex(&Sha256::digest(&bytes));
+    bytes[at..at + 64].copy_from_slice(sha.as_bytes());
+    write_atomic(path, &bytes)
+}
+
+/// Checks a stage shard against the check in its footer: its place, row count and the hash of
+/// all its bytes. The error says what does not match.
+pub fn verify_shard(path: &Path) -> std::result::Result<(), String> {
+    let open = || File::open(path).map_err(|e| format!("cannot open: {e}"));
+    let reader = SerializedFileReader::new(open()?).map_err(|e| format!("unreadable Parquet: {e}"))?;
+    let meta = reader.metadata().file_metadata();
+    let check = meta
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == CHECK_KEY).and_then(|k| k.value.clone()))
+        .ok_or("its footer has no check (written by an older rbon)")?;
+    let check: ShardCheck = serde_json::from_str(&check).map_err(|e| format!("its check does not parse: {e}"))?;
+    if check.place != place_of(path) {
+        return Err(format!("it holds {} (copied over this one)", check.place));
+    }
+    if u64::try_from(meta.num_rows()).ok() != Some(check.rows) {
+        return Err(format!("it has {} rows, its check says {}", meta.num_rows(), check.rows));
+    }
+    let mut bytes = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let needle = format!("\"sha256\":\"{}\"", check.sha256);
+    let Some(at) = bytes.windows(needle.len()).rposition(|w| w == needle.as_bytes()) else {
+        return Err("its check is not where it was written".into());
+    };
+    let at = at + needle.len() - 65;
+    bytes[at..at + 64].fill(b'0');
+    if crate::seed::hex(&Sha256::digest(&bytes)) != check.sha256 {
+        return Err("its bytes do not match its checksum".into());
+    }
+    Ok(())
+}
+
 /// Reads a whole Parquet file.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
     let file = File::open(path).map_err(|e| CoreError::io(path, e))?;
@@ -223,5 +307,32 @@ mod tests {
         assert_eq!(read_meta(&p1).unwrap(), Some(meta));
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(dir.path().join("s")).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn shard_checks_catch_any_changed_byte_and_a_moved_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::UInt32, false)]));
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(UInt32Array::from((0..500).collect::<Vec<u32>>()))])
+                .unwrap();
+        let p = dir.path().join("scores/shard-00001.parquet");
+        write_shard(&p, &schema, std::slice::from_ref(&batch), &ShardMeta::default()).unwrap();
+        verify_shard(&p).unwrap();
+        assert_eq!(read_parquet(&p).unwrap(), vec![batch.clone()]);
+        let good = fs::read(&p).unwrap();
+        // Every byte of the file counts, footer included.
+        for at in (0..good.len()).step_by(7) {
+            let mut bad = good.clone();
+            bad[at] ^= 0x01;
+            fs::write(&p, &bad).unwrap();
+            assert!(verify_shard(&p).is_err(), "a flip at byte {at} of {} passed", good.len());
+        }
+        let other = dir.path().join("scores/shard-00002.parquet");
+        fs::write(&other, &good).unwrap();
+        assert!(verify_shard(&other).unwrap_err().contains("holds scores/shard-00001.parquet"));
+        // Files written without a check (exports, reports) are not shards.
+        write_parquet(&p, &schema, &[batch], &ShardMeta::default()).unwrap();
+        assert!(verify_shard(&p).unwrap_err().contains("no check"));
     }
 }

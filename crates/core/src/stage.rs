@@ -134,7 +134,7 @@ impl ShardCtx<'_> {
         meta: ShardMeta,
     ) -> Result<(ShardMeta, usize), StageError> {
         let rows = batch.num_rows();
-        crate::shard::write_parquet(&self.run.shard_path(self.stage, self.shard), schema, &[batch], &meta)?;
+        crate::shard::write_shard(&self.run.shard_path(self.stage, self.shard), schema, &[batch], &meta)?;
         Ok((meta, rows))
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use rbon_core::input::{PromptRow, for_each_prompt, stream_candidates};
+use rbon_core::rundir::ShardState;
 use rbon_core::shard::ShardMeta;
 use rbon_core::{CoreError, Event, Manifest, RankState, RunDir, ShardCtx, StageName, StageState};
 use rbon_models::Device;
@@ -117,12 +118,28 @@ pub(crate) fn execute(
             finished: false,
         };
         let m = metas.entry(stage).or_default();
+        // The input's first stage writes the others of `source.stage()` with it: its shard is
+        // done when theirs are too.
+        let with: &[StageName] = if k == 0 { source.stage().1 } else { &[] };
         for &i in &owned {
-            if let Some(meta) = ctx.run.finished_shard(stage, i, &fp) {
-                d[i] = true;
-                t.skipped += 1;
-                t.add(&meta);
-                m.insert(i, meta);
+            let state = with.iter().fold(ctx.run.shard_state(stage, i, &fp), |state, &other| match state {
+                ShardState::Done(meta) => match ctx.run.shard_state(other, i, plan.fp(other)) {
+                    ShardState::Done(_) => ShardState::Done(meta),
+                    other_state => other_state,
+                },
+                state => state,
+            });
+            match state {
+                ShardState::Done(meta) => {
+                    d[i] = true;
+                    t.skipped += 1;
+                    t.add(&meta);
+                    m.insert(i, meta);
+                }
+                ShardState::Corrupt(why) => ctx.progress.event(Event::Info {
+                    message: format!("{}: a finished shard is damaged ({why}); making it again", t.label),
+                }),
+                ShardState::ToMake => {}
             }
         }
         done.push(d);

@@ -150,7 +150,7 @@ pub(crate) fn write_prompts(
         counters: BTreeMap::from([(counter::PROMPTS.to_owned(), rows.len() as u64)]),
         ..Default::default()
     };
-    shard::write_parquet(&run.shard_path(StageName::Prompts, i), &schema::prompts_schema(), &[batch], &meta)?;
+    shard::write_shard(&run.shard_path(StageName::Prompts, i), &schema::prompts_schema(), &[batch], &meta)?;
     Ok((meta, rows.len()))
 }
 
@@ -255,15 +255,15 @@ pub(crate) fn import(
         (counter::SAMPLES.to_owned(), samples as u64),
     ]);
     let meta = ShardMeta { fingerprint: fp.to_owned(), counters, ..Default::default() };
-    shard::write_parquet(
+    shard::write_shard(
         &run.shard_path(StageName::Prompts, i),
         &schema::prompts_schema(),
         &[tables::prompts_batch(groups)?],
         &meta,
     )?;
     let scores = tables::scores_batch(groups, &complete.reward_names(), embedding_dim)?;
-    shard::write_parquet(&run.shard_path(StageName::Scores, i), &scores.schema(), &[scores], &meta)?;
-    shard::write_parquet(
+    shard::write_shard(&run.shard_path(StageName::Scores, i), &scores.schema(), &[scores], &meta)?;
+    shard::write_shard(
         &run.shard_path(StageName::Samples, i),
         &schema::samples_schema(),
         &[tables::samples_batch(groups)?],
