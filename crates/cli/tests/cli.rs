@@ -1574,3 +1574,29 @@ fn damaged_or_swapped_shards_are_made_again() {
     let o = f.run(&["run", "a.yaml"]);
     assert!(!text(&o).contains("damaged"), "{}", text(&o));
 }
+
+#[test]
+fn a_lost_or_garbled_manifest_is_rebuilt_from_the_shards() {
+    let f = Fixture::new(30, 4);
+    f.write("a.yaml", &pipeline("c.jsonl", "a", 5, BETAS));
+    f.write("fresh.yaml", &pipeline("c.jsonl", "fresh", 5, BETAS));
+    assert!(f.run(&["run", "a.yaml"]).status.success());
+    assert!(f.run(&["run", "fresh.yaml"]).status.success());
+    let manifest = f.path().join("a/manifest.json");
+    for (what, damage) in [("missing", None), ("garbled", Some("{\"stages\": [tru"))] {
+        match damage {
+            None => fs::remove_file(&manifest).unwrap(),
+            Some(text) => fs::write(&manifest, text).unwrap(),
+        }
+        let o = f.run(&["run", "a.yaml"]);
+        let t = text(&o);
+        assert!(o.status.success(), "{what}: {t}");
+        assert!(t.contains("rebuilding it from the shards"), "{what}: {t}");
+        for stage in ["import", "selections", "pairs"] {
+            assert!(t.contains(&format!("{stage}: all 6 shards already done, skipped")), "{what}: {t}");
+        }
+        assert_same_exports(&f.path().join("a"), &f.path().join("fresh"));
+        let o = f.run(&["status", "a"]);
+        assert!(o.status.success() && text(&o).contains("pairs"), "{what}: {}", text(&o));
+    }
+}

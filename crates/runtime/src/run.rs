@@ -28,13 +28,25 @@ pub struct RunOptions {
 /// Whether `dir` holds something other than an rbon run (hidden temporaries and the ranks'
 /// folder of a run another rank is just creating do not count).
 fn foreign(dir: &std::path::Path) -> bool {
-    if dir.join(MANIFEST).is_file() {
+    if dir.join(MANIFEST).is_file() || holds_shards(dir) {
         return false;
     }
     std::fs::read_dir(dir).is_ok_and(|d| {
         d.flatten().any(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             !name.starts_with('.') && name != RANKS_DIR && name != FROZEN_CONFIG
+        })
+    })
+}
+
+/// Whether `dir` holds a finished shard of some stage (an rbon run whose manifest was lost).
+fn holds_shards(dir: &std::path::Path) -> bool {
+    StageName::ALL.iter().any(|s| {
+        std::fs::read_dir(dir.join(s.as_str())).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                rbon_core::stage::is_shard_file(&e.file_name().to_string_lossy())
+                    && shard::read_meta(&e.path()).is_ok_and(|m| m.is_some())
+            })
         })
     })
 }
@@ -73,10 +85,24 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     if opts.force {
         run.clear_all()?;
     }
-    let mut manifest = run.read_manifest()?;
+    // The manifest only summarises the shards, which carry their own fingerprints and checks:
+    // a lost or garbled one is rebuilt from them.
+    let (mut manifest, rebuilt) = match run.read_manifest() {
+        Ok(m) => (m, false),
+        Err(CoreError::RunDir { message, .. }) => {
+            progress.event(Event::Info {
+                message: format!("{MANIFEST} could not be read ({message}); rebuilding it from the shards"),
+            });
+            (Manifest::default(), true)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !run.manifest_path().is_file() && holds_shards(run.root()) {
+        progress.event(Event::Info { message: format!("{MANIFEST} is missing; rebuilding it from the shards") });
+    }
     manifest.rbon_version = crate::outcome::VERSION.to_owned();
     manifest.name = cfg.name.clone();
-    if !multi || !run.manifest_path().is_file() {
+    if !multi || rebuilt || !run.manifest_path().is_file() {
         run.write_manifest(&manifest)?;
     }
     run.freeze_config(p.doc.text())?;
