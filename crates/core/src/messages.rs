@@ -29,6 +29,39 @@ impl Message {
     }
 }
 
+/// The rule every conversation to answer follows, whether read as prompts or with
+/// candidates: known roles (`system`, `user`, `assistant`), a system turn only first, then a user
+/// turn first, no blank turn, and a user turn last (the one being answered).
+pub fn check_conversation(messages: &[Message]) -> Result<(), String> {
+    let Some(last) = messages.last() else { return Err("the conversation is empty".into()) };
+    for (i, m) in messages.iter().enumerate() {
+        match m.role.as_str() {
+            "system" if i == 0 => {}
+            "system" => return Err(format!("turn {i} is a `system` turn; only the first turn may be one")),
+            "user" | "assistant" => {}
+            r => return Err(format!("turn {i} has the unknown role `{r}` (use system, user or assistant)")),
+        }
+        if m.content.trim().is_empty() {
+            return Err(format!("turn {i} (`{}`) is blank", m.role));
+        }
+    }
+    let first = messages.iter().find(|m| m.role != "system");
+    match first {
+        None => return Err("the conversation has only a system turn; it needs a user turn to answer".into()),
+        Some(m) if m.role != "user" => {
+            return Err(format!("the conversation starts with a `{}` turn; it must start with a user turn", m.role));
+        }
+        _ => {}
+    }
+    if last.role != "user" {
+        return Err(format!(
+            "the prompt ends with a `{}` turn; it must end with the user turn being answered",
+            last.role
+        ));
+    }
+    Ok(())
+}
+
 /// The canonical text of a conversation, hashed for default prompt ids: compact JSON of
 /// `[{"role": .., "content": ..}, ..]` with keys in that order.
 pub fn canonical(messages: &[Message]) -> String {

@@ -11,7 +11,7 @@ use super::files::{
     Batch, FileKind, FirstRecord, JsonLayout, file_kind, first_record, for_each_batch, parquet_columns,
 };
 use crate::error::{CoreError, Result};
-use crate::messages::{Message, canonical};
+use crate::messages::{Message, canonical, check_conversation};
 use crate::schema::{
     EMBEDDING, LOGPROB, NUM_TOKENS, PROMPT, PROMPT_ID, RESPONSE, SAMPLE_IDX, reward_column, reward_name,
 };
@@ -287,17 +287,7 @@ pub fn scan_candidates(path: &Path, limit: Option<u64>) -> Result<CandidatesInde
                 if groups.len() >= limit {
                     return Ok(true);
                 }
-                if let Some(last) = messages.last()
-                    && last.role != "user"
-                {
-                    return Err(CoreError::data(
-                        &s.location,
-                        format!(
-                            "the prompt ends with a `{}` turn; it must end with the user turn being answered",
-                            last.role
-                        ),
-                    ));
-                }
+                check_conversation(&messages).map_err(|m| CoreError::data(&s.location, m))?;
                 index.insert(key, groups.len());
                 groups.push(ScanGroup {
                     messages: messages_digest(&messages),

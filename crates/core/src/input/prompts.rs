@@ -10,7 +10,7 @@ use super::files::{FirstRecord, JsonLayout, for_each_batch, resolve_files};
 use super::hh_rlhf::hh_rlhf_prompt;
 use super::{InputConfig, InputFormat};
 use crate::error::{CoreError, Result};
-use crate::messages::{Message, canonical};
+use crate::messages::{Message, canonical, check_conversation};
 use crate::schema::PROMPT;
 use crate::seed::sha256_hex;
 
@@ -128,6 +128,7 @@ pub fn for_each_prompt(cfg: &InputConfig, mut f: impl FnMut(PromptRow) -> Result
             for r in 0..batch.data.num_rows() {
                 let location = batch.location(r);
                 let messages = layout.messages(prompts.conversation(r, &location)?, &location)?;
+                check_conversation(&messages).map_err(|m| CoreError::data(&location, m))?;
                 let prompt_id = match &ids {
                     Some(ids) => ids.text(r, &location)?,
                     None => prompt_id_of(&messages),

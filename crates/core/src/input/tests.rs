@@ -457,3 +457,48 @@ fn sharegpt_messages_in_parquet_and_json() {
     let e = read_prompts(&cfg).unwrap_err().to_string();
     assert!(e.ends_with("g.jsonl:1: no id column `key`; columns: conversations, id"), "{e}");
 }
+
+/// One rule for conversations, with the same words, whether they come as prompts or with
+/// candidates.
+#[test]
+fn malformed_conversations_are_refused_as_prompts_and_as_candidates() {
+    let d = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            r#"[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]"#,
+            "the prompt ends with a `assistant` turn",
+        ),
+        (r#"[{"role": "system", "content": "be brief"}]"#, "the conversation has only a system turn"),
+        (
+            r#"[{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]"#,
+            "starts with a `assistant` turn",
+        ),
+        (
+            r#"[{"role": "narrator", "content": "once"}, {"role": "user", "content": "hi"}]"#,
+            "turn 0 has the unknown role `narrator`",
+        ),
+        (r#"[{"role": "user", "content": "  "}]"#, "turn 0 (`user`) is blank"),
+        (
+            r#"[{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}]"#,
+            "turn 1 is a `system` turn",
+        ),
+        (r#""   ""#, "turn 0 (`user`) is blank"),
+    ];
+    for (prompt, message) in cases {
+        let p = write(d.path(), "p.jsonl", &format!("{{\"prompt\": {prompt}}}\n"));
+        let cfg = InputConfig { path: Some(p.display().to_string()), ..Default::default() };
+        let e = read_prompts(&cfg).unwrap_err().to_string();
+        assert!(e.contains("p.jsonl:1: ") && e.contains(message), "{prompt}: {e}");
+        let c = candidate_line(0, 0, &format!(", \"prompt\": {prompt}"));
+        let e = read_candidates(&write(d.path(), "c.jsonl", &c), None).unwrap_err().to_string();
+        assert!(e.contains("c.jsonl:1: ") && e.contains(message), "{prompt}: {e}");
+    }
+    // ShareGPT's roles are read as user and assistant, and pass.
+    let p = write(
+        d.path(),
+        "g.jsonl",
+        r#"{"prompt": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}]}"#,
+    );
+    let cfg = InputConfig { path: Some(p.display().to_string()), ..Default::default() };
+    assert_eq!(read_prompts(&cfg).unwrap()[0].messages.len(), 3);
+}
