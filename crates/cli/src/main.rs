@@ -197,7 +197,14 @@ fn bench(what: Bench) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A bad command line is a usage error (78), like a bad config; help and version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_CONFIG) } else { ExitCode::SUCCESS };
+        }
+    };
     match cli.command {
         Command::Validate { file } => match rbon_runtime::load(&file) {
             Ok(p) => {
@@ -257,7 +264,8 @@ fn run(file: &Path, force: bool, quiet: bool, rank: Option<usize>, world_size: O
         }
     };
     let ui = std::sync::Arc::new(Ui::new(quiet));
-    // First Ctrl-C: finish the shards in flight, then stop; the second quits at once.
+    // First Ctrl-C (or SIGTERM, SIGHUP): finish the shards in flight, then stop; the second
+    // quits at once.
     let handler_ui = ui.clone();
     let _ = ctrlc::set_handler(move || {
         if handler_ui.stop.swap(true, Ordering::SeqCst) {

@@ -824,6 +824,7 @@ fn sampling_config_errors() {
         (good.replace("tiny-qwen2", "tiny-nope"), "policy.model: model `"),
         (good.replace("top_k: 40", "top_p: 1.5"), "sample.top_p: 1.5 is not allowed: must be in (0, 1]"),
         (good.replace("n: 4", "n: 0"), "sample.n: 0 is not allowed"),
+        (good.replace("n: 4", "n: 4000000000"), "sample.n: 4000000000 is not allowed: at most 65536"),
         (
             good.replace("policy:\n", "policy:\n  chat_template: missing.jinja\n"),
             "policy.chat_template: no such file: missing.jinja",
@@ -948,26 +949,43 @@ fn candidates_get_exactly_what_they_lack() {
 #[test]
 fn ctrl_c_finishes_shards_in_flight_and_says_how_to_resume() {
     let f = Fixture::new(1500, 6);
-    f.write("a.yaml", &pipeline("c.jsonl", "stopped", 5, BETAS));
     f.write("b.yaml", &pipeline("c.jsonl", "clean", 5, BETAS));
     assert!(f.run(&["run", "b.yaml"]).status.success());
-    let mut child = f.spawn(&["run", "a.yaml"]);
-    wait_for(&f.path().join("stopped/selections/shard-00010.parquet"), &mut child);
-    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(kill.success());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("interrupted: ") && err.contains("shards went through every stage"), "{err}");
-    assert!(err.contains("resume with: rbon run a.yaml"), "{err}");
-    let stopped = f.path().join("stopped");
-    assert!(!stopped.join("selections/shard-00299.parquet").exists(), "the run was not interrupted");
-    for e in fs::read_dir(stopped.join("selections")).unwrap().flatten() {
-        assert!(!e.file_name().to_string_lossy().contains(".tmp-"), "{}", e.path().display());
+    // Ctrl-C, and SIGTERM and SIGHUP as Slurm and Kubernetes stop jobs: the same.
+    for signal in ["INT", "TERM", "HUP"] {
+        let out = format!("stopped-{signal}");
+        f.write("a.yaml", &pipeline("c.jsonl", &out, 5, BETAS));
+        let mut child = f.spawn(&["run", "a.yaml"]);
+        wait_for(&f.path().join(format!("{out}/selections/shard-00010.parquet")), &mut child);
+        let kill = Command::new("kill").args([format!("-{signal}"), child.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(130), "{signal}: {err}");
+        assert!(err.contains("interrupted: ") && err.contains("shards went through every stage"), "{signal}: {err}");
+        assert!(err.contains("resume with: rbon run a.yaml"), "{signal}: {err}");
+        let stopped = f.path().join(&out);
+        assert!(!stopped.join("selections/shard-00299.parquet").exists(), "{signal}: the run was not interrupted");
+        for e in fs::read_dir(stopped.join("selections")).unwrap().flatten() {
+            assert!(!e.file_name().to_string_lossy().contains(".tmp-"), "{}", e.path().display());
+        }
+        let o = f.run(&["run", "a.yaml"]);
+        assert!(o.status.success(), "{signal}: {}", text(&o));
+        assert_same_exports(&stopped, &f.path().join("clean"));
     }
-    let o = f.run(&["run", "a.yaml"]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert_same_exports(&stopped, &f.path().join("clean"));
+}
+
+#[test]
+fn a_bad_command_line_is_a_usage_error() {
+    let f = Fixture::new(1, 1);
+    f.write("p.yaml", &pipeline("c.jsonl", "out", 2, BETAS));
+    for args in [&["run", "p.yaml", "--rank", "abc"][..], &["run", "p.yaml", "--colour"], &["frobnicate"]] {
+        let o = f.run(args);
+        assert_eq!(o.status.code(), Some(78), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("error:"), "{args:?}: {}", text(&o));
+    }
+    assert_eq!(f.run(&["--help"]).status.code(), Some(0));
+    assert!(!f.path().join("out").exists());
 }
 
 #[test]

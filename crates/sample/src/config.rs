@@ -75,11 +75,18 @@ impl Default for SampleConfig {
     }
 }
 
+/// The most responses per prompt.
+pub const MAX_N: u64 = 65_536;
+
 impl SampleConfig {
     /// Every problem with this section.
     pub fn check(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
         if self.n == 0 {
             d.push(doc.diag("sample.n", "0 is not allowed: must be at least 1"));
+        }
+        // Every response of a prompt is held (and compared, for rbon_wd and mbr) at once.
+        if u64::from(self.n) > MAX_N {
+            d.push(doc.diag("sample.n", format!("{} is not allowed: at most {MAX_N} responses per prompt", self.n)));
         }
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             d.push(

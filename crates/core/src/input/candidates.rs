@@ -211,13 +211,27 @@ impl CandidateColumns {
             sample_idx: self.sample_idx.index(r, loc)?,
             response: self.response.text(r, loc)?,
             rewards: self.rewards.iter().map(|c| c.float(r, loc)).collect::<Result<_>>()?,
-            logprob: self.logprob.as_ref().map(|c| c.float(r, loc)).transpose()?,
+            logprob: self
+                .logprob
+                .as_ref()
+                .map(|c| c.float(r, loc))
+                .transpose()?
+                .map(|lp| log_probability(lp, loc))
+                .transpose()?,
             num_tokens: self.num_tokens.as_ref().map(|c| c.count(r, loc)).transpose()?,
             embedding: self.embedding.as_ref().map(|c| c.vector(r, loc)).transpose()?,
             location,
         };
         Ok((prompt_id, messages, sample))
     }
+}
+
+/// A sequence's log-probability is at most 0 (a little above, from rounding, is kept).
+fn log_probability(lp: f64, loc: &str) -> Result<f64> {
+    if lp > 1e-6 {
+        return Err(CoreError::data(loc, format!("`logprob` is {lp}; a log-probability is at most 0")));
+    }
+    Ok(lp)
 }
 
 /// Calls `f(prompt_id, messages, sample)` for every row of a candidates file, in file order.

@@ -502,3 +502,16 @@ fn malformed_conversations_are_refused_as_prompts_and_as_candidates() {
     let cfg = InputConfig { path: Some(p.display().to_string()), ..Default::default() };
     assert_eq!(read_prompts(&cfg).unwrap()[0].messages.len(), 3);
 }
+
+#[test]
+fn a_positive_logprob_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let text = [candidate_line(0, 0, r#", "logprob": -2.5"#), candidate_line(0, 1, r#", "logprob": 1e6"#)].concat();
+    let e = read_candidates(&write(d.path(), "l.jsonl", &text), None).unwrap_err().to_string();
+    assert!(e.ends_with("l.jsonl:2: `logprob` is 1000000; a log-probability is at most 0"), "{e}");
+    let text = [candidate_line(0, 0, r#", "logprob": -2.5"#), candidate_line(0, 1, r#", "logprob": 0.0"#)].concat();
+    assert_eq!(
+        read_candidates(&write(d.path(), "l.jsonl", &text), None).unwrap().groups[0].samples[1].logprob,
+        Some(0.0)
+    );
+}
