@@ -42,13 +42,25 @@ fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
-fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
-    match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => {
-            a.iter().filter_map(|x| x.as_u64()).filter_map(|n| u32::try_from(n).ok()).collect()
+/// `eos_token_id` of a config: absent or null, an id, or a list of ids. Anything else, or an
+/// id the tokenizer does not have, is an error naming the file: ignoring it would let every
+/// response run to `max_new_tokens`.
+fn ids(v: Option<&serde_json::Value>, file: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u32>, ModelError> {
+    let bad = |message: String| ModelError::Config { path: file.display().to_string(), message };
+    let id = |x: &serde_json::Value| {
+        let id = x
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad(format!("`eos_token_id` must be a token id or a list of token ids, not {x}")))?;
+        match tokenizer.id_to_token(id) {
+            Some(_) => Ok(id),
+            None => Err(bad(format!("`eos_token_id` {id} is not a token of the tokenizer"))),
         }
-        _ => Vec::new(),
+    };
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(a)) => a.iter().map(id).collect(),
+        Some(x) => Ok(vec![id(x)?]),
     }
 }
 
@@ -105,9 +117,10 @@ impl ChatTokenizer {
         // As `generate` does: generation_config.json, else config.json, else the tokenizer's EOS.
         let generation = read_json(dir, "generation_config.json")?.unwrap_or_default();
         let cfg = read_json(dir, "config.json")?.unwrap_or_default();
-        let mut eos_ids = ids(generation.get("eos_token_id"));
+        let root = dir.root();
+        let mut eos_ids = ids(generation.get("eos_token_id"), &root.join("generation_config.json"), &tokenizer)?;
         if eos_ids.is_empty() {
-            eos_ids = ids(cfg.get("eos_token_id"));
+            eos_ids = ids(cfg.get("eos_token_id"), &root.join("config.json"), &tokenizer)?;
         }
         if eos_ids.is_empty()
             && let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t))
@@ -279,6 +292,30 @@ pub fn template_choice(spec: &str, base: &Path) -> TemplateChoice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_malformed_eos_token_id_is_an_error_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/models/tiny-qwen2");
+        for e in std::fs::read_dir(&src).unwrap().flatten() {
+            std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
+        }
+        let dir = ModelDir::resolve(d.path().to_str().unwrap()).unwrap();
+        let load = || ChatTokenizer::load(&dir, &TemplateChoice::Auto).map(|t| t.eos_ids().to_vec());
+        assert_eq!(load().unwrap(), vec![4]);
+        for (value, message) in [
+            ("\"</s>\"", "`eos_token_id` must be a token id or a list of token ids, not \"</s>\""),
+            ("[4, -1]", "not -1"),
+            ("999999", "`eos_token_id` 999999 is not a token of the tokenizer"),
+        ] {
+            std::fs::write(d.path().join("generation_config.json"), format!("{{\"eos_token_id\": {value}}}")).unwrap();
+            let e = load().unwrap_err().to_string();
+            assert!(e.contains("generation_config.json") && e.contains(message), "{value}: {e}");
+        }
+        std::fs::write(d.path().join("generation_config.json"), "{\"eos_token_id\": [4, 1]}").unwrap();
+        assert_eq!(load().unwrap(), vec![4, 1]);
+    }
 
     #[test]
     fn strftime_fields() {
