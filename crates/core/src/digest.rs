@@ -98,7 +98,9 @@ impl FileDigests {
         let Some(dir) = file.parent().filter(|d| d.is_dir()) else { return Ok(()) };
         let entries = self.entries()?;
         let text = serde_json::to_vec_pretty(&*entries).map_err(|e| CoreError::internal(e.to_string()))?;
-        let tmp = dir.join(format!(".{DIGESTS}.tmp-{}", std::process::id()));
+        // Ranks on several hosts may share the folder (and a pid): the name is theirs alone.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let tmp = dir.join(format!(".{DIGESTS}.tmp-{}-{nanos}", std::process::id()));
         std::fs::write(&tmp, text).map_err(|e| CoreError::io(&tmp, e))?;
         std::fs::rename(&tmp, file).map_err(|e| CoreError::io(file, e))
     }

@@ -264,6 +264,7 @@ pub fn scan_candidates(path: &Path, limit: Option<u64>) -> Result<CandidatesInde
     let mut duplicate: Option<(String, String, u32)> = None;
     for_each_candidate(path, &header, |prompt_id, messages, s| {
         if let Some(e) = &s.embedding
+            && !e.is_empty()
             && e.iter().all(|&x| x == 0.0)
         {
             return Err(CoreError::data(&s.location, "`embedding` is the zero vector, which has no direction"));

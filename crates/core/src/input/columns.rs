@@ -16,7 +16,7 @@ use crate::messages::{Message, is_messages_type, json_messages_type, read_messag
 /// What a column holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// A prompt id: text, or a number read as text.
+    /// A prompt id: text, or a number read as its JSON text (`7`, `2.5`; never truncated).
     Id,
     Text,
     /// A conversation: text (one user turn) or a list of `{role, content}` messages
@@ -77,9 +77,8 @@ impl Kind {
     /// The type JSON values are decoded as, given the kind of the first record's value.
     pub(crate) fn json_type(self, first: Option<JsonKind>) -> DataType {
         match (self, first) {
-            (Self::Id, Some(JsonKind::Integer)) => DataType::Int64,
             // Integers too are decoded as numbers, so that 1.5 is caught rather than truncated.
-            (Self::Id, Some(JsonKind::Number)) | (Self::Float | Self::Index | Self::Count, _) => DataType::Float64,
+            (Self::Float | Self::Index | Self::Count, _) => DataType::Float64,
             (Self::Id | Self::Text, _) => DataType::Utf8,
             (Self::Conversation { messages_only: true }, _) | (Self::Conversation { .. }, Some(JsonKind::Array)) => {
                 json_messages_type()

@@ -145,7 +145,7 @@ impl JsonKind {
     }
 }
 
-/// The fields of a JSON file's first record, in order, with the kind of each value.
+/// The fields of a JSON file's first record, sorted by name, with the kind of each value.
 #[derive(Debug, Clone)]
 pub(crate) struct FirstRecord {
     pub(crate) fields: Vec<(String, JsonKind)>,
@@ -384,7 +384,10 @@ impl JsonBatches<'_> {
 
     fn decode(&self, rows: &[(At, Row)]) -> std::result::Result<Option<RecordBatch>, ArrowError> {
         let schema = self.schema.clone().unwrap_or_else(|| Arc::new(Schema::empty()));
-        let mut d: Decoder = ReaderBuilder::new(schema).with_batch_size(rows.len() + 1).build_decoder()?;
+        // Numbers (and booleans) in a text field are read as their JSON text: ids may be
+        // either, and `7` must stay "7" and `2.5` "2.5".
+        let mut d: Decoder =
+            ReaderBuilder::new(schema).with_batch_size(rows.len() + 1).with_coerce_primitive(true).build_decoder()?;
         for (_, row) in rows {
             match row {
                 Row::Line(text) => {

@@ -515,3 +515,19 @@ fn a_positive_logprob_is_refused() {
         Some(0.0)
     );
 }
+
+#[test]
+fn json_ids_keep_their_text_whatever_the_first_record_holds() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = ["1", "2.5", "\"007\"", "\"1e3\"", "18446744073709551615", "\"abc\""];
+    let text: String =
+        rows.iter().enumerate().map(|(i, id)| format!("{{\"id\": {id}, \"prompt\": \"q{i}\"}}\n")).collect();
+    let p = write(d.path(), "ids.jsonl", &text);
+    let cfg = InputConfig { path: Some(p.display().to_string()), id_column: Some("id".into()), ..Default::default() };
+    let ids: Vec<String> = read_prompts(&cfg).unwrap().into_iter().map(|r| r.prompt_id).collect();
+    assert_eq!(ids, ["1", "2.5", "007", "1e3", "18446744073709551615", "abc"]);
+    // An empty embedding is called empty, not the zero vector.
+    let c = candidate_line(0, 0, r#", "embedding": []"#);
+    let e = read_candidates(&write(d.path(), "e.jsonl", &c), None).unwrap_err().to_string();
+    assert!(e.ends_with("e.jsonl:1: embedding is empty"), "{e}");
+}
