@@ -340,6 +340,12 @@ mod tests {
         out
     }
 
+    /// Shard `i` of the pairs stage, holding `rows`.
+    fn write_pairs_shard(run: &RunDir, i: usize, rows: &[PairRow]) {
+        let batch = pairs_batch(rows).unwrap();
+        let path = run.shard_path(StageName::Pairs, i);
+        shard::write_parquet(&path, &schema::pairs_schema(), &[batch], &ShardMeta::default()).unwrap();
+    }
     #[test]
     fn exports_follow_shard_order_filter_by_method_and_beta_and_are_reproducible() {
         let tmp = tempfile::tempdir().unwrap();
@@ -354,14 +360,7 @@ mod tests {
             vec![row("p2", Method::Bon, 0.0, 5), row("p2", Method::RbonKl, 0.5, 6), row("p3", Method::RbonKl, 0.5, 7)],
         ];
         for (i, rows) in shards.iter().enumerate() {
-            let b = pairs_batch(rows).unwrap();
-            shard::write_parquet(
-                &run.shard_path(StageName::Pairs, i),
-                &schema::pairs_schema(),
-                &[b],
-                &ShardMeta::default(),
-            )
-            .unwrap();
+            write_pairs_shard(&run, i, rows);
         }
         // Parts left by an earlier run with another part count must not survive.
         let stale = run.stage_dir(StageName::Pairs).join("bon/beta=0/train-00001-of-00002.parquet");
@@ -446,14 +445,7 @@ mod tests {
         let rows: Vec<PairRow> = (0..n).map(|i| row(&format!("p{i}"), Method::Bon, 0.0, i as u32)).collect();
         let cut = ROWS_PER_FILE - 2;
         for (i, part) in [&rows[..cut], &rows[cut..]].into_iter().enumerate() {
-            let b = pairs_batch(part).unwrap();
-            shard::write_parquet(
-                &run.shard_path(StageName::Pairs, i),
-                &schema::pairs_schema(),
-                &[b],
-                &ShardMeta::default(),
-            )
-            .unwrap();
+            write_pairs_shard(&run, i, part);
         }
         let counts = BTreeMap::from([("bon/beta=0".to_owned(), counters(n as u64, 0))]);
         let select = SelectConfig {
@@ -511,13 +503,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let run = RunDir::create(tmp.path()).unwrap();
         let rows = vec![row("p0", Method::Bon, 0.0, 1), row("p1", Method::Bon, 0.0, 2)];
-        shard::write_parquet(
-            &run.shard_path(StageName::Pairs, 0),
-            &schema::pairs_schema(),
-            &[pairs_batch(&rows).unwrap()],
-            &ShardMeta::default(),
-        )
-        .unwrap();
+        write_pairs_shard(&run, 0, &rows);
         // A registry left by an earlier conversational export must not survive.
         fs::write(run.stage_dir(StageName::Pairs).join(DATASET_INFO), "{}").unwrap();
         let select = SelectConfig {
