@@ -565,6 +565,15 @@ fn validate_reports_every_problem_at_once() {
 }
 
 #[test]
+fn a_gold_reward_that_is_the_proxy_fails_validation() {
+    let f = Fixture::new(3, 3);
+    f.write("p.yaml", &pipeline("c.jsonl", "out", 4, BETAS).replace("gold: [gold]", "gold: [gold, proxy]"));
+    let o = f.run(&["validate", "p.yaml"]);
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("select.gold[1]: `proxy` is the proxy"), "{}", text(&o));
+}
+
+#[test]
 fn bad_rows_name_file_and_line_and_write_nothing() {
     let f = Fixture::new(3, 3);
     let good = candidates(3, 3, true, true);

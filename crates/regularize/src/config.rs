@@ -261,6 +261,11 @@ impl SelectConfig {
         for (i, g) in self.gold.iter().enumerate() {
             if self.gold[..i].contains(g) {
                 diags.push(doc.diag(&format!("select.gold[{i}]"), format!("`{g}` is listed twice")));
+            } else if proxies.contains(g) {
+                diags.push(doc.diag(
+                    &format!("select.gold[{i}]"),
+                    format!("`{g}` is the proxy; a gold reward must be another reward model (it measures what the proxy misses)"),
+                ));
             }
         }
         if let Some(t) = &self.tune {
