@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -56,14 +57,14 @@ struct Entry {
 pub struct FileDigests {
     cache: Option<PathBuf>,
     entries: Mutex<BTreeMap<String, Entry>>,
-    changed: Mutex<bool>,
+    changed: AtomicBool,
 }
 
 impl FileDigests {
     /// Digests cached in `file` (read when present; an unreadable cache is only a slower run).
     pub fn cached_in(file: PathBuf) -> Self {
         let entries = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Self { cache: Some(file), entries: Mutex::new(entries), changed: Mutex::new(false) }
+        Self { cache: Some(file), entries: Mutex::new(entries), changed: AtomicBool::new(false) }
     }
 
     fn entries(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, Entry>>> {
@@ -83,16 +84,14 @@ impl FileDigests {
         }
         let sha256 = hash_file(&canonical)?;
         self.entries()?.insert(key, Entry { stamp, sha256: sha256.clone() });
-        if let Ok(mut c) = self.changed.lock() {
-            *c = true;
-        }
+        self.changed.store(true, Ordering::Relaxed);
         Ok(sha256)
     }
 
     /// Writes the cache back (atomically) when a digest was computed.
     pub fn save(&self) -> Result<()> {
-        let (Some(file), Ok(changed)) = (&self.cache, self.changed.lock()) else { return Ok(()) };
-        if !*changed {
+        let Some(file) = &self.cache else { return Ok(()) };
+        if !self.changed.load(Ordering::Relaxed) {
             return Ok(());
         }
         let Some(dir) = file.parent().filter(|d| d.is_dir()) else { return Ok(()) };
@@ -151,7 +150,7 @@ mod tests {
         // Cached: a second run reads the digest back without hashing.
         let again = FileDigests::cached_in(cache.clone());
         assert_eq!(again.digest(&f).unwrap(), first);
-        assert!(!*again.changed.lock().unwrap());
+        assert!(!again.changed.load(Ordering::Relaxed));
         // Same size, modification time set back: the status-change time still moves.
         let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -124,7 +124,6 @@ impl Batch {
 pub(crate) enum JsonKind {
     Null,
     Bool,
-    Integer,
     Number,
     String,
     Array,
@@ -136,7 +135,6 @@ impl JsonKind {
         match v {
             Value::Null => Self::Null,
             Value::Bool(_) => Self::Bool,
-            Value::Number(n) if n.is_i64() || n.is_u64() => Self::Integer,
             Value::Number(_) => Self::Number,
             Value::String(_) => Self::String,
             Value::Array(_) => Self::Array,
