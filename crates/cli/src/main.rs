@@ -322,6 +322,8 @@ struct StageView {
     started: Instant,
     last_log: Instant,
     skipped_all: bool,
+    /// Requests at an inference server not yet answered (the server engine).
+    in_flight: Option<usize>,
 }
 
 impl StageView {
@@ -331,7 +333,8 @@ impl StageView {
         match stage.parse::<StageName>() {
             Ok(StageName::Samples) if self.tokens > 0 => {
                 let wall = self.started.elapsed().as_secs_f64();
-                (wall > 0.0).then(|| format!("{:.0} tok/s", self.tokens as f64 / wall))
+                let flight = self.in_flight.map(|n| format!(", {n} requests in flight")).unwrap_or_default();
+                (wall > 0.0).then(|| format!("{:.0} tok/s{flight}", self.tokens as f64 / wall))
             }
             Ok(StageName::Scores) if secs > 0.0 => Some(format!("{:.1} samples/s", self.rows as f64 / secs)),
             _ => None,
@@ -431,6 +434,7 @@ impl Progress for Ui {
                     started: now,
                     last_log: now,
                     skipped_all: skipped == total,
+                    in_flight: None,
                 };
                 if let Ok(mut st) = self.stages.lock() {
                     st.insert(stage, view);
@@ -461,6 +465,7 @@ impl Progress for Ui {
                         b.finish_and_clear();
                         self.multi.remove(&b);
                     }
+                    v.in_flight = None;
                     if !v.skipped_all {
                         let parts: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
                         let rate = v.rate(&stage).map(|r| format!(", {r}")).unwrap_or_default();
@@ -469,6 +474,13 @@ impl Progress for Ui {
                 }
             }
             Event::Wrote { .. } => {}
+            Event::InFlight { stage, requests } => {
+                if let Ok(mut st) = self.stages.lock()
+                    && let Some(v) = st.get_mut(&stage)
+                {
+                    v.in_flight = Some(requests);
+                }
+            }
             Event::Tokens { stage, tokens } => {
                 if let Ok(mut st) = self.stages.lock()
                     && let Some(v) = st.get_mut(&stage)

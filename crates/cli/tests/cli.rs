@@ -7,6 +7,8 @@
     reason = "tests: unwraps are the assertions; prints report skipped or measured cases"
 )]
 
+mod common;
+
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,19 +17,7 @@ use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, RecordBatch};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
-fn rbon(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rbon")).args(args).current_dir(cwd).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::{conversations, load_policy, rbon, read, repo, samples_rows, text};
 
 /// A small candidates file: `prompts` prompts of `n` samples, deterministic.
 fn candidates(prompts: usize, n: usize, with_logprob: bool, with_embedding: bool) -> String {
@@ -106,25 +96,6 @@ impl Fixture {
     fn run(&self, args: &[&str]) -> Output {
         rbon(args, self.path())
     }
-}
-
-fn read(path: &Path) -> RecordBatch {
-    let f = fs::File::open(path).unwrap();
-    let r = ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
-    let batches: Vec<RecordBatch> = r.map(|b| b.unwrap()).collect();
-    arrow_select_concat(&batches)
-}
-
-fn arrow_select_concat(batches: &[RecordBatch]) -> RecordBatch {
-    assert!(!batches.is_empty());
-    let schema = batches[0].schema();
-    let cols = (0..schema.fields().len())
-        .map(|i| {
-            let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(i).as_ref()).collect();
-            arrow_select::concat::concat(&arrays).unwrap()
-        })
-        .collect();
-    RecordBatch::try_new(schema, cols).unwrap()
 }
 
 /// Every export file under `pairs/`, relative path → bytes.
@@ -770,26 +741,6 @@ fn sample_pipeline(output: &str, shard_size: usize) -> String {
     )
 }
 
-fn samples_rows(run: &Path) -> Vec<(String, u32, Vec<u32>, String, f64)> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while run.join(format!("samples/shard-{i:05}.parquet")).exists() {
-        let b = read(&run.join(format!("samples/shard-{i:05}.parquet")));
-        let ids = b.column_by_name("prompt_id").unwrap().as_string::<i32>();
-        let k = b.column_by_name("sample_idx").unwrap().as_primitive::<arrow_array::types::UInt32Type>();
-        let toks = b.column_by_name("token_ids").unwrap().as_list::<i32>();
-        let fin = b.column_by_name("finish_reason").unwrap().as_string::<i32>();
-        let lp = b.column_by_name("logprob").unwrap().as_primitive::<arrow_array::types::Float64Type>();
-        for r in 0..b.num_rows() {
-            let t = toks.value(r);
-            let t: Vec<u32> = t.as_primitive::<arrow_array::types::UInt32Type>().values().to_vec();
-            out.push((ids.value(r).to_owned(), k.value(r), t, fin.value(r).to_owned(), lp.value(r)));
-        }
-        i += 1;
-    }
-    out
-}
-
 #[test]
 fn sampling_pipeline_runs_resumes_and_does_not_depend_on_shard_size() {
     let f = Fixture::new(1, 1);
@@ -1234,28 +1185,6 @@ fn strings(b: &RecordBatch, col: &str) -> Vec<String> {
 fn embeddings(b: &RecordBatch) -> Vec<Vec<f32>> {
     let a = b.column_by_name("embedding").unwrap().as_fixed_size_list();
     (0..a.len()).map(|r| a.value(r).as_primitive::<arrow_array::types::Float32Type>().values().to_vec()).collect()
-}
-
-/// Each prompts shard's conversations, by prompt id.
-fn conversations(run: &Path) -> std::collections::BTreeMap<String, Vec<rbon_core::Message>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut i = 0;
-    while run.join(format!("prompts/shard-{i:05}.parquet")).exists() {
-        let b = read(&run.join(format!("prompts/shard-{i:05}.parquet")));
-        out.extend(rbon_core::tables::read_prompts_batches(&[b], "prompts").unwrap());
-        i += 1;
-    }
-    out
-}
-
-fn load_policy(name: &str) -> rbon_sample::Policy {
-    let cfg = rbon_sample::PolicyConfig {
-        model: repo().join("data/models").join(name).display().to_string(),
-        dtype: Default::default(),
-        chat_template: "auto".into(),
-        system_prompt: None,
-    };
-    rbon_sample::Policy::load(&cfg, &rbon_models::Device::Cpu).unwrap()
 }
 
 fn load_reward_model(name: &str) -> rbon_score::RewardModel {

@@ -11,6 +11,8 @@ pub enum Event {
     StageStarted { stage: String, total: usize, skipped: usize },
     /// Tokens were generated (for a tokens/s readout).
     Tokens { stage: String, tokens: usize },
+    /// Requests sent to an inference server and not yet answered (the server engine).
+    InFlight { stage: String, requests: usize },
     /// One shard was written, in `busy` time.
     ShardDone { stage: String, shard: usize, rows: usize, busy: Duration },
     /// A stage finished; `counters` sums every shard's counters (reused ones included), and

@@ -163,6 +163,13 @@ pub trait Stage<D>: Send + Sync {
         false
     }
 
+    /// Workers per device (or in all, without [`Stage::per_device`]): more than one for a stage
+    /// that waits on something else (an inference server), so that one shard's last requests
+    /// overlap the next shard's first.
+    fn workers(&self) -> usize {
+        1
+    }
+
     /// A worker on `device`, on the thread that will run it. It owns what the stage loads
     /// (models, loaded on its first shard, so a finished run does not pay for them).
     fn worker<'s>(&'s self, device: &D) -> Box<dyn ShardWorker + 's>;

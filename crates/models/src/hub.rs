@@ -131,6 +131,14 @@ impl ModelDir {
         Ok(files)
     }
 
+    /// The files beside the weights that are present: tokenizer, chat template, generation
+    /// defaults, and config.json when there is one (what a policy served elsewhere reads here).
+    pub fn text_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.file("config.json").into_iter().collect();
+        files.extend(READ_BESIDE.iter().filter_map(|name| self.file(name)));
+        files
+    }
+
     /// A file of the folder, if present.
     pub fn file(&self, name: &str) -> Option<PathBuf> {
         let p = self.root.join(name);

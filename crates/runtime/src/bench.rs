@@ -54,8 +54,7 @@ pub fn bench_prompt(n: usize, vocab: usize) -> Vec<u32> {
 /// tokens: samples are seeded one by one).
 pub fn sample(b: &SampleBench) -> Result<Measured, RunError> {
     let device = open(&b.device)?;
-    let cfg =
-        PolicyConfig { model: b.model.clone(), dtype: b.dtype, chat_template: "none".into(), system_prompt: None };
+    let cfg = PolicyConfig { dtype: b.dtype, chat_template: "none".into(), ..PolicyConfig::new(b.model.clone()) };
     let policy = Policy::load(&cfg, &device)?;
     let prompt = bench_prompt(b.prompt_tokens, policy.decoder().config().vocab_size);
     let sample = SampleConfig { n: b.n, max_new_tokens: b.new_tokens, ..Default::default() };

@@ -151,7 +151,7 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
         d.push(doc.diag(
             "input.candidates",
             format!(
-                "{c} has no `reward_<name>` column (found {columns}) and no `score.rewards` computes one:                  add reward models under `score.rewards`"
+                "{c} has no `reward_<name>` column (found {columns}) and no `score.rewards` computes one: add reward models under `score.rewards`"
             ),
         ));
     }
@@ -161,6 +161,13 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
     {
         if a.logprob {
             d.push(doc.diag("policy", format!("{} already has `logprob`; leave `policy` out", a.source)));
+        }
+        if policy.as_ref().is_some_and(|p| p.server().is_some()) {
+            d.push(doc.diag(
+                "policy.engine",
+                "candidates are teacher-forced by the embedded engine; `server` samples `input.path` prompts: \
+                 leave `engine` out",
+            ));
         }
         a.logprob = true;
         a.num_tokens = true;

@@ -202,7 +202,9 @@ pub(crate) fn execute(
         // Workers of the later stages: one per device for stages with models.
         for k in 1..chain.len() {
             let Some(stage) = plan.stages.get(k - 1) else { continue };
-            let workers: Vec<Device> = if stage.per_device() { devices.to_vec() } else { vec![Device::Cpu] };
+            let one: Vec<Device> = if stage.per_device() { devices.to_vec() } else { vec![Device::Cpu] };
+            let workers: Vec<Device> =
+                one.iter().flat_map(|d| std::iter::repeat_n(d.clone(), stage.workers().max(1))).collect();
             let next = links.get_mut(k).and_then(Option::take);
             let (name, label) = (chain[k], tallies[k].label.clone());
             for device in workers {

@@ -44,7 +44,7 @@ fn stages(cfg: &PipelineConfig, source: &Source) -> Result<Vec<DynStage>, RunErr
             return Err(CoreError::internal("prompts input without policy and sample passed validation").into());
         };
         let (policy, sample, seed) = (policy.clone(), sample.clone(), cfg.seed);
-        out.push(Box::new(rbon_sample::SampleStage { policy, sample, seed, batch_tokens }));
+        out.push(Box::new(rbon_sample::SampleStage::new(policy, sample, seed, batch_tokens)));
         if let Some(score) = cfg.score.clone() {
             out.push(Box::new(rbon_score::ScoreStage { score, batch_tokens }));
         }

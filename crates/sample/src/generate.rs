@@ -21,6 +21,11 @@ pub enum SampleError {
     Model(#[from] rbon_models::ModelError),
     #[error("{context}: {source}")]
     Candle { context: String, source: candle_core::Error },
+    /// The server connection failed (its message, shared by every worker).
+    #[error("{0}")]
+    Connect(String),
+    #[error("the policy's server at {url}: {message}")]
+    Server { url: String, message: String },
     #[error("prompt {prompt_id:?}: {message}")]
     Prompt { prompt_id: String, message: String },
     #[error(transparent)]
@@ -107,8 +112,7 @@ impl Policy {
     /// already applied, see [`PolicyConfig::conversation`]), rendered with the chat template and
     /// its generation prompt.
     pub fn prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>, SampleError> {
-        let text = self.tokenizer.render(messages, true)?;
-        Ok(self.tokenizer.encode_prompt(&text)?)
+        prompt_ids(&self.tokenizer, messages)
     }
 
     /// The tokens that close an assistant turn after `messages`, as the chat template writes
@@ -116,22 +120,7 @@ impl Policy {
     /// first EOS id (Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`, Mistral's `</s>`). Without a
     /// template, or when the template's closing holds no EOS id, the first EOS id.
     pub fn turn_end(&self, messages: &[Message]) -> Result<Vec<u32>, SampleError> {
-        // A marker no template trims or rewrites, to find where the response ends.
-        const MARK: &str = "\u{E000}rbon-response\u{E000}";
-        let eos = self.tokenizer.eos_ids();
-        let first: Vec<u32> = eos.first().copied().into_iter().collect();
-        if !self.tokenizer.has_template() {
-            return Ok(first);
-        }
-        let mut conversation = messages.to_vec();
-        conversation.push(Message::assistant(MARK));
-        let text = self.tokenizer.render(&conversation, false)?;
-        let Some(at) = text.rfind(MARK) else { return Ok(first) };
-        let after = self.tokenizer.encode_text(&text[at + MARK.len()..])?;
-        Ok(match after.iter().position(|t| eos.contains(t)) {
-            Some(p) => after[..=p].to_vec(),
-            None => first,
-        })
+        turn_end(&self.tokenizer, messages)
     }
 
     /// Teacher forcing of responses given as text (candidates made elsewhere) after the
@@ -164,36 +153,6 @@ impl Policy {
     /// Log-probabilities of `response` after `prompt` by teacher forcing (one per token).
     pub fn score(&self, prompt: &[u32], response: &[u32]) -> Result<Vec<f64>, SampleError> {
         self.decoder.score(prompt, response).map_err(candle("teacher forcing"))
-    }
-
-    /// Where a response that reached a stop string ends: the longest run of whole tokens whose
-    /// text is a prefix of `before` (the text before the stop string). A token that holds the
-    /// start of the stop string is dropped with any text it holds before it, so the stored text,
-    /// its token ids and its log-prob always describe the same tokens.
-    fn before_stop(&self, tokens: &[u32], before: &str) -> Result<(usize, String), SampleError> {
-        for keep in (0..tokens.len()).rev() {
-            let text = self.tokenizer.decode(&tokens[..keep])?;
-            if before.starts_with(&text) {
-                return Ok((keep, text));
-            }
-        }
-        Ok((0, String::new()))
-    }
-
-    /// A response cut at `max_new_tokens` keeps whole characters: when its last tokens hold only
-    /// the first bytes of a character (byte-level tokens split multi-byte characters), which
-    /// decode to U+FFFD, those tokens are dropped (at most three: a character has four bytes).
-    fn whole_chars(&self, tokens: &[u32], text: String) -> Result<(usize, String), SampleError> {
-        if !text.ends_with(char::REPLACEMENT_CHARACTER) {
-            return Ok((tokens.len(), text));
-        }
-        for keep in (tokens.len().saturating_sub(3)..tokens.len()).rev() {
-            let shorter = self.tokenizer.decode(&tokens[..keep])?;
-            if !shorter.ends_with(char::REPLACEMENT_CHARACTER) && text.starts_with(&shorter) {
-                return Ok((keep, shorter));
-            }
-        }
-        Ok((tokens.len(), text))
     }
 
     /// Draws one response per `(sample_idx, seed)` from one prefill of `prompt`, decoding up to
@@ -282,7 +241,7 @@ impl Policy {
                     } else if !cfg.stop.is_empty() {
                         let text = self.tokenizer.decode(&row.tokens)?;
                         if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                            let (keep, kept) = self.before_stop(&row.tokens, &text[..cut])?;
+                            let (keep, kept) = before_stop(&self.tokenizer, &row.tokens, &text[..cut])?;
                             row.tokens.truncate(keep);
                             row.logprobs.truncate(keep);
                             row.text = Some(kept);
@@ -291,7 +250,7 @@ impl Policy {
                     }
                     if row.done.is_none() && row.tokens.len() >= cfg.max_new_tokens as usize {
                         let text = self.tokenizer.decode(&row.tokens)?;
-                        let (keep, kept) = self.whole_chars(&row.tokens, text)?;
+                        let (keep, kept) = whole_chars(&self.tokenizer, &row.tokens, text)?;
                         row.tokens.truncate(keep);
                         row.logprobs.truncate(keep);
                         row.text = Some(kept);
@@ -335,4 +294,62 @@ impl Policy {
         }
         Ok(out)
     }
+}
+
+/// The prompt as token ids: the conversation exactly as given (with `policy.system_prompt`
+/// already applied, see [`PolicyConfig::conversation`]), rendered with the chat template and its
+/// generation prompt.
+pub fn prompt_ids(tok: &ChatTokenizer, messages: &[Message]) -> Result<Vec<u32>, SampleError> {
+    let text = tok.render(messages, true)?;
+    Ok(tok.encode_prompt(&text)?)
+}
+
+/// The tokens that close an assistant turn after `messages` ([`Policy::turn_end`]).
+pub fn turn_end(tok: &ChatTokenizer, messages: &[Message]) -> Result<Vec<u32>, SampleError> {
+    // A marker no template trims or rewrites, to find where the response ends.
+    const MARK: &str = "\u{E000}rbon-response\u{E000}";
+    let eos = tok.eos_ids();
+    let first: Vec<u32> = eos.first().copied().into_iter().collect();
+    if !tok.has_template() {
+        return Ok(first);
+    }
+    let mut conversation = messages.to_vec();
+    conversation.push(Message::assistant(MARK));
+    let text = tok.render(&conversation, false)?;
+    let Some(at) = text.rfind(MARK) else { return Ok(first) };
+    let after = tok.encode_text(&text[at + MARK.len()..])?;
+    Ok(match after.iter().position(|t| eos.contains(t)) {
+        Some(p) => after[..=p].to_vec(),
+        None => first,
+    })
+}
+
+/// Where a response that reached a stop string ends: the longest run of whole tokens whose
+/// text is a prefix of `before` (the text before the stop string). A token that holds the
+/// start of the stop string is dropped with any text it holds before it, so the stored text,
+/// its token ids and its log-prob always describe the same tokens.
+pub(crate) fn before_stop(tok: &ChatTokenizer, tokens: &[u32], before: &str) -> Result<(usize, String), SampleError> {
+    for keep in (0..tokens.len()).rev() {
+        let text = tok.decode(&tokens[..keep])?;
+        if before.starts_with(&text) {
+            return Ok((keep, text));
+        }
+    }
+    Ok((0, String::new()))
+}
+
+/// A response cut at `max_new_tokens` keeps whole characters: when its last tokens hold only
+/// the first bytes of a character (byte-level tokens split multi-byte characters), which
+/// decode to U+FFFD, those tokens are dropped (at most three: a character has four bytes).
+pub(crate) fn whole_chars(tok: &ChatTokenizer, tokens: &[u32], text: String) -> Result<(usize, String), SampleError> {
+    if !text.ends_with(char::REPLACEMENT_CHARACTER) {
+        return Ok((tokens.len(), text));
+    }
+    for keep in (tokens.len().saturating_sub(3)..tokens.len()).rev() {
+        let shorter = tok.decode(&tokens[..keep])?;
+        if !shorter.ends_with(char::REPLACEMENT_CHARACTER) && text.starts_with(&shorter) {
+            return Ok((keep, shorter));
+        }
+    }
+    Ok((tokens.len(), text))
 }

@@ -5,10 +5,12 @@ pub mod config;
 pub mod device;
 pub mod generate;
 pub mod sampler;
+pub mod server;
 pub mod stage;
 
-pub use config::{PolicyConfig, SampleConfig};
-pub use generate::{FinishReason, Generated, Policy, SampleError, sample_seed};
+pub use config::{Engine, LogprobSource, PolicyConfig, PromptForm, SampleConfig, ServerConfig};
+pub use generate::{FinishReason, Generated, Policy, SampleError, prompt_ids, sample_seed};
 pub use rbon_models::DTypeName;
 pub use sampler::{Draw, SamplingParams, draw};
+pub use server::{ServerPolicy, Tick, server_seed};
 pub use stage::{SampleStage, ShardSamples, sample_shard};

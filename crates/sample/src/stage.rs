@@ -1,7 +1,7 @@
 //! The sample stage: a prompts shard in, a samples shard out (DESIGN §8).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow_array::builder::{ListBuilder, UInt32Builder};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
@@ -13,8 +13,9 @@ use rbon_core::{
 };
 use rbon_models::Device;
 
-use crate::config::{PolicyConfig, SampleConfig};
+use crate::config::{LogprobSource, PolicyConfig, SampleConfig};
 use crate::generate::{FinishReason, Generated, Policy, SampleError, sample_seed};
+use crate::server::{ServerPolicy, Tick};
 
 /// The sample stage of a pipeline: N responses per prompt from the policy.
 #[derive(Debug, Clone)]
@@ -24,6 +25,32 @@ pub struct SampleStage {
     pub seed: u64,
     /// Padded tokens per model batch (`runtime.batch_tokens`): rows decoded together.
     pub batch_tokens: usize,
+    /// The server engine's connection, made by the first worker that needs it and shared by
+    /// all (one request cap, one seed check), or why it could not be made.
+    server: Arc<Mutex<Option<Connection>>>,
+}
+
+/// A made server connection, or why it could not be made.
+type Connection = Result<Arc<ServerPolicy>, String>;
+
+impl SampleStage {
+    pub fn new(policy: PolicyConfig, sample: SampleConfig, seed: u64, batch_tokens: usize) -> Self {
+        Self { policy, sample, seed, batch_tokens, server: Arc::default() }
+    }
+
+    /// The shared server connection, made on first use.
+    fn server(&self) -> Result<Arc<ServerPolicy>, SampleError> {
+        let url = || self.policy.server().map(|s| s.url.clone()).unwrap_or_default();
+        let mut slot =
+            self.server.lock().map_err(|_| SampleError::Server { url: url(), message: "a worker failed".into() })?;
+        let made = slot.get_or_insert_with(|| {
+            ServerPolicy::connect(&self.policy, &self.sample).map(Arc::new).map_err(|e| e.to_string())
+        });
+        match made {
+            Ok(s) => Ok(s.clone()),
+            Err(m) => Err(SampleError::Connect(m.clone())),
+        }
+    }
 }
 
 impl Stage<Device> for SampleStage {
@@ -37,19 +64,57 @@ impl Stage<Device> for SampleStage {
 
     fn identity(&self, files: &rbon_core::FileDigests) -> Result<serde_json::Value, StageError> {
         Ok(serde_json::json!({
-            "policy": self.policy,
+            "policy": self.policy.identity(),
             "sample": self.sample,
             "seed": self.seed,
             "model": self.policy.model_identity(files)?,
         }))
     }
 
+    /// The embedded engine has a worker per device; a server one worker (whose requests run
+    /// concurrently), or one per device when the local policy teacher-forces its samples.
     fn per_device(&self) -> bool {
-        true
+        self.policy.server().is_none_or(|s| s.logprobs == LogprobSource::TeacherForcing)
+    }
+
+    /// Two workers share a server's request cap, so that one shard's last requests overlap the
+    /// next shard's first.
+    fn workers(&self) -> usize {
+        if self.policy.server().is_some() { 2 } else { 1 }
     }
 
     fn worker<'s>(&'s self, device: &Device) -> Box<dyn ShardWorker + 's> {
+        if self.policy.server().is_some() {
+            return Box::new(ServerWorker { stage: self, device: device.clone(), forcing: None });
+        }
         Box::new(SampleWorker { stage: self, device: device.clone(), policy: None })
+    }
+}
+
+/// A worker of the server engine: the shared connection, and for `logprobs: teacher_forcing`
+/// its own copy of the local policy on its device.
+struct ServerWorker<'a> {
+    stage: &'a SampleStage,
+    device: Device,
+    forcing: Option<Policy>,
+}
+
+impl ShardWorker for ServerWorker<'_> {
+    fn run(&mut self, ctx: &ShardCtx<'_>) -> Result<(ShardMeta, usize), StageError> {
+        let st = self.stage;
+        let server = st.server()?;
+        if self.forcing.is_none() && st.policy.server().is_some_and(|s| s.logprobs == LogprobSource::TeacherForcing) {
+            self.forcing = Some(Policy::load(&st.policy, &self.device)?);
+        }
+        let prompts = rbon_core::tables::read_prompts_shard(ctx.run, ctx.shard)?;
+        let mut tick = |t: Tick| {
+            ctx.progress.event(Event::InFlight { stage: ctx.label.to_owned(), requests: t.in_flight });
+            ctx.progress.event(Event::Tokens { stage: ctx.label.to_owned(), tokens: t.tokens });
+        };
+        let generated = server.sample_prompts(&prompts, &st.sample, st.seed, self.forcing.as_ref(), &mut tick)?;
+        let rows = prompts.iter().zip(generated).flat_map(|((id, _), g)| g.into_iter().map(move |g| (id.as_str(), g)));
+        let out = samples_batch(rows.collect(), prompts.len())?;
+        ctx.write(&samples_schema(), out.batch, ctx.meta(out.counters))
     }
 }
 
@@ -107,6 +172,11 @@ pub fn sample_shard(
         on_prompt(generated.iter().map(|g| g.token_ids.len()).sum());
         rows.extend(generated.into_iter().map(|g| (id.as_str(), g)));
     }
+    samples_batch(rows, prompts.len())
+}
+
+/// The samples table of one shard's rows (in prompt order, then sample index) and its counters.
+fn samples_batch(rows: Vec<(&str, Generated)>, prompts: usize) -> Result<ShardSamples, SampleError> {
     let tokens: usize = rows.iter().map(|(_, g)| g.token_ids.len()).sum();
     let truncated = rows.iter().filter(|(_, g)| g.finish_reason == FinishReason::Length).count();
     let mut tok =
@@ -128,7 +198,7 @@ pub fn sample_shard(
     let batch =
         RecordBatch::try_new(samples_schema(), cols).map_err(|e| CoreError::internal(format!("samples: {e}")))?;
     let counters = BTreeMap::from([
-        (counter::PROMPTS.to_owned(), prompts.len() as u64),
+        (counter::PROMPTS.to_owned(), prompts as u64),
         (counter::SAMPLES.to_owned(), rows.len() as u64),
         (counter::TOKENS.to_owned(), tokens as u64),
         (counter::TRUNCATED.to_owned(), truncated as u64),

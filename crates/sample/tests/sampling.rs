@@ -34,6 +34,8 @@ fn policy(name: &str) -> Policy {
         dtype: Default::default(),
         chat_template: "auto".into(),
         system_prompt: None,
+        engine: Default::default(),
+        server: None,
     };
     Policy::load(&cfg, &device()).unwrap()
 }
@@ -233,6 +235,8 @@ fn turn_end_is_what_the_template_writes_after_a_response() {
         dtype: Default::default(),
         chat_template: "none".into(),
         system_prompt: None,
+        engine: Default::default(),
+        server: None,
     };
     let p = Policy::load(&cfg, &device()).unwrap();
     assert_eq!(p.turn_end(&[Message::user("Hi")]).unwrap(), [1]);
@@ -271,6 +275,8 @@ fn gguf_policy(file: &str) -> Policy {
         dtype: Default::default(),
         chat_template: "auto".into(),
         system_prompt: None,
+        engine: Default::default(),
+        server: None,
     };
     Policy::load(&cfg, &Device::Cpu).unwrap()
 }
@@ -319,6 +325,8 @@ fn policy_check_reports_gguf_problems_at_policy_model() {
             dtype: Default::default(),
             chat_template: "auto".into(),
             system_prompt: None,
+            engine: Default::default(),
+            server: None,
         };
         cfg.check(&doc, &mut d);
         d.iter().map(|x| x.to_string()).collect::<Vec<_>>()
