@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, RecordBatch};
-use common::{conversations, load_policy, rbon, read, repo, samples_rows, text};
+use common::{conversations, load_policy, rbon, read, repo, samples_rows, strings, text};
 
 /// A small candidates file: `prompts` prompts of `n` samples, deterministic.
 fn candidates(prompts: usize, n: usize, with_logprob: bool, with_embedding: bool) -> String {
@@ -1175,11 +1175,6 @@ fn tuned_beta_standard_jsonl_exports_and_report_across_ranks() {
 
 fn f64s(b: &RecordBatch, col: &str) -> Vec<f64> {
     b.column_by_name(col).unwrap().as_primitive::<arrow_array::types::Float64Type>().values().to_vec()
-}
-
-fn strings(b: &RecordBatch, col: &str) -> Vec<String> {
-    let a = b.column_by_name(col).unwrap().as_string::<i32>();
-    (0..a.len()).map(|r| a.value(r).to_owned()).collect()
 }
 
 fn embeddings(b: &RecordBatch) -> Vec<Vec<f32>> {

@@ -47,6 +47,8 @@ struct StubState {
     /// Samples with a fresh seed per request, as a server that ignores `seed` would.
     ignore_seed: bool,
     delay: Duration,
+    /// Takes text prompts and answers with text only (no token ids, no log-probs), as TGI does.
+    bare: bool,
     completions: AtomicUsize,
 }
 
@@ -64,6 +66,7 @@ struct StubOptions {
     ignore_seed: bool,
     delay_ms: u64,
     max_model_len: Option<usize>,
+    bare: bool,
 }
 
 impl Stub {
@@ -78,6 +81,7 @@ impl Stub {
             always: o.always,
             ignore_seed: o.ignore_seed,
             delay: Duration::from_millis(o.delay_ms),
+            bare: o.bare,
             completions: AtomicUsize::new(0),
         });
         let st = state.clone();
@@ -151,7 +155,10 @@ fn complete(st: &StubState, req: &Value) -> (u16, Value) {
     if req["model"] != json!(st.model) {
         return (404, json!({"error": {"message": format!("The model `{}` does not exist.", req["model"])}}));
     }
-    let prompt: Vec<u32> = req["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let prompt: Vec<u32> = match req["prompt"].as_str() {
+        Some(text) => st.policy.tokenizer().encode_prompt(text).unwrap(),
+        None => req["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect(),
+    };
     let max_tokens = req["max_tokens"].as_u64().unwrap() as u32;
     if prompt.len() + max_tokens as usize > st.max_model_len {
         return (
@@ -176,6 +183,10 @@ fn complete(st: &StubState, req: &Value) -> (u16, Value) {
     };
     let g = st.policy.sample(&prompt, &cfg, &[(0, seed)], 1).unwrap().remove(0);
     let lps = st.policy.score(&prompt, &g.token_ids).unwrap();
+    if st.bare {
+        let choice = json!({"index": 0, "text": g.text, "finish_reason": g.finish_reason.as_str(), "logprobs": null});
+        return (200, json!({ "choices": [choice] }));
+    }
     let tokens: Vec<String> = g.token_ids.iter().map(|t| format!("token_id:{t}")).collect();
     (
         200,
@@ -304,9 +315,10 @@ fn server_failures_are_named() {
     fails_with(&ignores.url, "", &["ignores the seed", "check_seed: false"]);
     let down = Stub::start(StubOptions { always: Some(500), ..Default::default() });
     fails_with(&down.url, "    retries: 1\n    check_seed: false\n", &["answered 500", "always 500 (after 1 retries)"]);
-    // Each request of the shards in flight (one or two, of 4 samples each) was tried twice.
+    // The failing shard's 4 requests were each tried twice; the other worker's shard in flight
+    // adds at most its own (the run stops taking shards once one fails).
     let tried = down.state.completions.load(Ordering::SeqCst);
-    assert!(tried == 8 || tried == 16, "{tried} requests");
+    assert!((8..=24).contains(&tried), "{tried} requests");
     // A prompt longer than the server's context: named with its length.
     let short = Stub::start(StubOptions { max_model_len: Some(20), ..Default::default() });
     fails_with(
@@ -314,6 +326,35 @@ fn server_failures_are_named() {
         "    check_seed: false\n",
         &["prompt \"", "prompt tokens fill the server's context of 20 tokens"],
     );
+}
+
+#[test]
+fn servers_without_token_ids_or_logprobs_are_named_or_teacher_forced() {
+    let bare = Stub::start(StubOptions { bare: true, ..Default::default() });
+    fails_with(&bare.url, "    prompt: text\n", &["returned no token ids", "logprobs: teacher_forcing"]);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = pipeline("out", &bare.url, "    prompt: text\n    logprobs: teacher_forcing\n", "", 6);
+    fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    let o = rbon(&["run", "p.yaml"], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let run = dir.path().join("out");
+    let (rows, conv, policy) = (samples_rows(&run), conversations(&run), load_policy("tiny-qwen2"));
+    let responses = common::strings(&common::read(&run.join("samples/shard-00000.parquet")), "response");
+    let cfg = SampleConfig { n: 4, max_new_tokens: 16, top_k: 40, ..SampleConfig::default() };
+    for (i, (id, k, tokens, finish, logprob)) in rows.iter().enumerate() {
+        let ids = prompt_ids(policy.tokenizer(), &conv[id]).unwrap();
+        // The stored tokens are rbon's encoding of the text (closed by <|im_end|> when the
+        // model ended its turn), and the log-prob is their teacher forcing.
+        let forced: f64 = policy.score(&ids, tokens).unwrap().iter().sum();
+        assert!((forced - logprob).abs() < 1e-4, "{id} {k}: {logprob} vs {forced}");
+        let drawn = policy.sample(&ids, &cfg, &[(*k, server_seed(5, id, *k))], 1).unwrap().remove(0);
+        assert_eq!(policy.tokenizer().decode(tokens).unwrap(), drawn.text, "{id} {k}");
+        assert_eq!(finish, drawn.finish_reason.as_str());
+        assert_eq!(tokens.last() == Some(&4), finish == "stop", "{id} {k}");
+        if i < responses.len() {
+            assert_eq!(responses[i], drawn.text);
+        }
+    }
 }
 
 #[test]
@@ -420,6 +461,21 @@ fn a_real_vllm_server_samples_with_exact_logprobs() {
     }
     let stopped = rows.iter().filter(|r| r.3 == "stop").count();
     println!("{} samples, {stopped} ended by EOS; largest |server − teacher forcing| = {worst:.2e}", rows.len());
+    // With a stop string the server runs past: rbon cuts the tokens, and the log-prob follows.
+    fs::write(dir.path().join("cut.yaml"), yaml("cut") + "  stop: [\"e\"]\n").unwrap();
+    let o = rbon(&["run", "cut.yaml"], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let cut = samples_rows(&dir.path().join("cut"));
+    let mut cuts = 0;
+    for (i, (id, k, tokens, _, logprob)) in cut.iter().enumerate() {
+        let ids = prompt_ids(policy.tokenizer(), &conv[id]).unwrap();
+        let forced: f64 = policy.score(&ids, tokens).unwrap().iter().sum();
+        assert!((forced - logprob).abs() < 1e-3, "{id} {k}: server {logprob}, teacher forcing {forced}");
+        let response = policy.tokenizer().decode(tokens).unwrap();
+        assert!(!response.contains('e'), "{id} {k}: {response:?}");
+        cuts += usize::from(tokens.len() < rows[i].2.len());
+    }
+    assert!(cuts > 0, "no sample was cut at the stop string");
     let o = rbon(&["run", "b.yaml"], dir.path());
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(samples_rows(&dir.path().join("b")), rows, "the same seeds gave other samples");

@@ -67,9 +67,9 @@ struct Refused {
 }
 
 impl ServerPolicy {
-    /// Loads the tokenizer (and, for teacher forcing, the local policy on `device`), then checks
-    /// the server: that it answers, that it serves `server.model`, and (with `check_seed`) that
-    /// the same seeded request gives the same sample twice. Fails fast with what is wrong.
+    /// Loads the policy's tokenizer and template, then checks the server: that it answers, that
+    /// it serves `server.model`, and (with `check_seed`) that the same seeded request gives the
+    /// same sample twice. Fails fast with what is wrong.
     pub fn connect(policy: &PolicyConfig, sample: &SampleConfig) -> Result<Self, SampleError> {
         let Some(cfg) = policy.server().cloned() else {
             return Err(SampleError::Core(rbon_core::CoreError::internal(

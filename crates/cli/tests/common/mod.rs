@@ -85,3 +85,9 @@ pub fn load_policy(name: &str) -> rbon_sample::Policy {
     };
     rbon_sample::Policy::load(&cfg, &rbon_models::Device::Cpu).unwrap()
 }
+
+/// A text column's values.
+pub fn strings(b: &RecordBatch, col: &str) -> Vec<String> {
+    let a = b.column_by_name(col).unwrap().as_string::<i32>();
+    (0..a.len()).map(|r| a.value(r).to_owned()).collect()
+}
