@@ -1551,3 +1551,63 @@ fn a_lost_or_garbled_manifest_is_rebuilt_from_the_shards() {
         assert!(o.status.success() && text(&o).contains("pairs"), "{what}: {}", text(&o));
     }
 }
+
+/// Fault injection: a sampling-and-scoring run killed with SIGKILL at 20 random moments, with a
+/// random finished shard damaged and manifest.json deleted along the way, ends with the exports
+/// of an undisturbed run, byte for byte.
+#[test]
+fn random_kills_a_damaged_shard_and_a_lost_manifest_change_no_export_byte() {
+    let f = Fixture::new(1, 1);
+    let yaml = |out: &str| full_pipeline(out, 1).replace("limit: 6", "limit: 10");
+    f.write("clean.yaml", &yaml("clean"));
+    f.write("hurt.yaml", &yaml("hurt"));
+    let start = Instant::now();
+    let o = f.run(&["run", "clean.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let whole = start.elapsed();
+    // xorshift: the same kill points on every run of the test.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let run = f.path().join("hurt");
+    let mut killed = 0;
+    for i in 0..20 {
+        let mut child = f.spawn(&["run", "hurt.yaml"]);
+        // 5% to 35% of the time a whole run takes: each resumed run gets a little further.
+        let wait = whole.mul_f64(0.05 + 0.3 * (rnd() % 1000) as f64 / 1000.0);
+        std::thread::sleep(wait);
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        }
+        child.wait().unwrap();
+        if i == 7 {
+            // Flip bytes in the middle of a random finished shard of any stage.
+            let shards: Vec<PathBuf> = ["prompts", "samples", "scores", "selections", "pairs"]
+                .iter()
+                .flat_map(|s| fs::read_dir(run.join(s)).into_iter().flatten().flatten().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .collect();
+            if !shards.is_empty() {
+                let victim = &shards[(rnd() as usize) % shards.len()];
+                let mut bytes = fs::read(victim).unwrap();
+                let (mid, len) = (bytes.len() / 2, bytes.len());
+                for b in &mut bytes[mid.saturating_sub(8)..(mid + 8).min(len)] {
+                    *b ^= 0xA5;
+                }
+                fs::write(victim, bytes).unwrap();
+            }
+        }
+        if i == 13 {
+            let _ = fs::remove_file(run.join("manifest.json"));
+        }
+    }
+    assert!(killed >= 10, "only {killed} of 20 runs were still going when killed");
+    let o = f.run(&["run", "hurt.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_exports(&run, &f.path().join("clean"));
+}

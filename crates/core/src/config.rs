@@ -212,17 +212,31 @@ pub struct ConfigDoc {
     positions: HashMap<String, Pos>,
 }
 
+/// The largest pipeline file read (a pipeline is a few kilobytes).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 impl ConfigDoc {
     /// Reads and parses a YAML file. I/O and syntax errors come back as one diagnostic.
+    /// A pipeline file larger than [`MAX_CONFIG_BYTES`], or not a regular file (a device, a
+    /// FIFO), is refused before it is read.
     pub fn load(file: &Path) -> Result<Self, Diagnostics> {
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            Diagnostics(vec![Diagnostic {
-                file: file.to_owned(),
-                position: None,
-                path: String::new(),
-                message: format!("cannot read the file: {e}"),
-            }])
-        })?;
+        let fail = |message: String| {
+            Diagnostics(vec![Diagnostic { file: file.to_owned(), position: None, path: String::new(), message }])
+        };
+        let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+        if !meta.is_file() {
+            return Err(fail("not a regular file: a pipeline is a YAML file".into()));
+        }
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(fail(format!("{} bytes: a pipeline file is at most {MAX_CONFIG_BYTES} bytes", meta.len())));
+        }
+        let mut text = String::new();
+        std::fs::File::open(file)
+            .and_then(|f| std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_CONFIG_BYTES + 1), &mut text))
+            .map_err(|e| fail(format!("cannot read the file: {e}")))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(fail(format!("more than {MAX_CONFIG_BYTES} bytes: a pipeline file is at most that")));
+        }
         Self::parse(file, &text)
     }
 

@@ -28,6 +28,8 @@ pub enum TemplateChoice {
 pub struct ChatTokenizer {
     tokenizer: tokenizers::Tokenizer,
     template: Option<String>,
+    /// Where the template came from (a .jinja file, or tokenizer_config.json), for its errors.
+    template_origin: String,
     origin: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -84,13 +86,18 @@ impl ChatTokenizer {
         let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| ModelError::Tokenizer { path: origin.clone(), message: e.to_string() })?;
         let tc = read_json(dir, "tokenizer_config.json")?.unwrap_or_default();
+        let mut template_origin = dir.root().join("tokenizer_config.json").display().to_string();
         let template = match choice {
             TemplateChoice::None => None,
             TemplateChoice::File(p) => {
+                template_origin = p.display().to_string();
                 Some(std::fs::read_to_string(p).map_err(|source| ModelError::Io { path: p.clone(), source })?)
             }
             TemplateChoice::Auto => match dir.file("chat_template.jinja") {
-                Some(_) => Some(dir.read("chat_template.jinja")?),
+                Some(p) => {
+                    template_origin = p.display().to_string();
+                    Some(dir.read("chat_template.jinja")?)
+                }
                 None => match tc.get("chat_template") {
                     Some(serde_json::Value::String(s)) => Some(s.clone()),
                     // A list of named templates: the one named "default".
@@ -112,6 +119,12 @@ impl ChatTokenizer {
                     .into(),
             });
         }
+        // A syntax error shows now (and in `rbon validate`), naming the template's file.
+        if let Some(src) = &template {
+            environment()
+                .template_from_str(src)
+                .map_err(|e| ModelError::Template { path: template_origin.clone(), message: format!("{e:#}") })?;
+        }
         let bos_token = token_text(tc.get("bos_token"));
         let eos_token = token_text(tc.get("eos_token"));
         // As `generate` does: generation_config.json, else config.json, else the tokenizer's EOS.
@@ -127,7 +140,7 @@ impl ChatTokenizer {
         {
             eos_ids.push(id);
         }
-        Ok(Self { tokenizer, template, origin, bos_token, eos_token, eos_ids })
+        Ok(Self { tokenizer, template, template_origin, origin, bos_token, eos_token, eos_ids })
     }
 
     /// Token ids that end a response.
@@ -156,7 +169,17 @@ impl ChatTokenizer {
                 .unwrap_or_default();
             return Ok(parts.join("\n\n"));
         };
-        let err = |e: minijinja::Error| ModelError::Template { path: self.origin.clone(), message: format!("{e:#}") };
+        let err = |e: minijinja::Error| {
+            let message = if e.kind() == ErrorKind::OutOfFuel {
+                format!(
+                    "the template took more than {TEMPLATE_FUEL} steps for one conversation and was stopped (a \
+                     loop that does not end?)"
+                )
+            } else {
+                format!("{e:#}")
+            };
+            ModelError::Template { path: self.template_origin.clone(), message }
+        };
         let env = environment();
         let tmpl = env.template_from_str(src).map_err(err)?;
         let ctx = minijinja::context! {
@@ -199,10 +222,17 @@ impl ChatTokenizer {
     }
 }
 
+/// The most steps (minijinja's fuel: one per instruction) a chat template may take to render one
+/// conversation: real templates take thousands; a loop that does not end is stopped in about a
+/// second.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
 /// The template environment transformers' templates expect: Jinja whitespace control as
-/// transformers sets it, Python string methods, `raise_exception` and `strftime_now`.
+/// transformers sets it, Python string methods, `raise_exception` and `strftime_now`; at most
+/// [`TEMPLATE_FUEL`] steps per render.
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build() {
         env.set_syntax(syntax);
     }

@@ -62,6 +62,23 @@ impl GgufFile {
                 message: format!("not a readable GGUF file: {msg}{hint}"),
             }
         })?;
+        // A truncated file: the header reads, but the tensors it lists run past the end.
+        let len = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?.len();
+        for (name, t) in &content.tensor_infos {
+            let elems = t.shape.elem_count() as u64;
+            let block = t.ggml_dtype.block_size() as u64;
+            let bytes = elems / block.max(1) * t.ggml_dtype.type_size() as u64;
+            let stop = content.tensor_data_offset.saturating_add(t.offset).saturating_add(bytes);
+            if stop > len {
+                return Err(ModelError::Config {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "truncated: tensor {name} ends at byte {stop} but the file has {len} bytes (an interrupted \
+                         download?)"
+                    ),
+                });
+            }
+        }
         Ok(Self { path: path.to_owned(), content })
     }
 

@@ -83,8 +83,20 @@ struct Reference {
     color: RGBColor,
 }
 
+/// The largest magnitude an axis shows: values beyond it (a reward of 1e308, say) sit at the edge
+/// of the plot, whose ticks could not be computed otherwise; the report's tables keep them exact.
+const AXIS_LIMIT: f64 = 1e15;
+
+/// A value as drawn: within [`AXIS_LIMIT`].
+fn shown(v: f64) -> f64 {
+    if v.is_finite() { v.clamp(-AXIS_LIMIT, AXIS_LIMIT) } else { 0.0 }
+}
+
 fn padded(lo: f64, hi: f64) -> (f64, f64) {
-    let span = (hi - lo).abs().max(1e-9);
+    let clamp = |v: f64, or: f64| if v.is_finite() { v.clamp(-AXIS_LIMIT, AXIS_LIMIT) } else { or };
+    let (lo, hi) = (clamp(lo, -1.0), clamp(hi, 1.0));
+    let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
+    let span = (hi - lo).max(1e-9 * lo.abs().max(hi.abs()).max(1.0));
     (lo - 0.08 * span, hi + 0.08 * span)
 }
 
@@ -127,16 +139,22 @@ fn draw_beta<DB: DrawingBackend>(
         let color = COLORS[i % COLORS.len()];
         let width = 2 + (n - 1 - i as u32).min(3);
         chart
-            .draw_series(LineSeries::new(c.points.clone(), color.stroke_width(width)))
+            .draw_series(LineSeries::new(c.points.iter().map(|&(x, y)| (x, shown(y))), color.stroke_width(width)))
             .map_err(s)?
             .label(c.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
-        chart.draw_series(c.points.iter().map(|&p| Circle::new(p, width + 2, color.filled()))).map_err(s)?;
+        let marks = c.points.iter().map(|&(x, y)| Circle::new((x, shown(y)), width + 2, color.filled()));
+        chart.draw_series(marks).map_err(s)?;
     }
     for r in refs {
         let color = r.color;
         chart
-            .draw_series(DashedLineSeries::new(vec![(x0, r.value), (x1, r.value)], 10, 6, color.stroke_width(2)))
+            .draw_series(DashedLineSeries::new(
+                vec![(x0, shown(r.value)), (x1, shown(r.value))],
+                10,
+                6,
+                color.stroke_width(2),
+            ))
             .map_err(s)?
             .label(r.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2)));
@@ -246,7 +264,7 @@ fn draw_scatter<DB: DrawingBackend>(
     for (label, points, color, size) in layers {
         let (color, size) = (*color, *size);
         chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, size, color.mix(0.6).filled())))
+            .draw_series(points.iter().map(|&(x, y)| Circle::new((shown(x), shown(y)), size, color.mix(0.6).filled())))
             .map_err(s)?
             .label(label.clone())
             .legend(move |(x, y)| Circle::new((x + 12, y), 5, color.filled()));

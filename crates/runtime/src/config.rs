@@ -177,6 +177,9 @@ pub fn load(path: &Path) -> Result<Pipeline, Diagnostics> {
     }
     if let Some(s) = &sample {
         s.check(&doc, &mut d);
+        if let Some(p) = &policy {
+            s.check_positions(p, &doc, &mut d);
+        }
     }
     if let Some(i) = &input {
         let (has_policy, has_sample) = (doc.get("policy").is_some(), doc.get("sample").is_some());

@@ -239,7 +239,30 @@ impl Default for SampleConfig {
 /// The most responses per prompt.
 pub const MAX_N: u64 = 65_536;
 
+/// The most new tokens per response (a model's context is the tighter bound, checked against
+/// its positions).
+pub const MAX_NEW_TOKENS: u32 = 1 << 20;
+
 impl SampleConfig {
+    /// `max_new_tokens` against the embedded policy's positions (prompt included); a server's
+    /// context is checked per prompt when the run asks it.
+    pub fn check_positions(&self, policy: &PolicyConfig, doc: &ConfigDoc, d: &mut Diagnostics) {
+        if policy.server().is_some() {
+            return;
+        }
+        if let Ok(c) = policy.decoder_config()
+            && self.max_new_tokens as usize >= c.max_position_embeddings
+        {
+            d.push(doc.diag(
+                "sample.max_new_tokens",
+                format!(
+                    "{} is not allowed: the policy has {} positions, the prompt included",
+                    self.max_new_tokens, c.max_position_embeddings
+                ),
+            ));
+        }
+    }
+
     /// Every problem with this section.
     pub fn check(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
         if self.n == 0 {
@@ -265,6 +288,12 @@ impl SampleConfig {
         }
         if self.max_new_tokens == 0 {
             d.push(doc.diag("sample.max_new_tokens", "0 is not allowed: must be at least 1"));
+        }
+        if self.max_new_tokens > MAX_NEW_TOKENS {
+            d.push(doc.diag(
+                "sample.max_new_tokens",
+                format!("{} is not allowed: at most {MAX_NEW_TOKENS}", self.max_new_tokens),
+            ));
         }
         for (i, s) in self.stop.iter().enumerate() {
             if s.is_empty() {
@@ -328,6 +357,17 @@ impl PolicyConfig {
         }
     }
 
+    /// The local model's configuration: the GGUF header, or config.json.
+    pub fn decoder_config(&self) -> Result<DecoderConfig, rbon_models::ModelError> {
+        let dir = ModelDir::resolve(&self.model)?;
+        match dir.gguf() {
+            Some(file) => rbon_models::inspect_gguf(file).map(|m| m.config),
+            None => dir
+                .read("config.json")
+                .and_then(|t| DecoderConfig::from_json(&t, &dir.root().join("config.json").display().to_string())),
+        }
+    }
+
     /// What the sample stage's fingerprint holds of this section: all of it for the embedded
     /// engine; for a server, what decides its samples ([`ServerConfig::identity`]).
     pub fn identity(&self) -> serde_json::Value {
@@ -365,12 +405,7 @@ impl PolicyConfig {
                 }
             }
             Ok(dir) => {
-                let cfg = match dir.gguf() {
-                    Some(file) => rbon_models::inspect_gguf(file).map(|_| ()),
-                    None => dir.read("config.json").and_then(|t| {
-                        DecoderConfig::from_json(&t, &dir.root().join("config.json").display().to_string()).map(|_| ())
-                    }),
-                };
+                let cfg = self.decoder_config().map(|_| ());
                 if let Err(e) = cfg {
                     d.push(doc.diag("policy.model", e.to_string()));
                 }
@@ -379,6 +414,33 @@ impl PolicyConfig {
                 }
             }
         }
+        self.check_template_path(doc, d);
+        self.check_template(doc, d);
+    }
+
+    /// The tokenizer and chat template load and render a plain conversation (a template's
+    /// syntax errors and runaway loops show here, naming its file), when the folder and
+    /// template file exist.
+    fn check_template(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
+        let named = !matches!(self.chat_template.as_str(), "auto" | "none");
+        if named && !Path::new(&self.chat_template).is_file() {
+            return;
+        }
+        let Ok(dir) = ModelDir::resolve(&self.model) else { return };
+        if dir.file("tokenizer.json").is_none() {
+            return;
+        }
+        let choice = rbon_models::chat::template_choice(&self.chat_template, Path::new("."));
+        // One plain conversation renders: a template that fails on it, or never ends, fails here.
+        let probe = [Message::new("user", "Hello")];
+        let checked = rbon_models::ChatTokenizer::load(&dir, &choice).and_then(|t| t.render(&probe, true));
+        if let Err(e) = checked {
+            d.push(doc.diag(if named { "policy.chat_template" } else { "policy.model" }, e.to_string()));
+        }
+    }
+
+    /// A chat template given by path exists.
+    fn check_template_path(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
         if !matches!(self.chat_template.as_str(), "auto" | "none") && !Path::new(&self.chat_template).is_file() {
             d.push(doc.diag(
                 "policy.chat_template",

@@ -26,6 +26,9 @@ pub enum SampleError {
     Connect(String),
     #[error("the policy's server at {url}: {message}")]
     Server { url: String, message: String },
+    /// A prompt that does not fit the model's context.
+    #[error("{0}")]
+    Context(String),
     #[error("prompt {prompt_id:?}: {message}")]
     Prompt { prompt_id: String, message: String },
     #[error(transparent)]
@@ -170,6 +173,23 @@ impl Policy {
                 source: candle_core::Error::Msg("the prompt encodes to no tokens".into()),
             });
         }
+        // A response ends at the model's last position, as one that reached max_new_tokens.
+        let positions = self.decoder.config().max_position_embeddings;
+        if prompt.len() >= positions {
+            return Err(SampleError::Context(format!(
+                "its {} prompt tokens fill the policy's {positions} positions: nothing can be sampled (shorten \
+                 the prompt, or use a model with a longer context)",
+                prompt.len()
+            )));
+        }
+        let room = (positions - prompt.len()).min(u32::MAX as usize) as u32;
+        let limited;
+        let cfg = if cfg.max_new_tokens > room {
+            limited = SampleConfig { max_new_tokens: room, ..cfg.clone() };
+            &limited
+        } else {
+            cfg
+        };
         let params = SamplingParams {
             temperature: cfg.temperature,
             top_k: cfg.top_k as usize,

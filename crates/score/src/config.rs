@@ -97,7 +97,31 @@ impl ScoreConfig {
         }
         if let Some(e) = &self.embedding {
             check_folder(doc, "score.embedding.model", &e.model, d);
+            check_embedder(doc, &e.model, d);
         }
+    }
+}
+
+/// The embedder is a BERT encoder (sentence-transformers' all-MiniLM-L6-v2 and its kin), not a
+/// decoder or another family, by its config.json.
+fn check_embedder(doc: &ConfigDoc, spec: &str, d: &mut Diagnostics) {
+    let Ok(dir) = ModelDir::resolve(spec) else { return };
+    let Ok(text) = dir.read("config.json") else {
+        d.push(doc.diag("score.embedding.model", format!("{} has no config.json", dir.root().display())));
+        return;
+    };
+    let cfg: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("none");
+    if model_type != "bert" {
+        let arch = cfg.get("architectures").map(|a| a.to_string()).unwrap_or_default();
+        d.push(doc.diag(
+            "score.embedding.model",
+            format!(
+                "{} is a `{model_type}` model {arch}; the embedder must be a BERT sentence-transformers model \
+                 (model_type `bert`, e.g. all-MiniLM-L6-v2)",
+                dir.root().display()
+            ),
+        ));
     }
 }
 

@@ -34,6 +34,10 @@ pub(crate) enum Kind {
     Vector,
 }
 
+/// The most bytes of text one value (a prompt's conversation, a response, an id) may hold: 4 MiB,
+/// about a million tokens, more than any model's context.
+pub const MAX_TEXT_BYTES: usize = 4 << 20;
+
 /// A conversation as stored: text, or messages.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Conversation {
@@ -176,18 +180,36 @@ impl Column {
     /// Id or text of row `r`.
     pub(crate) fn text(&self, r: usize, loc: &str) -> Result<String> {
         self.missing(r, loc)?;
-        Ok(self.array.as_string::<i32>().value(r).to_owned())
+        let t = self.array.as_string::<i32>().value(r);
+        self.within_limit(t.len(), loc)?;
+        Ok(t.to_owned())
     }
 
     pub(crate) fn conversation(&self, r: usize, loc: &str) -> Result<Conversation> {
         self.missing(r, loc)?;
         if is_text(self.array.data_type()) {
-            return Ok(Conversation::Text(self.array.as_string::<i32>().value(r).to_owned()));
+            let t = self.array.as_string::<i32>().value(r);
+            self.within_limit(t.len(), loc)?;
+            return Ok(Conversation::Text(t.to_owned()));
         }
         match read_messages(self.array.as_ref(), r) {
-            Some(m) if !m.is_empty() => Ok(Conversation::Messages(m)),
+            Some(m) if !m.is_empty() => {
+                self.within_limit(m.iter().map(|m| m.content.len()).sum(), loc)?;
+                Ok(Conversation::Messages(m))
+            }
             _ => Err(self.bad(loc)),
         }
+    }
+
+    /// A text value (or a conversation's contents) of at most [`MAX_TEXT_BYTES`].
+    fn within_limit(&self, bytes: usize, loc: &str) -> Result<()> {
+        if bytes > MAX_TEXT_BYTES {
+            return Err(CoreError::data(
+                loc,
+                format!("`{}` holds {bytes} bytes of text; a value is at most {MAX_TEXT_BYTES}", self.name),
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn index(&self, r: usize, loc: &str) -> Result<u32> {
