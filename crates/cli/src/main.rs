@@ -227,6 +227,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Report { run_dir, no_plots } => {
+            warn_if_partial(&run_dir);
             let opts = rbon_report::ReportOptions { plots: !no_plots };
             match rbon_report::build_report(&run_dir, opts) {
                 Ok(r) => {
@@ -249,6 +250,25 @@ fn main() -> ExitCode {
             Err(e) => failure(&e),
         },
     }
+}
+
+/// A report of a run whose selections are not all written (ranks still running, or never run)
+/// covers only part of the prompts: say so, and which ranks are behind.
+fn warn_if_partial(run_dir: &Path) {
+    let Ok(st) = rbon_runtime::status(run_dir) else { return };
+    let Some(sel) = st.stages.iter().find(|s| s.stage == StageName::Selections) else { return };
+    if sel.done >= sel.total {
+        return;
+    }
+    let behind: Vec<String> =
+        sel.ranks.iter().enumerate().filter(|(_, (done, owned))| done < owned).map(|(r, _)| r.to_string()).collect();
+    let who = if st.world_size > 1 { format!(": rank {} not finished", behind.join(", ")) } else { String::new() };
+    eprintln!(
+        "warning: the report covers {} of {} selection shards{who} (`rbon status {}` shows each rank)",
+        sel.done,
+        sel.total,
+        run_dir.display()
+    );
 }
 
 fn run(file: &Path, force: bool, quiet: bool, rank: Option<usize>, world_size: Option<usize>) -> ExitCode {

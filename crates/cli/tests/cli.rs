@@ -979,6 +979,10 @@ fn two_ranks_then_finalize_equal_one_rank_and_status_shows_each_rank() {
     let o = f.run(&["finalize", "two"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("rank 1 of 2 has not run here yet"), "{}", text(&o));
+    // A report of half the run says it is half.
+    let o = f.run(&["report", "two"]);
+    let t = text(&o);
+    assert!(t.contains("warning: the report covers 3 of 6 selection shards: rank 1 not finished"), "{t}");
     let o = f.run(&["status", "two"]);
     let t = text(&o);
     assert!(t.contains("rank 0") && t.contains("rank 1") && t.contains("not started: rank 1"), "{t}");
