@@ -215,6 +215,25 @@ fn samples_bytes(run: &Path) -> Vec<Vec<u8>> {
     out
 }
 
+/// Starts `rbon run <yaml>` in `dir` and SIGKILLs it once it has written `path`.
+fn kill_when_written(dir: &Path, yaml: &str, path: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
+        .args(["run", yaml])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !dir.join(path).exists() {
+        assert!(start.elapsed() < Duration::from_secs(300), "{path} was never written");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before {path} was written");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn the_server_engine_records_what_the_embedded_sampler_draws_with_the_same_seeds() {
     let dir = tempfile::tempdir().unwrap();
@@ -364,21 +383,7 @@ fn sigkill_mid_server_sampling_then_resume_gives_identical_shards() {
     fs::write(dir.path().join("clean.yaml"), pipeline("clean", &stub.url, "", "", 24)).unwrap();
     fs::write(dir.path().join("killed.yaml"), pipeline("killed", &stub.url, "", "", 24)).unwrap();
     assert!(rbon(&["run", "clean.yaml"], dir.path()).status.success());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
-        .args(["run", "killed.yaml"])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let third = dir.path().join("killed/samples/shard-00002.parquet");
-    while !third.exists() {
-        assert!(start.elapsed() < Duration::from_secs(120) && child.try_wait().unwrap().is_none());
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when_written(dir.path(), "killed.yaml", "killed/samples/shard-00002.parquet");
     assert!(!dir.path().join("killed/samples/shard-00011.parquet").exists(), "the run was not interrupted");
     let o = rbon(&["run", "killed.yaml"], dir.path());
     assert!(o.status.success(), "{}", text(&o));
@@ -479,20 +484,7 @@ fn a_real_vllm_server_samples_with_exact_logprobs() {
     let o = rbon(&["run", "b.yaml"], dir.path());
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(samples_rows(&dir.path().join("b")), rows, "the same seeds gave other samples");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rbon"))
-        .args(["run", "killed.yaml"])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !dir.path().join("killed/samples/shard-00001.parquet").exists() {
-        assert!(start.elapsed() < Duration::from_secs(300) && child.try_wait().unwrap().is_none());
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when_written(dir.path(), "killed.yaml", "killed/samples/shard-00001.parquet");
     let o = rbon(&["run", "killed.yaml"], dir.path());
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(samples_bytes(&dir.path().join("a")), samples_bytes(&dir.path().join("killed")));
