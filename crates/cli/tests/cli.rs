@@ -988,9 +988,11 @@ fn two_ranks_then_finalize_equal_one_rank_and_status_shows_each_rank() {
     assert!(t.contains("rank 0") && t.contains("rank 1") && t.contains("not started: rank 1"), "{t}");
     assert!(t.contains("3/6  50%") && t.contains("3/3") && t.contains("0/3"), "{t}");
 
-    // Rank 1 as a Slurm array task.
+    // Rank 1 as a Slurm array task, on a machine that mounts the run directory elsewhere.
+    std::os::unix::fs::symlink(f.path().join("two"), f.path().join("mounted")).unwrap();
+    f.write("two-mounted.yaml", &full_pipeline("mounted", 1));
     let o = Command::new(env!("CARGO_BIN_EXE_rbon"))
-        .args(["run", "two.yaml"])
+        .args(["run", "two-mounted.yaml"])
         .current_dir(f.path())
         .env("SLURM_ARRAY_TASK_ID", "1")
         .env("SLURM_ARRAY_TASK_COUNT", "2")

@@ -64,6 +64,13 @@ struct ExportIdentity<'a> {
     config_text: &'a str,
 }
 
+/// The pipeline text less its top-level `output` line: where the run directory is mounted is not
+/// part of what the exports hold, so ranks that see one shared directory under different paths
+/// agree on the exports' fingerprint.
+fn without_output(text: &str) -> String {
+    text.lines().filter(|l| !l.starts_with("output:")).collect::<Vec<_>>().join("\n")
+}
+
 /// Every stage of a run with its fingerprint.
 pub(crate) fn plan(p: &Pipeline, source: &Source, n_shards: usize, files: &FileDigests) -> Result<Plan, RunError> {
     let cfg = &p.config;
@@ -94,8 +101,9 @@ pub(crate) fn plan(p: &Pipeline, source: &Source, n_shards: usize, files: &FileD
         chain.push(st.name());
         labels.push(st.label());
     }
+    let config_text = without_output(p.doc.text());
     let export_fp = fps.get(&StageName::Pairs).map(|fp_pairs| {
-        fingerprint("export", &ExportIdentity { name: &cfg.name, config_text: p.doc.text() }, &[fp_pairs])
+        fingerprint("export", &ExportIdentity { name: &cfg.name, config_text: &config_text }, &[fp_pairs])
     });
     Ok(Plan { n_shards, chain, labels, stages, fps, export_fp })
 }
