@@ -227,15 +227,14 @@ impl ConfigDoc {
         if !meta.is_file() {
             return Err(fail("not a regular file: a pipeline is a YAML file".into()));
         }
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(fail(format!("{} bytes: a pipeline file is at most {MAX_CONFIG_BYTES} bytes", meta.len())));
-        }
         let mut text = String::new();
         std::fs::File::open(file)
             .and_then(|f| std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_CONFIG_BYTES + 1), &mut text))
             .map_err(|e| fail(format!("cannot read the file: {e}")))?;
         if text.len() as u64 > MAX_CONFIG_BYTES {
-            return Err(fail(format!("more than {MAX_CONFIG_BYTES} bytes: a pipeline file is at most that")));
+            return Err(fail(format!(
+                "more than {MAX_CONFIG_BYTES} bytes: a pipeline file is at most {MAX_CONFIG_BYTES}"
+            )));
         }
         Self::parse(file, &text)
     }

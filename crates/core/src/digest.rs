@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,7 +81,7 @@ impl FileDigests {
         {
             return Ok(e.sha256.clone());
         }
-        let sha256 = hash_file(&canonical)?;
+        let sha256 = sha256_file(&canonical)?;
         self.entries()?.insert(key, Entry { stamp, sha256: sha256.clone() });
         self.changed.store(true, Ordering::Relaxed);
         Ok(sha256)
@@ -118,17 +117,11 @@ impl FileDigests {
     }
 }
 
-fn hash_file(path: &Path) -> Result<String> {
+/// The SHA-256 of a file's content, as hex, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).map_err(|e| CoreError::io(path, e))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| CoreError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
+    std::io::copy(&mut f, &mut h).map_err(|e| CoreError::io(path, e))?;
     Ok(crate::seed::hex(&h.finalize()))
 }
 

@@ -155,12 +155,10 @@ impl RunDir {
         if !p.is_file() {
             return ShardState::ToMake;
         }
-        match shard::read_meta(&p) {
-            Ok(Some(m)) if m.fingerprint == fingerprint => match shard::verify_shard(&p) {
-                Ok(()) => ShardState::Done(m),
-                Err(why) => ShardState::Corrupt(format!("{}: {why}", p.display())),
-            },
-            Ok(_) => ShardState::ToMake,
+        match shard::read_checked(&p, fingerprint) {
+            Ok(Some(Ok(m))) => ShardState::Done(m),
+            Ok(Some(Err(why))) => ShardState::Corrupt(format!("{}: {why}", p.display())),
+            Ok(None) => ShardState::ToMake,
             Err(e) => ShardState::Corrupt(e.to_string()),
         }
     }

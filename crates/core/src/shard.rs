@@ -4,7 +4,7 @@
 //! metadata, the fingerprint of the configuration that made it and its counters, so a rerun can
 //! trust a shard without any other bookkeeping. A stage's shard also carries a check
 //! ([`CHECK_KEY`]): its folder and file name, row count, and the SHA-256 of all its bytes, so a shard flipped, truncated or copied over another is found and made again
-//! ([`verify_shard`]).
+//! ([`read_checked`]).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -171,7 +171,7 @@ pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], m
 }
 
 /// Writes a stage's shard: as [`write_parquet`], with a check in its footer that
-/// [`verify_shard`] reads.
+/// [`read_checked`] reads.
 ///
 /// The file is made in memory (a shard is a few MB at most) with 64 zeros in place of the
 /// check's hash; the hash of those bytes, every byte of the file, is then patched in (a Parquet
@@ -202,34 +202,43 @@ pub fn write_shard(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], met
     write_atomic(path, &bytes)
 }
 
-/// Checks a stage shard against the check in its footer: its place, row count and the hash of
-/// all its bytes. The error says what does not match.
-pub fn verify_shard(path: &Path) -> std::result::Result<(), String> {
-    let open = || File::open(path).map_err(|e| format!("cannot open: {e}"));
-    let reader = SerializedFileReader::new(open()?).map_err(|e| format!("unreadable Parquet: {e}"))?;
-    let meta = reader.metadata().file_metadata();
-    let check = meta
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|k| k.key == CHECK_KEY).and_then(|k| k.value.clone()))
-        .ok_or("its footer has no check (written by an older rbon)")?;
-    let check: ShardCheck = serde_json::from_str(&check).map_err(|e| format!("its check does not parse: {e}"))?;
-    if check.place != place_of(path) {
-        return Err(format!("it holds {} (copied over this one)", check.place));
+/// Reads a stage shard once: `None` when its footer holds no rbon metadata or another
+/// fingerprint (a shard of another configuration, to be made again); otherwise its metadata,
+/// or what does not match the check in its footer ([`write_shard`]: its place, row count and
+/// the hash of all its bytes). An error is a file that cannot be read as Parquet at all.
+pub fn read_checked(path: &Path, fingerprint: &str) -> Result<Option<std::result::Result<ShardMeta, String>>> {
+    let bytes = bytes::Bytes::from(fs::read(path).map_err(|e| CoreError::io(path, e))?);
+    let reader = SerializedFileReader::new(bytes.clone())
+        .map_err(|source| CoreError::Parquet { path: path.to_owned(), source })?;
+    let file_meta = reader.metadata().file_metadata();
+    let kv = file_meta.key_value_metadata();
+    let value = |key: &str| kv.and_then(|kv| kv.iter().find(|k| k.key == key).and_then(|k| k.value.clone()));
+    let Some(meta) = value(META_KEY).and_then(|v| serde_json::from_str::<ShardMeta>(&v).ok()) else { return Ok(None) };
+    if meta.fingerprint != fingerprint {
+        return Ok(None);
     }
-    if u64::try_from(meta.num_rows()).ok() != Some(check.rows) {
-        return Err(format!("it has {} rows, its check says {}", meta.num_rows(), check.rows));
-    }
-    let mut bytes = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    let needle = format!("\"sha256\":\"{}\"", check.sha256);
-    let Some(at) = bytes.windows(needle.len()).rposition(|w| w == needle.as_bytes()) else {
-        return Err("its check is not where it was written".into());
-    };
-    let at = at + needle.len() - 65;
-    bytes[at..at + 64].fill(b'0');
-    if crate::seed::hex(&Sha256::digest(&bytes)) != check.sha256 {
-        return Err("its bytes do not match its checksum".into());
-    }
-    Ok(())
+    let check = (|| {
+        let check = value(CHECK_KEY).ok_or("its footer has no check (written by an older rbon)")?;
+        let check: ShardCheck = serde_json::from_str(&check).map_err(|e| format!("its check does not parse: {e}"))?;
+        if check.place != place_of(path) {
+            return Err(format!("it holds {} (copied over this one)", check.place));
+        }
+        if u64::try_from(file_meta.num_rows()).ok() != Some(check.rows) {
+            return Err(format!("it has {} rows, its check says {}", file_meta.num_rows(), check.rows));
+        }
+        let mut bytes = bytes.to_vec();
+        let needle = format!("\"sha256\":\"{}\"", check.sha256);
+        let Some(at) = bytes.windows(needle.len()).rposition(|w| w == needle.as_bytes()) else {
+            return Err("its check is not where it was written".into());
+        };
+        let at = at + needle.len() - 65;
+        bytes[at..at + 64].fill(b'0');
+        if crate::seed::hex(&Sha256::digest(&bytes)) != check.sha256 {
+            return Err("its bytes do not match its checksum".into());
+        }
+        Ok(())
+    })();
+    Ok(Some(check.map(|()| meta)))
 }
 
 /// Reads a whole Parquet file.
@@ -318,7 +327,13 @@ mod tests {
                 .unwrap();
         let p = dir.path().join("scores/shard-00001.parquet");
         write_shard(&p, &schema, std::slice::from_ref(&batch), &ShardMeta::default()).unwrap();
-        verify_shard(&p).unwrap();
+        // Passes only as an intact shard of this fingerprint; a garbled footer is one to remake.
+        let verify = |p: &Path| match read_checked(p, "") {
+            Ok(Some(r)) => r.map(|_| ()),
+            Ok(None) => Err("not a shard of this configuration".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        verify(&p).unwrap();
         assert_eq!(read_parquet(&p).unwrap(), vec![batch.clone()]);
         let good = fs::read(&p).unwrap();
         // Every byte of the file counts, footer included.
@@ -326,13 +341,13 @@ mod tests {
             let mut bad = good.clone();
             bad[at] ^= 0x01;
             fs::write(&p, &bad).unwrap();
-            assert!(verify_shard(&p).is_err(), "a flip at byte {at} of {} passed", good.len());
+            assert!(verify(&p).is_err(), "a flip at byte {at} of {} passed", good.len());
         }
         let other = dir.path().join("scores/shard-00002.parquet");
         fs::write(&other, &good).unwrap();
-        assert!(verify_shard(&other).unwrap_err().contains("holds scores/shard-00001.parquet"));
+        assert!(verify(&other).unwrap_err().contains("holds scores/shard-00001.parquet"));
         // Files written without a check (exports, reports) are not shards.
         write_parquet(&p, &schema, &[batch], &ShardMeta::default()).unwrap();
-        assert!(verify_shard(&p).unwrap_err().contains("no check"));
+        assert!(verify(&p).unwrap_err().contains("no check"));
     }
 }

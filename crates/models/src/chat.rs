@@ -27,7 +27,8 @@ pub enum TemplateChoice {
 #[derive(Debug)]
 pub struct ChatTokenizer {
     tokenizer: tokenizers::Tokenizer,
-    template: Option<String>,
+    /// The chat template, compiled once into its environment (as [`CHAT`]).
+    template: Option<Environment<'static>>,
     /// Where the template came from (a .jinja file, or tokenizer_config.json), for its errors.
     template_origin: String,
     origin: String,
@@ -119,12 +120,16 @@ impl ChatTokenizer {
                     .into(),
             });
         }
-        // A syntax error shows now (and in `rbon validate`), naming the template's file.
-        if let Some(src) = &template {
-            environment()
-                .template_from_str(src)
-                .map_err(|e| ModelError::Template { path: template_origin.clone(), message: format!("{e:#}") })?;
-        }
+        // Compiled once: a syntax error shows now (and in `rbon validate`), naming the file.
+        let template = match template {
+            None => None,
+            Some(src) => {
+                let mut env = environment();
+                env.add_template_owned(CHAT, src)
+                    .map_err(|e| ModelError::Template { path: template_origin.clone(), message: format!("{e:#}") })?;
+                Some(env)
+            }
+        };
         let bos_token = token_text(tc.get("bos_token"));
         let eos_token = token_text(tc.get("eos_token"));
         // As `generate` does: generation_config.json, else config.json, else the tokenizer's EOS.
@@ -161,7 +166,7 @@ impl ChatTokenizer {
     /// Renders a conversation as the model expects it, ending with the assistant's turn opener
     /// when `add_generation_prompt`. Messages are anything that serializes to `{role, content}`.
     pub fn render<M: Serialize>(&self, messages: &[M], add_generation_prompt: bool) -> Result<String, ModelError> {
-        let Some(src) = &self.template else {
+        let Some(env) = &self.template else {
             let v = serde_json::to_value(messages).unwrap_or_default();
             let parts: Vec<&str> = v
                 .as_array()
@@ -180,8 +185,7 @@ impl ChatTokenizer {
             };
             ModelError::Template { path: self.template_origin.clone(), message }
         };
-        let env = environment();
-        let tmpl = env.template_from_str(src).map_err(err)?;
+        let tmpl = env.get_template(CHAT).map_err(err)?;
         let ctx = minijinja::context! {
             messages => Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
@@ -221,6 +225,9 @@ impl ChatTokenizer {
         self.template.is_some()
     }
 }
+
+/// The chat template's name in its environment.
+const CHAT: &str = "chat";
 
 /// The most steps (minijinja's fuel: one per instruction) a chat template may take to render one
 /// conversation: real templates take thousands; a loop that does not end is stopped in about a

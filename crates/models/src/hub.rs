@@ -127,7 +127,11 @@ impl ModelDir {
     /// and nothing else of the folder; stages fingerprint them by content.
     pub fn input_files(&self) -> Result<Vec<PathBuf>, ModelError> {
         let mut files = self.model_files()?;
-        files.extend(READ_BESIDE.iter().filter_map(|name| self.file(name)));
+        for f in self.text_files() {
+            if !files.contains(&f) {
+                files.push(f);
+            }
+        }
         Ok(files)
     }
 

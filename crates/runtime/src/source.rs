@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use rbon_core::digest::sha256_file;
 use rbon_core::input::{
     CandidateGroup, CandidatesIndex, InputConfig, PromptRow, for_each_prompt, resolve_files, scan_candidates,
 };
@@ -59,7 +60,7 @@ struct InputIdentity<'a> {
 pub(crate) fn read_source(cfg: &PipelineConfig) -> Result<Source, RunError> {
     if let Some(c) = cfg.input.candidates.as_deref() {
         let path = PathBuf::from(c);
-        let file_sha256 = hash_file(&path)?;
+        let file_sha256 = sha256_file(&path)?;
         let index = scan_candidates(&path, cfg.input.limit)?;
         if let Some(select) = &cfg.select
             && select.methods.iter().any(|m| m.needs_num_tokens())
@@ -73,22 +74,13 @@ pub(crate) fn read_source(cfg: &PipelineConfig) -> Result<Source, RunError> {
     }
     let spec = cfg.input.path.as_deref().unwrap_or_default();
     let files = resolve_files(spec).map_err(|m| CoreError::data("input.path", m))?;
-    let files_sha256 = files.iter().map(|f| hash_file(f)).collect::<Result<Vec<_>, _>>()?;
+    let files_sha256 = files.iter().map(|f| sha256_file(f)).collect::<Result<Vec<_>, _>>()?;
     // A first pass checks every row (and counts them) without keeping any.
     let count = for_each_prompt(&cfg.input, |_| Ok(true))?;
     let system_prompt = cfg.policy.as_ref().and_then(|p| p.system_prompt.as_deref());
     let identity = InputIdentity { input: &cfg.input, files_sha256, system_prompt };
     let fp = fingerprint(StageName::Prompts.as_str(), &identity, &[]);
     Ok(Source::Prompts { count, fp })
-}
-
-/// SHA-256 of a file, streamed.
-fn hash_file(path: &std::path::Path) -> Result<String, CoreError> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| CoreError::io(path, e))?;
-    Ok(rbon_core::seed::hex(&h.finalize()))
 }
 
 /// The fingerprint of a candidates import: the file, and the models that complete it (their

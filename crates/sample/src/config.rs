@@ -64,8 +64,9 @@ pub enum LogprobSource {
     /// its default), summed by rbon.
     #[default]
     Server,
-    /// Teacher forcing of the returned tokens by the local policy (`policy.model`, loaded on the
-    /// first device): for servers that return no (or temperature-scaled) log-probs.
+    /// Teacher forcing of the returned tokens by the local policy (`policy.model`, a copy on
+    /// each device of `runtime.devices`): for servers that return no (or temperature-scaled)
+    /// log-probs.
     TeacherForcing,
 }
 
@@ -414,16 +415,19 @@ impl PolicyConfig {
                 }
             }
         }
-        self.check_template_path(doc, d);
         self.check_template(doc, d);
     }
 
-    /// The tokenizer and chat template load and render a plain conversation (a template's
-    /// syntax errors and runaway loops show here, naming its file), when the folder and
-    /// template file exist.
+    /// A chat template given by path exists; the tokenizer and chat template load and render a
+    /// plain conversation (a template's syntax errors and runaway loops show here, naming its
+    /// file).
     fn check_template(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
         let named = !matches!(self.chat_template.as_str(), "auto" | "none");
         if named && !Path::new(&self.chat_template).is_file() {
+            d.push(doc.diag(
+                "policy.chat_template",
+                format!("no such file: {} (use auto, none, or the path of a .jinja file)", self.chat_template),
+            ));
             return;
         }
         let Ok(dir) = ModelDir::resolve(&self.model) else { return };
@@ -436,16 +440,6 @@ impl PolicyConfig {
         let checked = rbon_models::ChatTokenizer::load(&dir, &choice).and_then(|t| t.render(&probe, true));
         if let Err(e) = checked {
             d.push(doc.diag(if named { "policy.chat_template" } else { "policy.model" }, e.to_string()));
-        }
-    }
-
-    /// A chat template given by path exists.
-    fn check_template_path(&self, doc: &ConfigDoc, d: &mut Diagnostics) {
-        if !matches!(self.chat_template.as_str(), "auto" | "none") && !Path::new(&self.chat_template).is_file() {
-            d.push(doc.diag(
-                "policy.chat_template",
-                format!("no such file: {} (use auto, none, or the path of a .jinja file)", self.chat_template),
-            ));
         }
     }
 }

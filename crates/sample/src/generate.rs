@@ -200,7 +200,6 @@ impl Policy {
         // rbon's CPU path copies each step's logits to the host sampler; elsewhere (a GPU, or
         // RBON_KERNELS=candle) the logits stay on the device and only small summaries cross.
         let host = rbon_models::path::host_kernels(dev);
-        let eos = self.tokenizer.eos_ids();
         let ids = Tensor::new(prompt, dev).and_then(|t| t.unsqueeze(0)).map_err(candle("prefill"))?;
         let mut base = if host {
             self.decoder.new_cache()
@@ -256,25 +255,11 @@ impl Policy {
                     let d = draws[slot];
                     row.tokens.push(d.token);
                     row.logprobs.push(d.logprob);
-                    if eos.contains(&d.token) {
-                        row.done = Some(FinishReason::Stop);
-                    } else if !cfg.stop.is_empty() {
-                        let text = self.tokenizer.decode(&row.tokens)?;
-                        if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                            let (keep, kept) = before_stop(&self.tokenizer, &row.tokens, &text[..cut])?;
-                            row.tokens.truncate(keep);
-                            row.logprobs.truncate(keep);
-                            row.text = Some(kept);
-                            row.done = Some(FinishReason::Stop);
-                        }
-                    }
-                    if row.done.is_none() && row.tokens.len() >= cfg.max_new_tokens as usize {
-                        let text = self.tokenizer.decode(&row.tokens)?;
-                        let (keep, kept) = whole_chars(&self.tokenizer, &row.tokens, text)?;
-                        row.tokens.truncate(keep);
-                        row.logprobs.truncate(keep);
-                        row.text = Some(kept);
-                        row.done = Some(FinishReason::Length);
+                    if let Some(end) = ending(&self.tokenizer, cfg, &row.tokens, cfg.max_new_tokens as usize, false)? {
+                        row.tokens.truncate(end.keep);
+                        row.logprobs.truncate(end.keep);
+                        row.text = end.text;
+                        row.done = Some(end.reason);
                     }
                     if row.done.is_none() {
                         next.push(d.token);
@@ -344,11 +329,47 @@ pub fn turn_end(tok: &ChatTokenizer, messages: &[Message]) -> Result<Vec<u32>, S
     })
 }
 
+/// How a response ends: the tokens it keeps, their text when a cut made it, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Ending {
+    pub keep: usize,
+    pub text: Option<String>,
+    pub reason: FinishReason,
+}
+
+/// Whether a response whose last token was just drawn has ended, by the rules every engine
+/// records ([`Generated::text`]): on an EOS id (kept), at a stop string (cut at the last token
+/// boundary before it), or at `limit` tokens, or earlier when `at_limit` (a server stopped at
+/// its context), keeping whole characters.
+pub(crate) fn ending(
+    tok: &ChatTokenizer,
+    cfg: &SampleConfig,
+    tokens: &[u32],
+    limit: usize,
+    at_limit: bool,
+) -> Result<Option<Ending>, SampleError> {
+    if tokens.last().is_some_and(|t| tok.eos_ids().contains(t)) {
+        return Ok(Some(Ending { keep: tokens.len(), text: None, reason: FinishReason::Stop }));
+    }
+    if !cfg.stop.is_empty() {
+        let text = tok.decode(tokens)?;
+        if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            let (keep, kept) = before_stop(tok, tokens, &text[..cut])?;
+            return Ok(Some(Ending { keep, text: Some(kept), reason: FinishReason::Stop }));
+        }
+    }
+    if at_limit || tokens.len() >= limit {
+        let (keep, kept) = whole_chars(tok, tokens, tok.decode(tokens)?)?;
+        return Ok(Some(Ending { keep, text: Some(kept), reason: FinishReason::Length }));
+    }
+    Ok(None)
+}
+
 /// Where a response that reached a stop string ends: the longest run of whole tokens whose
 /// text is a prefix of `before` (the text before the stop string). A token that holds the
 /// start of the stop string is dropped with any text it holds before it, so the stored text,
 /// its token ids and its log-prob always describe the same tokens.
-pub(crate) fn before_stop(tok: &ChatTokenizer, tokens: &[u32], before: &str) -> Result<(usize, String), SampleError> {
+fn before_stop(tok: &ChatTokenizer, tokens: &[u32], before: &str) -> Result<(usize, String), SampleError> {
     for keep in (0..tokens.len()).rev() {
         let text = tok.decode(&tokens[..keep])?;
         if before.starts_with(&text) {
@@ -361,7 +382,7 @@ pub(crate) fn before_stop(tok: &ChatTokenizer, tokens: &[u32], before: &str) -> 
 /// A response cut at `max_new_tokens` keeps whole characters: when its last tokens hold only
 /// the first bytes of a character (byte-level tokens split multi-byte characters), which
 /// decode to U+FFFD, those tokens are dropped (at most three: a character has four bytes).
-pub(crate) fn whole_chars(tok: &ChatTokenizer, tokens: &[u32], text: String) -> Result<(usize, String), SampleError> {
+fn whole_chars(tok: &ChatTokenizer, tokens: &[u32], text: String) -> Result<(usize, String), SampleError> {
     if !text.ends_with(char::REPLACEMENT_CHARACTER) {
         return Ok((tokens.len(), text));
     }

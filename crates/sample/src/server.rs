@@ -10,7 +10,7 @@
 //! response's token ids and per-token log-probs are read back; the stop-string and
 //! `max_new_tokens` rules are the embedded engine's, applied to those tokens.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rbon_core::Message;
@@ -19,9 +19,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::config::{LogprobSource, PolicyConfig, PromptForm, SampleConfig, ServerConfig};
-use crate::generate::{
-    FinishReason, Generated, Policy, SampleError, before_stop, prompt_ids, sample_seed, turn_end, whole_chars,
-};
+use crate::generate::{Generated, Policy, SampleError, ending, prompt_ids, sample_seed, turn_end};
 
 /// The seed sent for sample `k` of a prompt (and recorded in its `seed` column): the sample's
 /// seed in 63 bits, since servers take a signed 64-bit seed.
@@ -148,18 +146,14 @@ impl ServerPolicy {
         let messages = [Message::new("user", "Write one sentence about the sea.")];
         let ids = prompt_ids(&self.tokenizer, &messages)?;
         let probe = SampleConfig { max_new_tokens: sample.max_new_tokens.min(16), ..sample.clone() };
-        let body = self.body(&ids, &messages, &probe, probe.max_new_tokens, 12345)?;
+        let prompt = self.prompt_value(&ids, &messages)?;
+        let body = Arc::new(self.body(&prompt, &probe, probe.max_new_tokens, 12345));
         let mut got = Vec::new();
         for _ in 0..2 {
+            let url = self.cfg.completions_url();
             let v = self
                 .rt
-                .block_on(post(
-                    self.client.clone(),
-                    self.cfg.completions_url(),
-                    self.key.clone(),
-                    body.clone(),
-                    self.policy_retries(),
-                ))
+                .block_on(post(self.client.clone(), url, self.key.clone(), body.clone(), self.cfg.retries))
                 .map_err(|r| self.err(format!("a probe request failed: {}", r.message)))?;
             let d = parse_choice(&v).map_err(|m| self.err(format!("its answer to a probe request: {m}")))?;
             self.usable(&d).map_err(|m| self.err(m))?;
@@ -173,10 +167,6 @@ impl ServerPolicy {
             ));
         }
         Ok(())
-    }
-
-    fn policy_retries(&self) -> Retry {
-        Retry { retries: self.cfg.retries }
     }
 
     /// What a response must carry for this configuration.
@@ -203,20 +193,17 @@ impl ServerPolicy {
         Ok(())
     }
 
-    /// The completion request of one sample: every sampling parameter explicit.
-    fn body(
-        &self,
-        ids: &[u32],
-        messages: &[Message],
-        cfg: &SampleConfig,
-        max_tokens: u32,
-        seed: u64,
-    ) -> Result<Value, SampleError> {
-        let prompt = match self.cfg.prompt {
+    /// The prompt as sent: the token ids, or (`prompt: text`) the rendered conversation.
+    fn prompt_value(&self, ids: &[u32], messages: &[Message]) -> Result<Value, SampleError> {
+        Ok(match self.cfg.prompt {
             PromptForm::Tokens => json!(ids),
             PromptForm::Text => json!(self.tokenizer.render(messages, true)?),
-        };
-        Ok(json!({
+        })
+    }
+
+    /// The completion request of one sample, serialized: every sampling parameter explicit.
+    fn body(&self, prompt: &Value, cfg: &SampleConfig, max_tokens: u32, seed: u64) -> Vec<u8> {
+        let body = json!({
             "model": self.cfg.model,
             "prompt": prompt,
             "n": 1,
@@ -239,7 +226,8 @@ impl ServerPolicy {
             "logprobs": 0,
             "return_tokens_as_token_ids": true,
             "return_token_ids": true,
-        }))
+        });
+        body.to_string().into_bytes()
     }
 
     /// Samples `cfg.n` responses for every prompt, with at most `server.concurrency` requests
@@ -259,40 +247,38 @@ impl ServerPolicy {
             prompt: usize,
             k: u32,
             seed: u64,
-            body: Arc<Value>,
+            body: Arc<Vec<u8>>,
         }
-        let mut ids = Vec::with_capacity(prompts.len());
+        let mut asked = Vec::with_capacity(prompts.len());
         let mut jobs = Vec::with_capacity(prompts.len() * cfg.n as usize);
-        let mut limits = Vec::with_capacity(prompts.len());
         for (p, (id, messages)) in prompts.iter().enumerate() {
             let perr = |message: String| SampleError::Prompt { prompt_id: id.clone(), message };
-            let prompt = prompt_ids(&self.tokenizer, messages).map_err(|e| perr(e.to_string()))?;
-            if prompt.is_empty() {
+            let ids = prompt_ids(&self.tokenizer, messages).map_err(|e| perr(e.to_string()))?;
+            if ids.is_empty() {
                 return Err(perr("the prompt encodes to no tokens".into()));
             }
             let max_tokens = match self.context {
-                Some(ctx) if prompt.len() >= ctx => {
+                Some(ctx) if ids.len() >= ctx => {
                     return Err(perr(format!(
                         "its {} prompt tokens fill the server's context of {ctx} tokens: nothing can be sampled \
                          (shorten the prompt or serve a longer context)",
-                        prompt.len()
+                        ids.len()
                     )));
                 }
                 // A response ends at the context's end, like one that reached max_new_tokens.
-                Some(ctx) => cfg.max_new_tokens.min((ctx - prompt.len()) as u32),
+                Some(ctx) => cfg.max_new_tokens.min((ctx - ids.len()) as u32),
                 None => cfg.max_new_tokens,
             };
+            let prompt = self.prompt_value(&ids, messages).map_err(|e| perr(e.to_string()))?;
             for k in 0..cfg.n {
                 let s = server_seed(seed, id, k);
-                let body = Arc::new(self.body(&prompt, messages, cfg, max_tokens, s).map_err(|e| perr(e.to_string()))?);
-                jobs.push(Job { prompt: p, k, seed: s, body });
+                jobs.push(Job { prompt: p, k, seed: s, body: Arc::new(self.body(&prompt, cfg, max_tokens, s)) });
             }
-            ids.push(prompt);
-            limits.push(max_tokens);
+            asked.push(Asked { messages, ids, max_tokens, close: OnceLock::new() });
         }
         let url = self.cfg.completions_url();
         let cap = self.cfg.concurrency.max(1) as usize;
-        let retry = self.policy_retries();
+        let retries = self.cfg.retries;
         let mut drawn: Vec<Vec<Option<(u64, Drawn)>>> =
             prompts.iter().map(|_| (0..cfg.n).map(|_| None).collect()).collect();
         let failure = self.rt.block_on(async {
@@ -303,7 +289,7 @@ impl ServerPolicy {
                 set.spawn(async move {
                     // Closed never: the semaphore lives as long as the connection.
                     let _permit = permits.acquire_owned().await.ok();
-                    (p, k, s, post(client, url, key, (*body).clone(), retry).await)
+                    (p, k, s, post(client, url, key, body, retries).await)
                 });
             }
             loop {
@@ -319,7 +305,7 @@ impl ServerPolicy {
                         Err(m) => return Some(perr(format!("sample {k}: the server's answer: {m}"))),
                     },
                     Err(r) => {
-                        return Some(perr(self.refusal(&r, k, ids[p].len(), limits[p])));
+                        return Some(perr(self.refusal(&r, k, asked[p].ids.len(), asked[p].max_tokens)));
                     }
                 };
                 if let Err(m) = self.usable(&d) {
@@ -334,15 +320,12 @@ impl ServerPolicy {
             return Err(e);
         }
         let mut out = Vec::with_capacity(prompts.len());
-        for (p, row) in drawn.into_iter().enumerate() {
-            let (id, messages) = &prompts[p];
+        for ((id, _), (row, a)) in prompts.iter().zip(drawn.into_iter().zip(&asked)) {
             let perr = |message: String| SampleError::Prompt { prompt_id: id.clone(), message };
             let mut samples = Vec::with_capacity(row.len());
             for (k, slot) in row.into_iter().enumerate() {
                 let Some((s, d)) = slot else { return Err(perr(format!("sample {k} never came back"))) };
-                let g = self
-                    .finish(messages, &ids[p], cfg, limits[p], k as u32, s, d, forcing)
-                    .map_err(|m| perr(format!("sample {k}: {m}")))?;
+                let g = self.finish(a, cfg, k as u32, s, d, forcing).map_err(|m| perr(format!("sample {k}: {m}")))?;
                 samples.push(g);
             }
             out.push(samples);
@@ -365,31 +348,29 @@ impl ServerPolicy {
         }
     }
 
-    /// One response, closed by the embedded engine's rules: an EOS id ends it (kept), a stop
-    /// string ends it at the last token boundary before it, a cut at `max_tokens` keeps whole
-    /// characters; its log-prob is the sum over the kept tokens.
-    #[allow(clippy::too_many_arguments)]
+    /// One response, closed by the embedded engine's rules ([`ending`]) after its first EOS id;
+    /// its log-prob is the sum over the kept tokens (or their teacher forcing by `forcing`).
     fn finish(
         &self,
-        messages: &[Message],
-        prompt: &[u32],
+        a: &Asked<'_>,
         cfg: &SampleConfig,
-        max_tokens: u32,
         k: u32,
         seed: u64,
         d: Drawn,
         forcing: Option<&Policy>,
     ) -> Result<Generated, String> {
         let tok = &self.tokenizer;
-        let eos = tok.eos_ids();
-        let (mut tokens, mut logprobs) = match d.tokens {
+        let (mut tokens, logprobs) = match d.tokens {
             Some(t) => (t, d.logprobs),
             // A server that returns only text: rbon encodes it, and a turn the model ended
             // (finish `stop` without a stop string) is closed as the chat template closes it.
             None => {
                 let mut t = tok.encode_text(&d.text).map_err(words)?;
                 if d.finish.as_deref() == Some("stop") && !d.stopped_by_string {
-                    t.extend(turn_end(tok, messages).map_err(words)?);
+                    if a.close.get().is_none() {
+                        let _ = a.close.set(turn_end(tok, a.messages).map_err(words)?);
+                    }
+                    t.extend(a.close.get().into_iter().flatten());
                 }
                 (t, None)
             }
@@ -399,58 +380,41 @@ impl ServerPolicy {
         {
             return Err(format!("{} token ids but {} log-probs", tokens.len(), l.len()));
         }
-        let mut reason = None;
-        let mut text = None;
-        if let Some(p) = tokens.iter().position(|t| eos.contains(t)) {
+        if let Some(p) = tokens.iter().position(|t| tok.eos_ids().contains(t)) {
             tokens.truncate(p + 1);
-            reason = Some(FinishReason::Stop);
-        } else if !cfg.stop.is_empty() {
-            let full = tok.decode(&tokens).map_err(words)?;
-            if let Some(cut) = cfg.stop.iter().filter_map(|s| full.find(s.as_str())).min() {
-                let (keep, kept) = before_stop(tok, &tokens, &full[..cut]).map_err(words)?;
-                tokens.truncate(keep);
-                text = Some(kept);
-                reason = Some(FinishReason::Stop);
-            }
         }
-        if reason.is_none() {
-            if tokens.len() >= max_tokens as usize || d.finish.as_deref() == Some("length") {
-                let full = tok.decode(&tokens).map_err(words)?;
-                let (keep, kept) = whole_chars(tok, &tokens, full).map_err(words)?;
-                tokens.truncate(keep);
-                text = Some(kept);
-                reason = Some(FinishReason::Length);
-            } else {
-                return Err(format!(
-                    "the server ended it after {} tokens with finish_reason {:?}, at neither an EOS id of the \
-                     policy {eos:?} nor a stop string nor max_new_tokens (start vLLM with --generation-config vllm \
-                     so that only the request's stop conditions apply)",
-                    tokens.len(),
-                    d.finish.as_deref().unwrap_or("none"),
-                ));
-            }
-        }
-        if let Some(l) = &mut logprobs {
-            l.truncate(tokens.len());
-        }
+        let at_limit = d.finish.as_deref() == Some("length");
+        let Some(end) = ending(tok, cfg, &tokens, a.max_tokens as usize, at_limit).map_err(words)? else {
+            return Err(format!(
+                "the server ended it after {} tokens with finish_reason {:?}, at neither an EOS id of the policy \
+                 {:?} nor a stop string nor max_new_tokens (start vLLM with --generation-config vllm so that only \
+                 the request's stop conditions apply)",
+                tokens.len(),
+                d.finish.as_deref().unwrap_or("none"),
+                tok.eos_ids(),
+            ));
+        };
+        tokens.truncate(end.keep);
         let logprob = match (forcing, logprobs) {
-            (Some(policy), _) => policy.score(prompt, &tokens).map_err(words)?.iter().fold(0.0, |a, b| a + b),
-            (None, Some(l)) => l.iter().fold(0.0, |a, b| a + b),
+            (Some(policy), _) => policy.score(&a.ids, &tokens).map_err(words)?.iter().fold(0.0, |a, b| a + b),
+            (None, Some(l)) => l[..tokens.len()].iter().fold(0.0, |a, b| a + b),
             (None, None) => return Err("no log-probs".into()),
         };
-        let text = match text {
+        let text = match end.text {
             Some(t) => t,
             None => tok.decode(&tokens).map_err(words)?,
         };
-        Ok(Generated {
-            sample_idx: k,
-            token_ids: tokens,
-            text,
-            finish_reason: reason.unwrap_or(FinishReason::Length),
-            logprob,
-            seed,
-        })
+        Ok(Generated { sample_idx: k, token_ids: tokens, text, finish_reason: end.reason, logprob, seed })
     }
+}
+
+/// A prompt as asked: its conversation, token ids, the most new tokens its requests allow, and
+/// (for servers that return only text) how the chat template closes its turn, made once.
+struct Asked<'a> {
+    messages: &'a [Message],
+    ids: Vec<u32>,
+    max_tokens: u32,
+    close: OnceLock<Vec<u32>>,
 }
 
 fn words(e: impl std::fmt::Display) -> String {
@@ -506,12 +470,6 @@ fn parse_choice(v: &Value) -> Result<Drawn, String> {
     Ok(Drawn { tokens, logprobs, text, finish, stopped_by_string })
 }
 
-/// Retries of one request.
-#[derive(Debug, Clone, Copy)]
-struct Retry {
-    retries: u32,
-}
-
 /// The wait before retry `attempt` (0-based): 0.5 s doubling, at most 30 s, or what the
 /// server's `Retry-After` asks (at most 5 minutes).
 fn backoff(attempt: u32, retry_after: Option<f64>) -> Duration {
@@ -525,15 +483,13 @@ async fn post(
     client: reqwest::Client,
     url: String,
     key: Option<String>,
-    body: Value,
-    retry: Retry,
+    body: Arc<Vec<u8>>,
+    retries: u32,
 ) -> Result<Value, Refused> {
     let mut attempt = 0;
     loop {
-        let mut req = client
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(serde_json::to_vec(&body).unwrap_or_default());
+        let mut req =
+            client.post(&url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.as_ref().clone());
         if let Some(k) = &key {
             req = req.bearer_auth(k);
         }
@@ -565,8 +521,8 @@ async fn post(
             }
             Err(e) => (Refused { status: None, message: describe(&e) }, None),
         };
-        if attempt >= retry.retries {
-            let tries = if retry.retries == 0 { String::new() } else { format!(" (after {} retries)", retry.retries) };
+        if attempt >= retries {
+            let tries = if retries == 0 { String::new() } else { format!(" (after {retries} retries)") };
             return Err(Refused { message: format!("{}{tries}", refused.message), ..refused });
         }
         tokio::time::sleep(backoff(attempt, retry_after)).await;
