@@ -207,10 +207,19 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Validate { file } => match rbon_runtime::load(&file) {
-            Ok(p) => {
-                println!("{}: ok ({} → {})", file.display(), p.config.name, p.config.output.display());
-                ExitCode::SUCCESS
-            }
+            // The input's rows too, as `rbon run` reads them before writing anything.
+            Ok(p) => match rbon_runtime::check_input(&p) {
+                Ok(prompts) => {
+                    println!(
+                        "{}: ok ({} → {}, {prompts} prompts)",
+                        file.display(),
+                        p.config.name,
+                        p.config.output.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failure(&e),
+            },
             Err(d) => config_failure(&d),
         },
         Command::Run { file, force, quiet, rank, world_size } => run(&file, force, quiet, rank, world_size),

@@ -186,3 +186,50 @@ fn validate_refuses_a_decoder_as_the_embedder() {
     assert_eq!(o.status.code(), Some(78), "{}", text(&o));
     assert!(text(&o).contains("score.embedding.model") && text(&o).contains("is a `llama` model"), "{}", text(&o));
 }
+
+#[test]
+fn a_chat_template_that_builds_an_enormous_string_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("p.jsonl"), "{\"id\": \"a\", \"instruction\": \"Hi\"}\n").unwrap();
+    // 64 doublings: 2^64 bytes unless stopped; each step is a handful of instructions.
+    let doubling = "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}\
+                    {{ ns.s | length }}";
+    fs::write(dir.path().join("grow.jinja"), doubling).unwrap();
+    fs::write(dir.path().join("grow.yaml"), policy_pipeline("p.jsonl", "  chat_template: grow.jinja\n", 8)).unwrap();
+    for cmd in ["validate", "run"] {
+        let o = rbon_within(&[cmd, "grow.yaml"], dir.path(), Duration::from_secs(60));
+        assert!(!o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("grow.jinja") && text(&o).contains("data it builds"), "{cmd}: {}", text(&o));
+    }
+    assert!(!dir.path().join("out").exists(), "nothing is written");
+}
+
+#[test]
+fn tuning_ids_that_are_not_in_the_data_fail_validate_and_run_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let byo = fs::read_to_string(repo().join("pipelines/byo.yaml")).unwrap();
+    let candidates = repo().join("data/candidates/demo.jsonl");
+    let yaml = byo
+        .replace("data/candidates/demo.jsonl", &candidates.display().to_string())
+        .replace("output: runs/byo", "output: out")
+        .replace("  gold: [gold]", "  gold: [gold]\n  tune: { gold: gold, prompts: [demo-001, demo-999, demo-003] }");
+    fs::write(dir.path().join("byo.yaml"), &yaml).unwrap();
+    for cmd in ["validate", "run"] {
+        let o = rbon(&[cmd, "byo.yaml"], dir.path());
+        assert_eq!(o.status.code(), Some(78), "{cmd}: {}", text(&o));
+        let t = text(&o);
+        assert!(t.contains("select.tune.prompts[1]") && t.contains("`demo-999` is not a prompt id of"), "{cmd}: {t}");
+        assert!(!t.contains("demo-001") && !t.contains("demo-003"), "{cmd}: {t}");
+    }
+    assert!(!dir.path().join("out").exists(), "nothing is written");
+    // Within `input.limit`: an id past the first prompts is named with the limit.
+    let limited = yaml.replace("  shard_size: 8", "  shard_size: 8\n  limit: 2");
+    fs::write(dir.path().join("limited.yaml"), limited).unwrap();
+    let o = rbon(&["validate", "limited.yaml"], dir.path());
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("select.tune.prompts[2]") && text(&o).contains("the first 2 prompts"), "{}", text(&o));
+    // Ids that are all there pass, and validate says how many prompts it read.
+    fs::write(dir.path().join("ok.yaml"), yaml.replace("demo-999", "demo-002")).unwrap();
+    let o = rbon(&["validate", "ok.yaml"], dir.path());
+    assert!(o.status.success() && text(&o).contains("24 prompts"), "{}", text(&o));
+}

@@ -177,8 +177,8 @@ impl ChatTokenizer {
         let err = |e: minijinja::Error| {
             let message = if e.kind() == ErrorKind::OutOfFuel {
                 format!(
-                    "the template took more than {TEMPLATE_FUEL} steps for one conversation and was stopped (a \
-                     loop that does not end?)"
+                    "the template took more than {TEMPLATE_FUEL} steps for one conversation (each 64 bytes of data it \
+                     builds counting as one) and was stopped: a loop that does not end, or a string that keeps growing?"
                 )
             } else {
                 format!("{e:#}")
@@ -229,10 +229,12 @@ impl ChatTokenizer {
 /// The chat template's name in its environment.
 const CHAT: &str = "chat";
 
-/// The most steps (minijinja's fuel: one per instruction) a chat template may take to render one
-/// conversation: real templates take thousands; a loop that does not end is stopped in about a
-/// second.
-pub const TEMPLATE_FUEL: u64 = 50_000_000;
+/// The most steps a chat template may take to render one conversation (minijinja's fuel: one per
+/// instruction, and one per 64 bytes of the strings and lists it builds or writes, checked before
+/// each allocation). Real templates take thousands, plus the conversation's size; a loop that does
+/// not end is stopped in a fraction of a second, and a string that keeps doubling before it holds
+/// about 320 MB.
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
 
 /// The template environment transformers' templates expect: Jinja whitespace control as
 /// transformers sets it, Python string methods, `raise_exception` and `strftime_now`; at most

@@ -20,3 +20,4 @@ pub use ranks::Ranks;
 /// Why pairs are dropped (each a counter of the pairs stage).
 pub use rbon_pair::DropReason;
 pub use run::{RunOptions, run};
+pub use source::check_input;

@@ -66,7 +66,7 @@ pub fn run(p: &Pipeline, opts: RunOptions, progress: &dyn Progress) -> Result<Ru
     }
     let devices = crate::devices::open(&cfg.runtime.devices).map_err(RunError::Usage)?;
     // Read and check the whole input before touching the run directory: bad data leaves nothing behind.
-    let source = read_source(cfg)?;
+    let source = read_source(p)?;
     let shard_size = cfg.input.shard_size.max(1) as usize;
     let n_shards = source.prompts().div_ceil(shard_size);
 

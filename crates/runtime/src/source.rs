@@ -3,7 +3,7 @@
 //! file becomes the prompts, samples and scores tables at once (an import), completed with
 //! whatever the file lacks and the config can compute (log-probs, rewards, embeddings).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use rbon_core::{CoreError, RunDir, ShardMeta, StageName, schema, shard, tables};
 use rbon_models::Device;
 use rbon_score::Scorers;
 
-use crate::config::PipelineConfig;
+use crate::config::{Pipeline, PipelineConfig};
 use crate::outcome::RunError;
 
 /// What a run starts from. Neither is held in memory: prompts are counted and candidates
@@ -56,8 +56,16 @@ struct InputIdentity<'a> {
     system_prompt: Option<&'a str>,
 }
 
-/// Reads and checks the whole input (every row, before anything is written).
-pub(crate) fn read_source(cfg: &PipelineConfig) -> Result<Source, RunError> {
+/// What `rbon validate` reads of the data: every input row checked as `rbon run` checks it, and
+/// the tuning subset's ids; the number of prompts a run would have.
+pub fn check_input(p: &Pipeline) -> Result<usize, RunError> {
+    read_source(p).map(|s| s.prompts())
+}
+
+/// Reads and checks the whole input (every row, before anything is written), and the prompt ids
+/// `select.tune.prompts` lists against it.
+pub(crate) fn read_source(p: &Pipeline) -> Result<Source, RunError> {
+    let cfg = &p.config;
     if let Some(c) = cfg.input.candidates.as_deref() {
         let path = PathBuf::from(c);
         let file_sha256 = sha256_file(&path)?;
@@ -68,6 +76,7 @@ pub(crate) fn read_source(cfg: &PipelineConfig) -> Result<Source, RunError> {
         {
             return Err(CoreError::data(loc, "`num_tokens` is 0; rbon_len divides by the length").into());
         }
+        check_tune_ids(p, c, |id| index.has_prompt(id))?;
         let identity = InputIdentity { input: &cfg.input, files_sha256: vec![file_sha256], system_prompt: None };
         let fp = fingerprint("import", &identity, &[]);
         return Ok(Source::Candidates { path, index, fp });
@@ -75,12 +84,45 @@ pub(crate) fn read_source(cfg: &PipelineConfig) -> Result<Source, RunError> {
     let spec = cfg.input.path.as_deref().unwrap_or_default();
     let files = resolve_files(spec).map_err(|m| CoreError::data("input.path", m))?;
     let files_sha256 = files.iter().map(|f| sha256_file(f)).collect::<Result<Vec<_>, _>>()?;
-    // A first pass checks every row (and counts them) without keeping any.
-    let count = for_each_prompt(&cfg.input, |_| Ok(true))?;
+    // A first pass checks every row (and counts them) without keeping any but the ids of the
+    // tuning subset.
+    let wanted: HashSet<&str> = tune_ids(cfg).iter().map(String::as_str).collect();
+    let mut found: HashSet<String> = HashSet::new();
+    let count = for_each_prompt(&cfg.input, |row| {
+        if wanted.contains(row.prompt_id.as_str()) {
+            found.insert(row.prompt_id);
+        }
+        Ok(true)
+    })?;
+    check_tune_ids(p, spec, |id| found.contains(id))?;
     let system_prompt = cfg.policy.as_ref().and_then(|p| p.system_prompt.as_deref());
     let identity = InputIdentity { input: &cfg.input, files_sha256, system_prompt };
     let fp = fingerprint(StageName::Prompts.as_str(), &identity, &[]);
     Ok(Source::Prompts { count, fp })
+}
+
+fn tune_ids(cfg: &PipelineConfig) -> &[String] {
+    cfg.select.as_ref().and_then(|s| s.tune.as_ref()).and_then(|t| t.prompts.as_deref()).unwrap_or_default()
+}
+
+/// `select.tune.prompts` names prompts of the input (of its first `input.limit`, with one): a
+/// tuning subset with a stray id would tune on fewer prompts than listed, or on none.
+fn check_tune_ids(p: &Pipeline, input: &str, has: impl Fn(&str) -> bool) -> Result<(), RunError> {
+    let missing: Vec<String> = tune_ids(&p.config)
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| !has(id))
+        .map(|(i, id)| {
+            let within = match p.config.input.limit {
+                Some(l) => format!("the first {l} prompts (input.limit) of {input}"),
+                None => input.to_owned(),
+            };
+            p.doc
+                .diag(&format!("select.tune.prompts[{i}]"), format!("`{id}` is not a prompt id of {within}"))
+                .to_string()
+        })
+        .collect();
+    if missing.is_empty() { Ok(()) } else { Err(RunError::Usage(missing.join("\n"))) }
 }
 
 /// The fingerprint of a candidates import: the file, and the models that complete it (their

@@ -72,11 +72,18 @@ pub struct CandidatesIndex {
     pub group_rows: Vec<u32>,
     /// The first row whose `num_tokens` is 0, if any.
     pub zero_num_tokens: Option<String>,
+    /// Digests of the kept prompts' ids ([`crate::seed::digest16`]).
+    prompt_digests: HashMap<[u8; 16], usize>,
 }
 
 impl CandidatesIndex {
     pub fn prompts(&self) -> usize {
         self.group_rows.len()
+    }
+
+    /// Whether a prompt id is among the kept prompts.
+    pub fn has_prompt(&self, prompt_id: &str) -> bool {
+        self.prompt_digests.contains_key(&crate::seed::digest16(prompt_id.as_bytes()))
     }
 }
 
@@ -348,6 +355,7 @@ pub fn scan_candidates(path: &Path, limit: Option<u64>) -> Result<CandidatesInde
         embedding_dim,
         group_rows: groups.iter().map(|g| g.sample_idx.len() as u32).collect(),
         zero_num_tokens,
+        prompt_digests: index,
     })
 }
 
