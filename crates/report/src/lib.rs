@@ -11,6 +11,7 @@
 mod data;
 mod plots;
 mod render;
+pub mod stats;
 mod summary;
 mod tune;
 

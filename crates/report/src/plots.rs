@@ -70,17 +70,24 @@ macro_rules! both {
     }};
 }
 
-/// One curve of the β plot.
+/// One curve of the β plot: (β, mean, standard error) per point.
 struct Curve {
     label: String,
-    points: Vec<(f64, f64)>,
+    points: Vec<(f64, f64, Option<f64>)>,
 }
 
-/// A horizontal reference line.
+/// A horizontal reference line, with its standard error.
 struct Reference {
     label: String,
     value: f64,
+    se: Option<f64>,
     color: RGBColor,
+}
+
+/// The band a mean ± standard error spans (the mean alone where there is no error).
+fn band(y: f64, se: Option<f64>) -> (f64, f64) {
+    let e = se.filter(|e| e.is_finite()).unwrap_or(0.0);
+    (y - e, y + e)
 }
 
 /// The largest magnitude an axis shows: values beyond it (a reward of 1e308, say) sit at the edge
@@ -108,8 +115,11 @@ fn draw_beta<DB: DrawingBackend>(
     refs: &[Reference],
 ) -> Result<(), String> {
     let xs: Vec<f64> = curves.iter().flat_map(|c| c.points.iter().map(|p| p.0)).collect();
-    let ys: Vec<f64> =
-        curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).chain(refs.iter().map(|r| r.value)).collect();
+    let ys: Vec<f64> = curves
+        .iter()
+        .flat_map(|c| c.points.iter().flat_map(|p| <[f64; 2]>::from(band(p.1, p.2))))
+        .chain(refs.iter().flat_map(|r| <[f64; 2]>::from(band(r.value, r.se))))
+        .collect();
     let (x0, x1) = (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(0.0, f64::max));
     let (y0, y1) =
         padded(ys.iter().copied().fold(f64::INFINITY, f64::min), ys.iter().copied().fold(f64::NEG_INFINITY, f64::max));
@@ -132,6 +142,22 @@ fn draw_beta<DB: DrawingBackend>(
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(s)?;
+    // Each mean ± one standard error over prompts as a translucent band, under the lines.
+    for r in refs.iter().filter(|r| r.se.is_some_and(|e| e > 0.0)) {
+        let (lo, hi) = band(r.value, r.se);
+        let area = vec![(x0, shown(lo)), (x1, shown(lo)), (x1, shown(hi)), (x0, shown(hi))];
+        chart.draw_series(std::iter::once(Polygon::new(area, r.color.mix(0.08).filled()))).map_err(s)?;
+    }
+    for (i, c) in curves.iter().enumerate() {
+        if !c.points.iter().any(|p| p.2.is_some_and(|e| e > 0.0)) {
+            continue;
+        }
+        let color = COLORS[i % COLORS.len()];
+        let upper = c.points.iter().map(|&(x, y, e)| (x, shown(band(y, e).1)));
+        let lower = c.points.iter().rev().map(|&(x, y, e)| (x, shown(band(y, e).0)));
+        let area: Vec<(f64, f64)> = upper.chain(lower).collect();
+        chart.draw_series(std::iter::once(Polygon::new(area, color.mix(0.15).filled()))).map_err(s)?;
+    }
     // Curves that coincide (e.g. every method at BoN for small β) stay visible: each later curve
     // is drawn thinner and with smaller markers, on top of the earlier ones.
     let n = curves.len() as u32;
@@ -139,11 +165,11 @@ fn draw_beta<DB: DrawingBackend>(
         let color = COLORS[i % COLORS.len()];
         let width = 2 + (n - 1 - i as u32).min(3);
         chart
-            .draw_series(LineSeries::new(c.points.iter().map(|&(x, y)| (x, shown(y))), color.stroke_width(width)))
+            .draw_series(LineSeries::new(c.points.iter().map(|&(x, y, _)| (x, shown(y))), color.stroke_width(width)))
             .map_err(s)?
             .label(c.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
-        let marks = c.points.iter().map(|&(x, y)| Circle::new((x, shown(y)), width + 2, color.filled()));
+        let marks = c.points.iter().map(|&(x, y, _)| Circle::new((x, shown(y)), width + 2, color.filled()));
         chart.draw_series(marks).map_err(s)?;
     }
     for r in refs {
@@ -188,15 +214,15 @@ fn reward_vs_beta(summary: &Summary, reward: &str, dir: &Path, is_gold: bool) ->
     let mut curves: Vec<Curve> = Vec::new();
     let mut refs: Vec<Reference> = Vec::new();
     for r in &summary.rows {
-        let v = r.rewards[k].0;
+        let (v, se) = r.rewards[k];
         let uses_beta = r.method.parse::<Method>().is_ok_and(Method::uses_beta);
         if uses_beta {
             if r.beta <= 0.0 {
                 continue; // β = 0 has no place on a log axis (it is BoN anyway).
             }
             match curves.iter_mut().find(|c| c.label == r.method) {
-                Some(c) => c.points.push((r.beta, v)),
-                None => curves.push(Curve { label: r.method.clone(), points: vec![(r.beta, v)] }),
+                Some(c) => c.points.push((r.beta, v, se)),
+                None => curves.push(Curve { label: r.method.clone(), points: vec![(r.beta, v, se)] }),
             }
         } else {
             let color = match r.method.parse::<Label>() {
@@ -206,7 +232,7 @@ fn reward_vs_beta(summary: &Summary, reward: &str, dir: &Path, is_gold: bool) ->
                 Ok(Label::Oracle(g)) if g == reward || !is_gold => GREEN,
                 _ => continue,
             };
-            refs.push(Reference { label: r.method.clone(), value: v, color });
+            refs.push(Reference { label: r.method.clone(), value: v, se, color });
         }
     }
     curves.retain(|c| !c.points.is_empty());
@@ -218,7 +244,7 @@ fn reward_vs_beta(summary: &Summary, reward: &str, dir: &Path, is_gold: bool) ->
     }
     let kind = if is_gold { "gold" } else { "proxy" };
     let title = format!("{}: {kind} reward `{reward}` of the pick vs β", summary.run_name);
-    let y_desc = format!("mean {kind} reward ({reward}) over {} prompts", summary.prompts);
+    let y_desc = format!("mean {kind} reward ({reward}) over {} prompts, ± 1 s.e.", summary.prompts);
     both!(dir, format!("{kind}_vs_beta_{reward}"), |root| draw_beta(&root, &title, &y_desc, &curves, &refs))
 }
 
@@ -272,14 +298,16 @@ fn draw_scatter<DB: DrawingBackend>(
     legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
+/// A column as floats, nulls kept in place.
+fn column(df: &DataFrame, name: &str, at: &Path) -> Result<Vec<Option<f64>>, ReportError> {
+    let c = df.column(name).map_err(ReportError::polars(at))?;
+    let c = c.cast(&polars::prelude::DataType::Float64).map_err(ReportError::polars(at))?;
+    let ca = c.f64().map_err(ReportError::polars(at))?;
+    Ok((0..ca.len()).map(|i| ca.get(i)).collect())
+}
+
 fn points(df: &DataFrame, x: &str, y: &str, at: &Path) -> Result<Vec<(f64, f64)>, ReportError> {
-    let get = |name: &str| -> Result<Vec<Option<f64>>, ReportError> {
-        let c = df.column(name).map_err(ReportError::polars(at))?;
-        let c = c.cast(&polars::prelude::DataType::Float64).map_err(ReportError::polars(at))?;
-        let ca = c.f64().map_err(ReportError::polars(at))?;
-        Ok((0..ca.len()).map(|i| ca.get(i)).collect())
-    };
-    let (xs, ys) = (get(x)?, get(y)?);
+    let (xs, ys) = (column(df, x, at)?, column(df, y, at)?);
     Ok(xs
         .into_iter()
         .zip(ys)
@@ -355,13 +383,24 @@ fn length_pairs(run: &RunData, summary: &Summary, dir: &Path) -> Result<Vec<Path
         );
     let means = pairs
         .group_by([col(METHOD), col(BETA)])
-        .agg([col("chosen_len").mean(), col("rejected_len").mean(), len().alias("n")])
+        .agg([
+            col("chosen_len").mean(),
+            col("chosen_len").std(1).alias("chosen_std"),
+            col("rejected_len").mean(),
+            len().alias("n"),
+        ])
         .collect()
         .map_err(ReportError::polars(&at))?;
     let methods = means.column(METHOD).and_then(|c| c.str().cloned()).map_err(ReportError::polars(&at))?;
     let betas = points(&means, BETA, "n", &at)?;
     let chosen = points(&means, BETA, "chosen_len", &at)?;
     let rejected = points(&means, "rejected_len", "n", &at)?;
+    // One-prompt exports have no spread: their error is left out.
+    let spread = column(&means, "chosen_std", &at)?;
+    let se_of = |i: usize| {
+        let (n, sd) = (betas[i].1, spread[i]?);
+        (n > 1.0 && sd.is_finite()).then(|| sd / n.sqrt())
+    };
     if chosen.len() != means.height() || rejected.len() != means.height() || betas.len() != means.height() {
         return Ok(Vec::new());
     }
@@ -376,14 +415,19 @@ fn length_pairs(run: &RunData, summary: &Summary, dir: &Path) -> Result<Vec<Path
         match m.parse::<Method>() {
             Ok(method) if method.uses_beta() && b > 0.0 => {
                 match curves.iter_mut().find(|x| x.label == format!("{m} (chosen)")) {
-                    Some(x) => x.points.push((b, c)),
-                    None => curves.push(Curve { label: format!("{m} (chosen)"), points: vec![(b, c)] }),
+                    Some(x) => x.points.push((b, c, se_of(i))),
+                    None => curves.push(Curve { label: format!("{m} (chosen)"), points: vec![(b, c, se_of(i))] }),
                 }
             }
-            Ok(Method::Bon) => refs.push(Reference { label: "bon (chosen)".into(), value: c, color: BLACK }),
-            Ok(Method::Mbr) => {
-                refs.push(Reference { label: "mbr (chosen)".into(), value: c, color: RGBColor(0x8c, 0x56, 0x4b) })
+            Ok(Method::Bon) => {
+                refs.push(Reference { label: "bon (chosen)".into(), value: c, se: se_of(i), color: BLACK })
             }
+            Ok(Method::Mbr) => refs.push(Reference {
+                label: "mbr (chosen)".into(),
+                value: c,
+                se: se_of(i),
+                color: RGBColor(0x8c, 0x56, 0x4b),
+            }),
             _ => {}
         }
     }
@@ -392,13 +436,13 @@ fn length_pairs(run: &RunData, summary: &Summary, dir: &Path) -> Result<Vec<Path
     }
     curves.sort_by_key(|c| run.select.methods.iter().position(|m| c.label.starts_with(m.as_str())));
     if rej_n > 0.0 {
-        refs.push(Reference { label: "rejected (all pairs)".into(), value: rej_sum / rej_n, color: GREY });
+        refs.push(Reference { label: "rejected (all pairs)".into(), value: rej_sum / rej_n, se: None, color: GREY });
     }
     if curves.is_empty() {
         return Ok(Vec::new());
     }
     let title = format!("{}: length of chosen and rejected responses vs β", summary.run_name);
-    let y_desc = format!("mean length over the exported pairs ({unit})");
+    let y_desc = format!("mean length over the exported pairs ({unit}), ± 1 s.e.");
     both!(dir, "length_vs_beta", |root| draw_beta(&root, &title, &y_desc, &curves, &refs))
 }
 

@@ -175,6 +175,7 @@ pub fn markdown(s: &Summary, tuning: Option<&Tuning>, plots: &[PathBuf], dir: &P
             let _ = writeln!(out, "| {m} | {b} | {v:.4} |");
         }
     }
+    paired_section(&mut out, s);
     if let Some(t) = tuning {
         let _ = writeln!(
             out,
@@ -228,6 +229,42 @@ pub fn markdown(s: &Summary, tuning: Option<&Tuning>, plots: &[PathBuf], dir: &P
         }
     }
     out
+}
+
+/// Per gold reward: each method and β against BoN, a paired t-test on the per-prompt gold
+/// difference (the same prompts, so the prompt-to-prompt spread cancels).
+fn paired_section(out: &mut String, s: &Summary) {
+    for (gi, g) in s.gold.iter().enumerate() {
+        let rows: Vec<_> =
+            s.rows.iter().filter(|r| r.method != "bon").filter_map(|r| r.vs_bon[gi].map(|t| (r, t))).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "\n## Against BoN: paired test on gold `{g}`\n\nPer prompt, the gold reward of the method's pick minus \
+             BoN's pick; Student's t on those differences (two-sided p). Prompts for p < {alpha}: how many \
+             prompts a mean difference and spread like these would need to be significant at that level \
+             (– when the mean difference is 0).\n\n| method | β | Δ gold (mean ± se) | p | prompts for p < {alpha} |\n|---|---:|---:|---:|---:|",
+            alpha = crate::stats::ALPHA
+        );
+        for (r, t) in rows {
+            let se = (t.n > 1).then(|| t.std / (t.n as f64).sqrt());
+            let p = match t.p_value {
+                Some(p) if p < 1e-4 => format!("{p:.1e}"),
+                p => num(p, 4),
+            };
+            let needed = t.prompts_needed.map_or("–".to_owned(), |k| k.to_string());
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} ± {} | {p} | {needed} |",
+                r.method,
+                beta_text(r),
+                num(Some(t.mean), 4),
+                num(se, 4)
+            );
+        }
+    }
 }
 
 /// BoN's, the oracle's and random's mean gold reward on the held-out prompts.

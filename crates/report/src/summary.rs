@@ -16,6 +16,7 @@ use rbon_regularize::{Label, Method};
 
 use crate::ReportError;
 use crate::data::{F_CHARS, F_LOGPROB, F_TOKENS, F_WD, RunData, scan};
+use crate::stats::Paired;
 
 /// The pair counters of one export, summed over the pair shards.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +53,9 @@ pub struct SummaryRow {
     /// Per gold reward of [`Summary::gold`]: the fraction of prompts where the pick's gold
     /// reward beats BoN's pick (ties count ½); `None` when the run has no `bon`.
     pub win_vs_bon: Vec<Option<f64>>,
+    /// Per gold reward: the paired t-test of the per-prompt gold difference to BoN's pick (`None`
+    /// when the run has no `bon`).
+    pub vs_bon: Vec<Option<Paired>>,
     /// Mean log π_ref of the pick (`None` without log-probs).
     pub logprob: Option<f64>,
     /// Mean WD of the pick (`None` without embeddings).
@@ -112,6 +116,12 @@ impl Summary {
 
 fn win_col(g: &str) -> String {
     format!("win_vs_bon_{g}")
+}
+fn diff_col(g: &str) -> String {
+    format!("diff_vs_bon_{g}")
+}
+fn diff_std_col(g: &str) -> String {
+    format!("diff_vs_bon_{g}_std")
 }
 fn mean_col(r: &str) -> String {
     format!("{}_mean", rbon_core::schema::reward_column(r))
@@ -193,6 +203,7 @@ pub fn summarize(run: &RunData) -> Result<Summary, ReportError> {
                         .otherwise(lit(0.0))
                         .alias(win_col(g))
                 })
+                .chain(gold.iter().map(|g| (col(reward_column(g)) - col(format!("bon_{g}"))).alias(diff_col(g))))
                 .collect::<Vec<_>>(),
         );
     }
@@ -203,6 +214,8 @@ pub fn summarize(run: &RunData) -> Result<Summary, ReportError> {
     }
     if has_bon {
         aggs.extend(gold.iter().map(|g| col(win_col(g)).mean().alias(win_col(g))));
+        aggs.extend(gold.iter().map(|g| col(diff_col(g)).mean().alias(diff_col(g))));
+        aggs.extend(gold.iter().map(|g| col(diff_col(g)).std(1).alias(diff_std_col(g))));
     }
     aggs.extend([col(F_LOGPROB).mean(), col(F_WD).mean(), col(F_TOKENS).mean(), col(F_CHARS).mean()]);
     let df = all.group_by([col(METHOD), col(BETA)]).agg(aggs).collect().map_err(ReportError::polars(&at))?;
@@ -224,12 +237,24 @@ pub fn summarize(run: &RunData) -> Result<Summary, ReportError> {
             .iter()
             .map(|g| if has_bon { f64_at(&df, &win_col(g), i, &at) } else { Ok(None) })
             .collect::<Result<Vec<_>, _>>()?;
+        let vs_bon = gold
+            .iter()
+            .map(|g| {
+                if !has_bon {
+                    return Ok(None);
+                }
+                let mean = f64_at(&df, &diff_col(g), i, &at)?;
+                let std = f64_at(&df, &diff_std_col(g), i, &at)?;
+                Ok(mean.map(|m| Paired::from_moments(prompts, m, std.unwrap_or(f64::NAN))))
+            })
+            .collect::<Result<Vec<_>, ReportError>>()?;
         let pairs = exports.iter().find(|e| e.method == method && e.beta == beta).cloned();
         rows.push(SummaryRow {
             beta,
             prompts,
             rewards: rw,
             win_vs_bon,
+            vs_bon,
             logprob: f64_at(&df, F_LOGPROB, i, &at)?,
             wd: f64_at(&df, F_WD, i, &at)?,
             num_tokens: f64_at(&df, F_TOKENS, i, &at)?,
@@ -330,19 +355,30 @@ pub fn write_summary(s: &Summary, path: &Path) -> Result<(), ReportError> {
     ];
     let mut f64_col = |name: String, values: Vec<Option<f64>>| {
         fields.push(Field::new(name, DataType::Float64, true));
-        cols.push(Arc::new(Float64Array::from(values)));
+        cols.push(Arc::new(Float64Array::from(values)) as ArrayRef);
     };
     for (k, r) in s.rewards.iter().enumerate() {
         f64_col(format!("{}_mean", reward_column(r)), s.rows.iter().map(|x| Some(x.rewards[k].0)).collect());
         f64_col(format!("{}_se", reward_column(r)), s.rows.iter().map(|x| x.rewards[k].1).collect());
     }
+    let mut needed = Vec::new();
     for (k, g) in s.gold.iter().enumerate() {
         f64_col(win_col(g), s.rows.iter().map(|x| x.win_vs_bon[k]).collect());
+        f64_col(diff_col(g), s.rows.iter().map(|x| x.vs_bon[k].map(|t| t.mean)).collect());
+        f64_col(format!("p_vs_bon_{g}"), s.rows.iter().map(|x| x.vs_bon[k].and_then(|t| t.p_value)).collect());
+        needed.push((
+            format!("prompts_needed_vs_bon_{g}"),
+            s.rows.iter().map(|x| x.vs_bon[k].and_then(|t| t.prompts_needed)).collect::<Vec<_>>(),
+        ));
     }
     f64_col("logprob_mean".into(), s.rows.iter().map(|x| x.logprob).collect());
     f64_col("wd_mean".into(), s.rows.iter().map(|x| x.wd).collect());
     f64_col("num_tokens_mean".into(), s.rows.iter().map(|x| x.num_tokens).collect());
     f64_col("num_chars_mean".into(), s.rows.iter().map(|x| x.num_chars).collect());
+    for (name, values) in needed {
+        fields.push(Field::new(name, DataType::UInt64, true));
+        cols.push(Arc::new(UInt64Array::from(values)));
+    }
     for c in PAIR_COUNTERS {
         fields.push(Field::new(c, DataType::UInt64, true));
         cols.push(Arc::new(UInt64Array::from(

@@ -196,6 +196,7 @@ fn candidates_run_summary_matches_an_independent_computation() {
     let kg = s.reward_index("gold").unwrap();
     let kp = s.reward_index("proxy").unwrap();
     let mut checked_wd = 0;
+    let mut paired_checked = 0;
     for row in &s.rows {
         let rows: Vec<&Sel> = sel.iter().filter(|r| r.method == row.method && r.beta == row.beta).collect();
         let what = format!("{} β={}", row.method, row.beta);
@@ -219,6 +220,20 @@ fn candidates_run_summary_matches_an_independent_computation() {
             })
             .collect();
         close(row.win_vs_bon[0].unwrap(), mean(&wins), &format!("{what} win rate"));
+        // The paired test against BoN: Student's t on the per-prompt gold differences.
+        let diffs: Vec<f64> = rows.iter().map(|r| r.rewards["gold"] - bon_gold[r.prompt.as_str()]).collect();
+        let t = row.vs_bon[0].unwrap();
+        close(t.mean, mean(&diffs), &format!("{what} mean difference"));
+        let sd = se(&diffs) * (diffs.len() as f64).sqrt();
+        if sd > 0.0 {
+            close(t.std, sd, &format!("{what} difference spread"));
+            let stat = mean(&diffs) / se(&diffs);
+            let p = rbon_report::stats::two_sided_p(stat.abs(), diffs.len() as f64 - 1.0);
+            close(t.p_value.unwrap(), p, &format!("{what} p-value"));
+            paired_checked += 1;
+        } else {
+            assert!(t.p_value.is_none() && t.prompts_needed.is_none(), "{what}: {t:?}");
+        }
         // Features of the pick; random averages them over the prompt's N samples.
         let tokens: Vec<f64> = rows
             .iter()
@@ -244,6 +259,7 @@ fn candidates_run_summary_matches_an_independent_computation() {
         assert_eq!(row.pairs.is_some(), !row.is_baseline(), "{what}");
     }
     assert_eq!(checked_wd, 2);
+    assert!(paired_checked >= 10, "{paired_checked}");
     // Reward hacking shows in this data: the oracle beats BoN on gold, random is below.
     let g = |m: &str| s.row(m, 0.0).unwrap().rewards[kg].0;
     assert!(g("oracle:gold") > g("bon") && g("random") < g("oracle:gold"));
@@ -313,6 +329,16 @@ fn candidates_run_summary_matches_an_independent_computation() {
     }
     let md = fs::read_to_string(run.join("report/report.md")).unwrap();
     assert!(md.contains("## Proxy–gold correlation") && md.contains("## Pairs") && md.contains("## β tuned"));
+    // The paired test, one line per method and β other than BoN itself.
+    assert!(md.contains("## Against BoN: paired test on gold `gold`"), "{md}");
+    let oracle = s.row("oracle:gold", 0.0).unwrap().vs_bon[0].unwrap();
+    let section = &md[md.find("## Against BoN").unwrap()..];
+    let line = section.lines().find(|l| l.starts_with("| oracle:gold |")).unwrap();
+    assert!(line.ends_with(&format!("| {} |", oracle.prompts_needed.unwrap())), "{line}");
+    // The β plot carries each mean's standard error as a band: one per β-method curve and one per
+    // reference line (bon, mbr, oracle, random).
+    let svg = fs::read_to_string(run.join("report/gold_vs_beta_gold.svg")).unwrap();
+    assert_eq!(svg.matches("<polygon").count(), 3 + 4, "bands in gold_vs_beta_gold.svg");
 
     // The tuning the runtime calls before exports gives the same answer.
     let again = tune(&run, &frozen_select(&run)).unwrap().unwrap();
