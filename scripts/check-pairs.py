@@ -4,9 +4,11 @@ pyarrow.parquet.read_table, has the columns of DESIGN §8 with TRL's conversatio
 no pair has chosen == rejected, chosen_message/rejected_message are the same responses as single
 messages, and pairs/dataset_info.json registers every export file for LLaMA-Factory (sharegpt
 ranking, OpenAI tags); SFT exports (prompt-completion) and the vBoN table, when the run
-has them, have their documented columns and the vBoN weights match their formula.
+has them, have their documented columns and the vBoN weights match their formula; and the
+pairs folder loads as a Hugging Face dataset through its README.md's configurations, one per
+export (and SFT half), each with exactly its export's rows.
 
-Usage: python3 scripts/check-pairs.py RUN_DIR      (needs: pip install pyarrow)
+Usage: python3 scripts/check-pairs.py RUN_DIR      (needs: pip install pyarrow datasets)
 """
 
 import glob
@@ -57,6 +59,54 @@ def main(run):
     check_dataset_info(run, files)
     check_sft(run)
     check_vbon(run)
+    check_hub_configs(run)
+
+
+def check_hub_configs(run):
+    """load_dataset(<pairs folder>, "<method>-beta=<β>") for every configuration of the folder's
+    dataset card: each reads exactly its export's files, and every export has one."""
+    import tempfile
+
+    import datasets
+    import yaml
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    pairs = os.path.join(run, "pairs")
+    with open(os.path.join(pairs, "README.md")) as fh:
+        text = fh.read()
+    assert text.startswith("---\n"), "README.md has no front matter"
+    front = yaml.safe_load(text.split("---\n")[1])
+    for key in ("license", "task_categories", "tags", "size_categories", "configs"):
+        assert front.get(key), f"front matter lacks {key}"
+    assert {"dpo", "preference", "rbon", "trl"} <= set(front["tags"]), front["tags"]
+    configs = {c["config_name"]: c["data_files"] for c in front["configs"]}
+    exports = sorted({os.path.dirname(f) for f in
+                      glob.glob(os.path.join(pairs, "*", "beta=*", "train-*.*"))
+                      + glob.glob(os.path.join(pairs, "*", "beta=*", "sft", "train-*.*"))})
+    expected = {}
+    for d in exports:
+        rel = os.path.relpath(d, pairs).split(os.sep)
+        method, beta = rel[0], rel[1].removeprefix("beta=")
+        expected[f"{method}-beta={beta}" + ("-sft" if rel[-1] == "sft" else "")] = d
+    assert sorted(configs) == sorted(expected), (sorted(configs), sorted(expected))
+    assert sorted(datasets.get_dataset_config_names(pairs)) == sorted(configs)
+    rows = 0
+    with tempfile.TemporaryDirectory() as cache:
+        for name, d in expected.items():
+            [files] = configs[name]
+            assert files["split"] == "train", (name, files)
+            ds = datasets.load_dataset(pairs, name, split="train", cache_dir=cache)
+            parts = sorted(glob.glob(os.path.join(d, "train-*.parquet")))
+            if not parts:
+                assert ds.num_rows > 0, name
+                continue
+            want = pa.concat_tables(pq.read_table(f) for f in parts)
+            assert ds.column_names == want.column_names, (name, ds.column_names, want.column_names)
+            assert ds.to_list() == want.to_pylist(), name
+            rows += ds.num_rows
+    print(f"hub configurations ok: {len(configs)} load with datasets {datasets.__version__} "
+          f"(license {front['license']}), {rows} rows")
 
 
 def check_dataset_info(run, files):

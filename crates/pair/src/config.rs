@@ -64,6 +64,71 @@ impl FileFormat {
     }
 }
 
+/// Whether the exports carry the `margin` column (score_chosen − score_rejected, proxy units).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarginColumn {
+    /// The proxy margin (default). OpenRLHF's reward-model training reads a `margin` column as
+    /// the offset of its margin loss (`--margin_loss`): −log σ(r_chosen − r_rejected − margin).
+    #[default]
+    Proxy,
+    /// Left out of the exports: margin loss then uses 0 (the pairs shards keep it for
+    /// `min_margin` and the report).
+    None,
+}
+
+/// The `pair.card` section: Hugging Face metadata of the pairs folder's dataset card.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardConfig {
+    /// A license id of the Hub (`apache-2.0`, `cc-by-4.0`, `other`, …). The pairs inherit the
+    /// terms of the prompts and of the models that wrote and scored the responses, which rbon
+    /// cannot know: `unknown` until you say.
+    #[serde(default = "unknown_license")]
+    pub license: String,
+    /// Tags besides rbon's own (`dpo`, `preference`, `rbon`, `trl`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+fn unknown_license() -> String {
+    "unknown".to_owned()
+}
+
+impl Default for CardConfig {
+    fn default() -> Self {
+        Self { license: unknown_license(), tags: Vec::new() }
+    }
+}
+
+impl CardConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn check(&self, doc: &ConfigDoc, diags: &mut Diagnostics) {
+        let id = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+        if self.license.is_empty() || !self.license.chars().all(id) {
+            diags.push(doc.diag(
+                "pair.card.license",
+                format!(
+                    "`{}` is not a Hub license id: lowercase letters, digits, `-` and `.` (e.g. apache-2.0, cc-by-4.0, other)",
+                    self.license
+                ),
+            ));
+        }
+        for (i, t) in self.tags.iter().enumerate() {
+            if t.trim().is_empty() || t.chars().any(char::is_control) || t.len() > 100 {
+                diags.push(doc.diag(&format!("pair.card.tags[{i}]"), "a tag is a non-empty line of at most 100 bytes"));
+            }
+        }
+    }
+}
+
+fn is_proxy(m: &MarginColumn) -> bool {
+    *m == MarginColumn::Proxy
+}
+
 /// An entry of `pair.betas`: a β (or λ) value, or `best`, the β that `select.tune` picks per method.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum BetaChoice {
@@ -119,6 +184,10 @@ struct RawPairConfig {
     format: PairFormat,
     #[serde(default)]
     file_format: FileFormat,
+    #[serde(default)]
+    margin: MarginColumn,
+    #[serde(default)]
+    card: CardConfig,
 }
 
 impl From<RawPairConfig> for PairConfig {
@@ -143,6 +212,8 @@ impl From<RawPairConfig> for PairConfig {
             vbon: r.vbon,
             format: r.format,
             file_format: r.file_format,
+            margin: r.margin,
+            card: r.card,
             best_at: best_at.map(|i| (i, best_count)),
         }
     }
@@ -177,6 +248,13 @@ pub struct PairConfig {
     pub format: PairFormat,
     /// `parquet` (default) or `jsonl`.
     pub file_format: FileFormat,
+    /// `proxy` (default): exports carry `margin`; `none`: they leave it out. Left out of the
+    /// serialized form at its default, so fingerprints made before it existed still hold.
+    #[serde(default, skip_serializing_if = "is_proxy")]
+    pub margin: MarginColumn,
+    /// The pairs folder's dataset-card metadata (likewise left out at its default).
+    #[serde(default, skip_serializing_if = "CardConfig::is_default")]
+    pub card: CardConfig,
     /// Where `best` sat in the YAML list and how often it was listed, for diagnostics; set by
     /// deserialization.
     #[serde(skip)]
@@ -195,6 +273,8 @@ impl Default for PairConfig {
             vbon: false,
             format: PairFormat::Conversational,
             file_format: FileFormat::Parquet,
+            margin: MarginColumn::Proxy,
+            card: CardConfig::default(),
             best_at: None,
         }
     }
@@ -210,6 +290,9 @@ impl PairConfig {
             p.betas = None;
             p.best = false;
         }
+        // What the exports carry and their card do not change the pairs.
+        p.margin = MarginColumn::default();
+        p.card = CardConfig::default();
         p
     }
 
@@ -245,6 +328,7 @@ impl PairConfig {
 
     /// Every problem with this section (`select` is `None` when it did not parse).
     pub fn check(&self, doc: &ConfigDoc, select: Option<&SelectConfig>, diags: &mut Diagnostics) {
+        self.card.check(doc, diags);
         if !self.min_margin.is_finite() {
             diags.push(
                 doc.diag("pair.min_margin", format!("{} is not allowed: must be a finite number", self.min_margin)),
@@ -316,6 +400,26 @@ mod tests {
 
     const SELECT: &str =
         "select:\n  proxy: proxy\n  gold: [gold]\n  methods: [bon, rbon_kl, rbon_wd]\n  betas: [0.1, 0.5, 1.0]\n";
+
+    #[test]
+    fn card_metadata_is_checked() {
+        let (pair, _, problems) =
+            parse(&format!("{SELECT}pair:\n  margin: none\n  card: {{ license: Apache 2.0, tags: [ok, \"\"] }}\n"));
+        assert_eq!(pair.margin, MarginColumn::None);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("pair.card.license: `Apache 2.0` is not a Hub license id"), "{problems:?}");
+        assert!(problems[1].starts_with("pair.card.tags[1]: "), "{problems:?}");
+        let (pair, _, problems) = parse(&format!("{SELECT}pair:\n  card: {{ license: cc-by-4.0 }}\n"));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(pair.card.license, "cc-by-4.0");
+        // Neither changes the pairs shards' settings, and at their defaults neither is serialized
+        // (fingerprints of runs made before they existed hold).
+        assert_eq!(
+            serde_json::to_value(pair.for_shards()).unwrap(),
+            serde_json::to_value(PairConfig::default()).unwrap()
+        );
+        assert!(serde_json::to_value(PairConfig::default()).unwrap().get("card").is_none());
+    }
 
     #[test]
     fn best_exports_the_tuned_beta_of_each_method() {

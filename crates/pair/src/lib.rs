@@ -7,7 +7,7 @@ pub mod export;
 pub mod format;
 pub mod stage;
 
-pub use config::{FileFormat, PairConfig, PairFormat, RejectedRule};
+pub use config::{CardConfig, FileFormat, MarginColumn, PairConfig, PairFormat, RejectedRule};
 pub use export::{CardContext, Export, ExportOptions, write_exports_with};
 pub use format::ChatRender;
 pub use stage::{DropReason, PairError, PairRow, PairStage, ShardPairs, export_key, pair_shard, pairs_batch};

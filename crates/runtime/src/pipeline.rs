@@ -62,7 +62,14 @@ fn stages(cfg: &PipelineConfig, source: &Source) -> Result<Vec<DynStage>, RunErr
 struct ExportIdentity<'a> {
     name: &'a str,
     config_text: &'a str,
+    /// [`EXPORT_LAYOUT`].
+    layout: u32,
 }
+
+/// The version of what an export folder holds besides its rows (cards, registries): raised when
+/// it changes, so finished runs rewrite their exports rather than keep an older layout. 2: the
+/// pairs folder's README.md with one Hub configuration per export.
+const EXPORT_LAYOUT: u32 = 2;
 
 /// The pipeline text less its top-level `output` line: where the run directory is mounted is not
 /// part of what the exports hold, so ranks that see one shared directory under different paths
@@ -103,7 +110,11 @@ pub(crate) fn plan(p: &Pipeline, source: &Source, n_shards: usize, files: &FileD
     }
     let config_text = without_output(p.doc.text());
     let export_fp = fps.get(&StageName::Pairs).map(|fp_pairs| {
-        fingerprint("export", &ExportIdentity { name: &cfg.name, config_text: &config_text }, &[fp_pairs])
+        fingerprint(
+            "export",
+            &ExportIdentity { name: &cfg.name, config_text: &config_text, layout: EXPORT_LAYOUT },
+            &[fp_pairs],
+        )
     });
     Ok(Plan { n_shards, chain, labels, stages, fps, export_fp })
 }

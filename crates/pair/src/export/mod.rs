@@ -12,6 +12,7 @@ mod staged;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
@@ -23,12 +24,12 @@ use rbon_core::tables::{self, SampleScores};
 use rbon_core::{CoreError, Message, RunDir, StageName};
 use rbon_regularize::{Method, SelectConfig};
 
-pub use cards::{dataset_card, sft_card, vbon_card};
+pub use cards::{CardEntry, dataset_card, index_card, sft_card, vbon_card};
 use parts::Parts;
 use rows::{sft_batch, vbon_batch};
 use staged::Staged;
 
-use crate::config::{FileFormat, PairConfig, PairFormat};
+use crate::config::{FileFormat, MarginColumn, PairConfig, PairFormat};
 use crate::format::{self, ChatRender};
 use crate::stage::{PairError, export_key};
 
@@ -114,6 +115,11 @@ pub fn write_exports_with(
         Some(_) => schema::pairs_standard_schema(),
         None => schema::pairs_export_schema(),
     };
+    // `pair.margin: none` leaves the margin column out of the exports.
+    let keep: Vec<usize> = (0..export_schema.fields().len())
+        .filter(|&i| card.pair.margin == MarginColumn::Proxy || export_schema.field(i).name() != schema::MARGIN)
+        .collect();
+    let export_schema = Arc::new(export_schema.project(&keep).map_err(|e| CoreError::internal(format!("pairs: {e}")))?);
     let pairs_dir = run.stage_dir(StageName::Pairs);
     let count = |key: &str| counts.get(key).and_then(|c| c.get(counter::PAIRS)).copied().unwrap_or(0) as usize;
     let mut staged = Vec::new();
@@ -150,10 +156,11 @@ pub fn write_exports_with(
                 if rows.num_rows() == 0 {
                     continue;
                 }
-                parts.write(match render {
+                let rows = match render {
                     Some(r) => format::standard_batch(&rows, r)?,
                     None => format::conversational_batch(&rows)?,
-                })?;
+                };
+                parts.write(rows.project(&keep).map_err(|e| CoreError::internal(format!("pairs: {e}")))?)?;
             }
         }
         if !card.pair.sft && vbon.is_none() {
@@ -188,6 +195,8 @@ pub fn write_exports_with(
     }
     let mut out = Vec::new();
     let mut info: Vec<(String, Vec<String>)> = Vec::new();
+    let mut entries: Vec<CardEntry> = Vec::new();
+    let ext = file_format.extension();
     let mut sft = sft.into_iter();
     for ((parts, st), &(m, b)) in dpo.into_iter().zip(staged).zip(exports) {
         let names = parts.finish()?;
@@ -204,6 +213,24 @@ pub fn write_exports_with(
         };
         let dir = st.commit()?;
         let key = export_key(m, b);
+        entries.push(CardEntry {
+            method: m,
+            beta: b,
+            sft: false,
+            rows: c.get(counter::PAIRS).copied().unwrap_or(0),
+            glob: format!("{key}/train-*.{ext}"),
+            card: format!("{key}/{README}"),
+        });
+        if !sft_names.is_empty() {
+            entries.push(CardEntry {
+                method: m,
+                beta: b,
+                sft: true,
+                rows: prompts as u64,
+                glob: format!("{key}/{SFT_DIR}/train-*.{ext}"),
+                card: format!("{key}/{SFT_DIR}/{README}"),
+            });
+        }
         info.push((format!("{}_beta={b}", m.as_str()), names.iter().map(|n| format!("{key}/{n}")).collect()));
         let files = names.iter().map(|n| dir.join(n)).collect();
         let sft_files = sft_names.iter().map(|n| dir.join(SFT_DIR).join(n)).collect();
@@ -213,6 +240,15 @@ pub fn write_exports_with(
         let names = v.finish()?;
         shard::write_atomic(&st.tmp.join(README), vbon_card(card, samples, names.len())?.as_bytes())?;
         st.commit()?;
+    }
+    // The pairs folder as one Hugging Face dataset, a configuration per export.
+    let index_path = pairs_dir.join(README);
+    if entries.is_empty() {
+        if index_path.exists() {
+            fs::remove_file(&index_path).map_err(|e| CoreError::io(&index_path, e))?;
+        }
+    } else {
+        shard::write_atomic(&index_path, index_card(card, &entries)?.as_bytes())?;
     }
     // LLaMA-Factory reads the conversational exports through this file (`dataset_dir: <run>/pairs`).
     let info_path = pairs_dir.join(DATASET_INFO);
@@ -426,8 +462,25 @@ mod tests {
         }
 
         let first = snapshot(&pairs_dir);
-        // Two pair shards, a card and a file per export, and LLaMA-Factory's registry.
-        assert_eq!(first.len(), 3 + 2 * exports.len(), "{:?}", first.keys());
+        // Two pair shards, a card and a file per export, LLaMA-Factory's registry and the
+        // folder's own card.
+        assert_eq!(first.len(), 4 + 2 * exports.len(), "{:?}", first.keys());
+        let index = String::from_utf8(first[Path::new("README.md")].clone()).unwrap();
+        let front = index.split("---\n").nth(1).unwrap();
+        for (key, name) in [
+            ("bon/beta=0", "bon-beta=0"),
+            ("rbon_kl/beta=0.5", "rbon_kl-beta=0.5"),
+            ("rbon_kl/beta=1", "rbon_kl-beta=1"),
+            ("mbr/beta=0", "mbr-beta=0"),
+        ] {
+            let entry = format!(
+                "- config_name: \"{name}\"\n  data_files:\n  - split: train\n    path: \"{key}/train-*.parquet\"\n"
+            );
+            assert!(front.contains(&entry), "{front}");
+        }
+        assert!(front.starts_with("license: unknown\ntask_categories:\n- text-generation\n"), "{front}");
+        assert!(front.contains("size_categories:\n- n<1K\n"), "{front}");
+        assert!(index.contains("| `rbon_kl-beta=0.5` | rbon_kl | 0.5 | 3 |"), "{index}");
         let info: serde_json::Value = serde_json::from_slice(&first[Path::new("dataset_info.json")]).unwrap();
         assert_eq!(info["rbon_kl_beta=0.5"]["file_name"], "rbon_kl/beta=0.5/train-00000-of-00001.parquet");
         assert_eq!(info.as_object().unwrap().len(), exports.len());
@@ -537,5 +590,46 @@ mod tests {
         assert!(text.starts_with("{\"prompt_id\":\"p0\",\"method\":\"bon\",\"beta\":0.0,"), "{text}");
         let readme = fs::read_to_string(file.with_file_name("README.md")).unwrap();
         assert!(readme.contains("train-*.jsonl") && readme.contains("Standard"), "{readme}");
+    }
+    #[test]
+    fn margin_none_leaves_the_column_out_and_the_card_names_the_license_and_tags() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(&tmp.path().join("run")).unwrap();
+        write_pairs_shard(&run, 0, &[row("p0", Method::Bon, 0.0, 1), row("p1", Method::Bon, 0.0, 2)]);
+        let select = SelectConfig {
+            proxy: "proxy".into(),
+            gold: vec![],
+            methods: vec![Method::Bon],
+            betas: vec![],
+            lambdas: vec![],
+            tune: None,
+        };
+        let pair = PairConfig {
+            margin: MarginColumn::None,
+            card: crate::config::CardConfig { license: "cc-by-4.0".into(), tags: vec!["my \"tag\"".into()] },
+            ..PairConfig::default()
+        };
+        let card = CardContext { run_name: "m", version: "9.9.9", select: &select, pair: &pair, config_text: "" };
+        let counts = BTreeMap::from([("bon/beta=0".to_owned(), counters(2, 0))]);
+        let out = write_exports_with(&run, 1, &[(Method::Bon, 0.0)], &counts, (0, 0), &card, ExportOptions::default())
+            .unwrap();
+        let batches = shard::read_parquet(&out[0].files[0]).unwrap();
+        let names: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+        let want: Vec<String> =
+            schema::pairs_export_schema().fields().iter().map(|f| f.name().clone()).filter(|n| n != "margin").collect();
+        assert_eq!(names, want);
+        assert_eq!(batches[0].num_rows(), 2);
+        let index = fs::read_to_string(run.stage_dir(StageName::Pairs).join(README)).unwrap();
+        assert!(index.starts_with("---\nlicense: cc-by-4.0\n"), "{index}");
+        assert!(index.contains("- \"my \\\"tag\\\"\"\n"), "{index}");
+        assert!(!index.contains("margin loss"), "{index}");
+        assert!(!fs::read_to_string(out[0].dir.join(README)).unwrap().contains("| margin |"));
+        // The default keeps it, and says what OpenRLHF does with it.
+        let card = CardContext { pair: &PairConfig::default(), ..card };
+        let out = write_exports_with(&run, 1, &[(Method::Bon, 0.0)], &counts, (0, 0), &card, ExportOptions::default())
+            .unwrap();
+        assert_eq!(shard::read_parquet(&out[0].files[0]).unwrap()[0].schema(), schema::pairs_export_schema());
+        let index = fs::read_to_string(run.stage_dir(StageName::Pairs).join(README)).unwrap();
+        assert!(index.contains("margin loss") && index.contains("license: unknown"), "{index}");
     }
 }
