@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""Feeds a run's pairs to the trainers people use and reports what each keeps.
+"""Feeds a run's exports to the trainers' own data loaders and reports the rows each keeps.
 
-- datasets: every conversational export loads with load_dataset("parquet").
-- TRL: the rows TRL's DPOTrainer rules keep (the prompt rendered with the generation prompt is a
-  prefix of prompt + chosen and of prompt + rejected; the prompt fits in max_length), then one
-  real DPOTrainer step on a tiny policy from data/models.
-- OpenRLHF (its rules, emulated; OpenRLHF needs a GPU stack to import): rows whose templated
-  prompt is >= max_len - 2 tokens are dropped.
-- LLaMA-Factory: the entries of pairs/dataset_info.json, the files they name, and each row
-  through LLaMA-Factory's own sharegpt converter when the package imports here, else through
-  its documented rules.
+Each trainer runs in its own virtual environment (scripts/check-trainers.sh makes them), so each
+gets the versions it pins:
 
-Usage: scripts/check-trainers.sh [RUN_DIR]   (sets up the Python environment, then runs this)
+  trl           TRL's DPOTrainer builds its training set from every export (its own tokenization
+                and filtering), then takes one real training step on the BoN export.
+  llamafactory  LLaMA-Factory's get_dataset(stage="rm") on every entry of pairs/dataset_info.json,
+                with the run's pairs folder as dataset_dir and the qwen template.
+  openrlhf      OpenRLHF's blending_datasets + RewardDataset on every export file, in DPO mode and
+                in reward-model mode (where the `margin` column becomes the margin-loss offset).
+
+Usage: python3 scripts/check-trainers.py {trl|llamafactory|openrlhf} RUN_DIR POLICY_DIR
 """
 
+import contextlib
 import glob
+import io
 import json
 import os
 import sys
@@ -24,81 +26,60 @@ import warnings
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MAX_LENGTH = 512  # TRL DPOConfig.max_length and OpenRLHF --max_len used for the counts
+MAX_LENGTH = 512  # TRL max_length, LLaMA-Factory cutoff_len, OpenRLHF max_len
 
 
-def line(name, kept, dropped, note=""):
-    print(f"  {name:<44} kept {kept:>5}  dropped {dropped:>5}{'  ' + note if note else ''}")
+def exports(run):
+    """(name, [files]) of every pair export: name `<method>/beta=<β>`."""
+    pairs = os.path.join(run, "pairs")
+    files = sorted(glob.glob(os.path.join(pairs, "*", "beta=*", "train-*.parquet")))
+    if not files:
+        sys.exit(f"no Parquet exports under {pairs}")
+    out = {}
+    for f in files:
+        out.setdefault(os.path.relpath(os.path.dirname(f), pairs), []).append(f)
+    return sorted(out.items())
 
 
-def trl_rules(rows, tok):
-    """TRL DPOTrainer on conversational rows: prompt_ids = template(prompt, gen=True); chosen_ids =
-    template(prompt + chosen)[len(prompt_ids):] (a warning and wrong tokens when the prompt is not
-    a prefix); rows whose prompt alone fills max_length are dropped."""
-    not_prefix = too_long = 0
-    for r in rows:
-        p = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-        ok = True
-        for key in ("chosen", "rejected"):
-            full = tok.apply_chat_template(r["prompt"] + r[key], tokenize=False)
-            ok &= full.startswith(p)
-        if not ok:
-            not_prefix += 1
-        elif len(tok(p, add_special_tokens=False)["input_ids"]) >= MAX_LENGTH:
-            too_long += 1
-    return not_prefix, too_long
+class Table:
+    """Rows kept and dropped per export, then the total."""
+
+    def __init__(self, title):
+        print(title)
+        print(f"  {'export':<34} {'rows':>6} {'kept':>6} {'dropped':>8}")
+        self.rows = self.kept = self.n = 0
+
+    def add(self, name, rows, kept, note=""):
+        print(f"  {name:<34} {rows:>6} {kept:>6} {rows - kept:>8}{'  ' + note if note else ''}")
+        self.rows, self.kept, self.n = self.rows + rows, self.kept + kept, self.n + 1
+
+    def total(self, what="exports"):
+        print(f"  {f'all {self.n} {what}':<34} {self.rows:>6} {self.kept:>6} {self.rows - self.kept:>8}")
 
 
-def openrlhf_rules(rows, tok):
-    dropped = 0
-    for r in rows:
-        p = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-        if len(tok(p, add_special_tokens=False)["input_ids"]) >= MAX_LENGTH - 2:
-            dropped += 1
-    return dropped
+@contextlib.contextmanager
+def quiet():
+    """Trainers print examples, configs and progress (some through logging handlers that hold
+    the original streams); keep the table readable by silencing file descriptors 1 and 2."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
-def llamafactory_rows(rows, info):
-    """LLaMA-Factory's sharegpt ranking rules: messages alternate user/assistant (optional leading
-    system turn) and end on a user turn (odd length); chosen and rejected are single assistant
-    message dicts. Uses LLaMA-Factory's converter when it imports."""
-    tags = info["tags"]
-    cols = info["columns"]
-    try:
-        from llamafactory.data.converter import SharegptDatasetConverter
-        from llamafactory.data.parser import DatasetAttr
-        from llamafactory.hparams import DataArguments
-
-        attr = DatasetAttr("file", dataset_name=info["file_name"], formatting="sharegpt", ranking=True)
-        attr.set_attr("messages", cols, default="conversations")
-        attr.set_attr("chosen", cols)
-        attr.set_attr("rejected", cols)
-        for k in ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag"):
-            attr.set_attr(k, tags)
-        conv = SharegptDatasetConverter(attr, DataArguments())
-        kept = 0
-        for r in rows:
-            out = conv(r)
-            if out["_prompt"] and out["_response"]:
-                kept += 1
-        return kept, "LLaMA-Factory's SharegptDatasetConverter"
-    except ImportError as e:
-        how = f"its rules (llamafactory does not import here: {e})"
-    kept = 0
-    for r in rows:
-        msgs = r[cols["messages"]]
-        roles = [m[tags["role_tag"]] for m in msgs]
-        if roles and roles[0] == tags["system_tag"]:
-            roles = roles[1:]
-        alternate = all(x == (tags["user_tag"] if i % 2 == 0 else tags["assistant_tag"]) for i, x in enumerate(roles))
-        single = all(isinstance(r[cols[k]], dict) and r[cols[k]][tags["role_tag"]] == tags["assistant_tag"]
-                     for k in ("chosen", "rejected"))
-        if len(roles) % 2 == 1 and alternate and single:
-            kept += 1
-    return kept, how
-
-
-def main(run, model_dir):
+def check_trl(run, policy):
     import datasets
     import torch
     import transformers
@@ -107,72 +88,131 @@ def main(run, model_dir):
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    print(f"trl {trl.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}, "
-          f"torch {torch.__version__}")
-    files = sorted(glob.glob(os.path.join(run, "pairs", "*", "beta=*", "train-*.parquet")))
-    if not files:
-        sys.exit(f"no Parquet exports under {run}/pairs")
-    exports = sorted({os.path.dirname(f) for f in files})
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    print(f"run {run}: {len(exports)} exports; policy tokenizer {model_dir}; max length {MAX_LENGTH}")
-
-    total = not_prefix = too_long = o_dropped = 0
-    print("datasets.load_dataset('parquet') and the trainers' row rules over every export "
-          "(exports with drops listed):")
-    for d in exports:
-        ds = datasets.load_dataset("parquet", data_files=os.path.join(d, "train-*.parquet"), split="train")
-        rows = ds.to_list()
-        total += len(rows)
-        name = os.path.relpath(d, os.path.join(run, "pairs"))
-        np_, tl = trl_rules(rows, tok)
-        od = openrlhf_rules(rows, tok)
-        not_prefix, too_long, o_dropped = not_prefix + np_, too_long + tl, o_dropped + od
-        if np_ + tl + od:
-            line(f"{name}", len(rows) - np_ - tl, np_ + tl, f"(TRL; OpenRLHF drops {od})")
-    print(f"  {total} rows load")
-    line("TRL DPOTrainer rules", total - not_prefix - too_long, not_prefix + too_long,
-         f"(prompt not a prefix of prompt+response: {not_prefix}, prompt >= max_length: {too_long})")
-    line("OpenRLHF rules", total - o_dropped, o_dropped, "(prompt >= max_len - 2)")
-
-    info_path = os.path.join(run, "pairs", "dataset_info.json")
-    with open(info_path) as f:
-        info = json.load(f)
-    kept = dropped = 0
-    how = ""
-    for name, entry in info.items():
-        path = os.path.join(run, "pairs", entry["file_name"])
-        assert os.path.isfile(path), (name, path)
-        rows = datasets.load_dataset("parquet", data_files=path, split="train").to_list()
-        k, how = llamafactory_rows(rows, entry)
-        kept += k
-        dropped += len(rows) - k
-    print(f"LLaMA-Factory via {info_path} ({len(info)} entries), checked with {how}:")
-    line("sharegpt ranking rows", kept, dropped)
-
-    # One real DPOTrainer step on the BoN export.
-    bon = os.path.join(run, "pairs", "bon", "beta=0")
-    ds = datasets.load_dataset("parquet", data_files=os.path.join(bon, "train-*.parquet"), split="train")
     transformers.utils.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(policy)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    title = (f"TRL {trl.__version__} (transformers {transformers.__version__}, datasets {datasets.__version__}, "
+             f"torch {torch.__version__}): DPOTrainer's own preprocessing, max_length {MAX_LENGTH}, {policy}")
+    table = Table(title)
     with tempfile.TemporaryDirectory() as out:
         cfg = trl.DPOConfig(
             output_dir=out, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1,
             learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to=[], max_length=MAX_LENGTH,
             use_cpu=True, seed=0,
         )
-        trainer = trl.DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
-        kept = len(trainer.train_dataset)
-        trainer.remove_callback(transformers.PrinterCallback)
-        trainer.remove_callback(transformers.ProgressCallback)
-        result = trainer.train()
-    print(f"TRL DPOTrainer on {os.path.relpath(bon, run)} ({len(ds)} rows, {kept} after its preprocessing): "
-          f"1 step, loss {result.training_loss:.4f}")
-    print("trainers ok")
+        step = None
+        for name, files in exports(run):
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+            with quiet():
+                trainer = trl.DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+            table.add(name, len(ds), len(trainer.train_dataset))
+            if name == "bon/beta=0":
+                trainer.remove_callback(transformers.PrinterCallback)
+                trainer.remove_callback(transformers.ProgressCallback)
+                with quiet():
+                    step = trainer.train()
+        table.total()
+    if step is None:
+        sys.exit("no bon/beta=0 export to train on")
+    print(f"  one DPOTrainer step on bon/beta=0: loss {step.training_loss:.4f}")
+
+
+def check_llamafactory(run, policy):
+    import llamafactory
+    import transformers
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.extras import logging as lf_logging
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    transformers.logging.set_verbosity_error()
+    lf_logging.get_logger("llamafactory").setLevel("ERROR")
+    import datasets
+
+    datasets.disable_progress_bars()
+    pairs = os.path.join(run, "pairs")
+    with open(os.path.join(pairs, "dataset_info.json")) as fh:
+        info = json.load(fh)
+    title = (f"LLaMA-Factory {llamafactory.__version__} (transformers {transformers.__version__}): "
+             f"get_dataset(stage=\"rm\") per entry of {pairs}/dataset_info.json, template qwen, "
+             f"cutoff_len {MAX_LENGTH}")
+    table = Table(title)
+    for name, entry in sorted(info.items()):
+        import pyarrow.parquet as pq
+
+        rows = pq.read_metadata(os.path.join(pairs, entry["file_name"])).num_rows
+        with tempfile.TemporaryDirectory() as out, quiet():
+            model_args, data_args, training_args, _, _ = get_train_args(dict(
+                stage="rm", do_train=True, model_name_or_path=policy, dataset=name, dataset_dir=pairs,
+                template="qwen", cutoff_len=MAX_LENGTH, output_dir=out, overwrite_output_dir=True,
+                report_to="none", finetuning_type="full", use_cpu=True, overwrite_cache=True,
+            ))
+            tok = load_tokenizer(model_args)
+            template = get_template_and_fix_tokenizer(tok["tokenizer"], data_args)
+            module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tok)
+        table.add(name, rows, len(module["train_dataset"]))
+    table.total("entries")
+
+
+def check_openrlhf(run, policy):
+    from types import SimpleNamespace
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import transformers
+    from openrlhf.datasets import RewardDataset
+    from openrlhf.datasets.utils import blending_datasets
+    from openrlhf.utils import get_tokenizer
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    import importlib.metadata as md
+
+    version = md.version("openrlhf")
+    tok = get_tokenizer(policy, None, "left", None)
+    # What train_dpo/train_rm hand RewardDataset: the strategy's parsed arguments (the data keys
+    # of `--data.prompt_key prompt --data.chosen_key chosen --data.rejected_key rejected
+    # --data.apply_chat_template`) and its print; DeepspeedStrategy itself needs a GPU stack.
+    data_args = SimpleNamespace(prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
+                                apply_chat_template=True, tokenizer_chat_template=None)
+    strategy = SimpleNamespace(
+        args=SimpleNamespace(data=data_args, use_ms=False), print=lambda *a, **k: None, is_rank_0=lambda: True
+    )
+    for mode, is_dpo in (("DPO (train_dpo)", True), ("reward model (train_rm)", False)):
+        title = (f"OpenRLHF {version} (transformers {transformers.__version__}): blending_datasets + "
+                 f"RewardDataset, {mode}, max_len {MAX_LENGTH}")
+        table = Table(title)
+        margins = {True: 0, False: 0}
+        for name, files in exports(run):
+            with quiet():
+                data = blending_datasets(",".join(files), None, strategy, dataset_split="train")
+                ds = RewardDataset(data, tok, MAX_LENGTH, strategy, is_dpo=is_dpo, num_processors=1)
+                batch = ds.collate_fn([ds[i] for i in range(min(4, len(ds)))]) if len(ds) else None
+            assert batch is None or batch[0].shape[0] == min(4, len(ds)), name
+            table.add(name, len(data), len(ds))
+            if not is_dpo:
+                # The margin-loss offset of each row is the export's `margin` (0 without one).
+                t = pa.concat_tables(pq.read_table(f) for f in files)
+                has = "margin" in t.column_names
+                want = t.column("margin").to_pylist() if has else [0] * t.num_rows
+                assert list(ds.extras) == want, (name, "margin")
+                margins[has] += len(want)
+        table.total()
+        if not is_dpo:
+            print(f"  margin-loss offsets (--model.margin_loss_enable): the exports' margin column "
+                  f"(score_chosen − score_rejected) on {margins[True]} rows, 0 on {margins[False]} rows "
+                  f"exported without it (pair.margin: none)")
+
+
+def main():
+    if len(sys.argv) != 4 or sys.argv[1] not in ("trl", "llamafactory", "openrlhf"):
+        sys.exit(__doc__)
+    which, run, policy = sys.argv[1:]
+    {"trl": check_trl, "llamafactory": check_llamafactory, "openrlhf": check_openrlhf}[which](run, policy)
 
 
 if __name__ == "__main__":
-    run_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/demo"
-    policy = sys.argv[2] if len(sys.argv) > 2 else "data/models/tiny-qwen3"
-    main(run_dir, policy)
+    main()
