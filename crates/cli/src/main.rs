@@ -216,6 +216,13 @@ fn main() -> ExitCode {
                         p.config.name,
                         p.config.output.display()
                     );
+                    let models = rbon_runtime::describe::describe_models(&p);
+                    if !models.is_empty() {
+                        println!("models it would load:");
+                        for m in models {
+                            println!("  {m}");
+                        }
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => failure(&e),

@@ -212,6 +212,16 @@ pub enum DTypeName {
     F16,
 }
 
+impl std::fmt::Display for DTypeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
 impl DTypeName {
     pub fn dtype(self) -> candle_core::DType {
         match self {

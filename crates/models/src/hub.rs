@@ -82,7 +82,11 @@ impl ModelDir {
             Some((id, rev)) => (id, rev.to_owned()),
             None => (spec, "main".to_owned()),
         };
-        let cache = hf_hub::Cache::from_env();
+        // Python's huggingface_hub reads HF_HUB_CACHE first, then HF_HOME; hf-hub only the latter.
+        let cache = match std::env::var_os("HF_HUB_CACHE").filter(|p| !p.is_empty()) {
+            Some(p) => hf_hub::Cache::new(PathBuf::from(p)),
+            None => hf_hub::Cache::from_env(),
+        };
         let repo = hf_hub::Repo::with_revision(id.to_owned(), hf_hub::RepoType::Model, revision);
         let looked = format!(
             "{} (no such folder), and the Hugging Face cache at {} (set HF_HUB_CACHE or HF_HOME, or \

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod describe;
 pub mod devices;
 mod exec;
 mod finalize;

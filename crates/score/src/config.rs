@@ -22,6 +22,174 @@ pub struct RewardSpec {
     /// The reward model's own chat template: `auto`, `none` or a `.jinja` path (decoders only).
     #[serde(default = "auto")]
     pub chat_template: String,
+    /// What kind of judge it is: a sequence classifier (default), the SHP preset or another
+    /// seq2seq judge.
+    #[serde(default, skip_serializing_if = "RewardKind::is_classifier")]
+    pub kind: RewardKind,
+    /// A decoder with its own linear head instead of `score` (Eurus-RM's `regression_head`,
+    /// Starling-RM's `v_head`): the head's tensor prefix (`<head>.weight`, one output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+    /// Which token a decoder's head reads: `last` (default) or `{ token: "<text>" }`, the last
+    /// occurrence of that token in the input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<HeadPooling>,
+    /// A seq2seq judge's input, with `{prompt}` and `{response}` in it (`kind: seq2seq`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// The token whose probability at the judge's first decoding step is the reward
+    /// (`kind: seq2seq`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// A reward model's kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// `*ForSequenceClassification` (decoders, DeBERTa-v2/v3), or a decoder with `head`.
+    #[default]
+    Classifier,
+    /// Stanford's SteamSHP (Flan-T5): the probability that the response is "A" when asked to
+    /// compare it with an empty response B (the RBoN paper's proxy).
+    Shp,
+    /// Another seq2seq (T5) judge: `template` and `token` say what it reads and which token's
+    /// first-step probability is the reward.
+    Seq2seq,
+}
+
+impl RewardKind {
+    fn is_classifier(&self) -> bool {
+        *self == Self::Classifier
+    }
+}
+
+/// The token a decoder reward model's head reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HeadPooling {
+    /// `last`: the input's last token.
+    Last(LastToken),
+    /// `{ token: "<text>" }`: the last occurrence of this token (one id of the tokenizer).
+    Token { token: String },
+}
+
+/// The word `last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LastToken {
+    Last,
+}
+
+/// SteamSHP's input (the RBoN paper's reward_model.py), newlines of prompt and response
+/// replaced by spaces.
+pub const SHP_TEMPLATE: &str =
+    "POST: {prompt} \n\n RESPONSE A: {response}\n\n RESPONSE B: .\n\n Which response is better? RESPONSE";
+
+/// The token SHP's reward is the probability of.
+pub const SHP_TOKEN: &str = "A";
+
+impl RewardSpec {
+    /// A sequence classifier at `model` (default settings otherwise).
+    pub fn classifier(name: &str, model: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            model: model.to_owned(),
+            dtype: DTypeName::default(),
+            chat_template: auto(),
+            kind: RewardKind::Classifier,
+            head: None,
+            pooling: None,
+            template: None,
+            token: None,
+        }
+    }
+
+    /// A seq2seq judge's template, token and whether newlines become spaces.
+    pub fn seq2seq(&self) -> Option<(&str, &str, bool)> {
+        match self.kind {
+            RewardKind::Classifier => None,
+            RewardKind::Shp => Some((SHP_TEMPLATE, SHP_TOKEN, true)),
+            RewardKind::Seq2seq => Some((self.template.as_deref()?, self.token.as_deref()?, false)),
+        }
+    }
+
+    fn check(&self, doc: &ConfigDoc, path: &str, d: &mut Diagnostics) {
+        let decoder_only =
+            |d: &mut Diagnostics, key: &str| {
+                d.push(doc.diag(
+                    &format!("{path}.{key}"),
+                    format!("`{key}` applies to decoder classifiers (`kind: classifier`)"),
+                ))
+            };
+        let seq2seq_only = |d: &mut Diagnostics, key: &str| {
+            d.push(doc.diag(&format!("{path}.{key}"), format!("`{key}` applies to `kind: seq2seq`")))
+        };
+        match self.kind {
+            RewardKind::Classifier => {
+                for (key, set) in [("template", self.template.is_some()), ("token", self.token.is_some())] {
+                    if set {
+                        seq2seq_only(d, key);
+                    }
+                }
+                if let Some(h) = &self.head
+                    && (h.is_empty() || h.starts_with('.') || h.ends_with('.'))
+                {
+                    d.push(
+                        doc.diag(
+                            &format!("{path}.head"),
+                            format!("`{h}` is not a tensor prefix (e.g. regression_head)"),
+                        ),
+                    );
+                }
+                if let Some(HeadPooling::Token { token }) = &self.pooling
+                    && token.is_empty()
+                {
+                    d.push(doc.diag(&format!("{path}.pooling.token"), "must not be empty"));
+                }
+            }
+            RewardKind::Shp | RewardKind::Seq2seq => {
+                for (key, set) in [("head", self.head.is_some()), ("pooling", self.pooling.is_some())] {
+                    if set {
+                        decoder_only(d, key);
+                    }
+                }
+                if self.kind == RewardKind::Shp {
+                    for (key, set) in [("template", self.template.is_some()), ("token", self.token.is_some())] {
+                        if set {
+                            d.push(doc.diag(
+                                &format!("{path}.{key}"),
+                                "`kind: shp` is SteamSHP's preset; use `kind: seq2seq` to set your own",
+                            ));
+                        }
+                    }
+                } else {
+                    match &self.template {
+                        None => d.push(doc.diag(
+                            &format!("{path}.template"),
+                            "`kind: seq2seq` needs a `template` with {response} in it",
+                        )),
+                        Some(t) if !t.contains("{response}") => {
+                            d.push(doc.diag(&format!("{path}.template"), "must contain {response}"))
+                        }
+                        _ => {}
+                    }
+                    if self.token.as_deref().is_none_or(str::is_empty) {
+                        d.push(doc.diag(
+                            &format!("{path}.token"),
+                            "`kind: seq2seq` needs the `token` whose probability is the reward",
+                        ));
+                    }
+                }
+                if self.chat_template != "auto" {
+                    d.push(doc.diag(
+                        &format!("{path}.chat_template"),
+                        "a seq2seq judge reads `template`, not a chat template",
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// The sentence embedder for RBoN_WD and MBR.
@@ -94,6 +262,8 @@ impl ScoreConfig {
                 d.push(doc.diag(&format!("{path}.name"), format!("`{}` is listed twice", r.name)));
             }
             check_folder(doc, &format!("{path}.model"), &r.model, d);
+            r.check(doc, &path, d);
+            check_kind(doc, &path, r, d);
         }
         if let Some(e) = &self.embedding {
             check_folder(doc, "score.embedding.model", &e.model, d);
@@ -125,6 +295,41 @@ fn check_embedder(doc: &ConfigDoc, spec: &str, d: &mut Diagnostics) {
     }
 }
 
+/// The model's architecture fits its `kind`: a seq2seq judge is a T5 folder, a classifier is not.
+fn check_kind(doc: &ConfigDoc, path: &str, r: &RewardSpec, d: &mut Diagnostics) {
+    let Ok(dir) = ModelDir::resolve(&r.model) else { return };
+    let Ok(text) = dir.read("config.json") else { return };
+    let cfg: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("none");
+    let seq2seq = model_type == "t5";
+    if seq2seq && r.kind == RewardKind::Classifier {
+        d.push(doc.diag(
+            &format!("{path}.model"),
+            format!(
+                "{} is a T5 (seq2seq) model: set `kind: shp` (SteamSHP) or `kind: seq2seq` with `template` and `token`",
+                dir.root().display()
+            ),
+        ));
+    } else if !seq2seq && r.kind != RewardKind::Classifier {
+        d.push(doc.diag(
+            &format!("{path}.kind"),
+            format!(
+                "{} is a `{model_type}` model; `kind: {}` needs a T5 folder",
+                dir.root().display(),
+                kind_name(r.kind)
+            ),
+        ));
+    }
+}
+
+fn kind_name(k: RewardKind) -> &'static str {
+    match k {
+        RewardKind::Classifier => "classifier",
+        RewardKind::Shp => "shp",
+        RewardKind::Seq2seq => "seq2seq",
+    }
+}
+
 fn check_folder(doc: &ConfigDoc, path: &str, spec: &str, d: &mut Diagnostics) {
     match ModelDir::resolve(spec) {
         Err(e) => d.push(doc.diag(path, e.to_string())),
@@ -133,5 +338,59 @@ fn check_folder(doc: &ConfigDoc, path: &str, spec: &str, d: &mut Diagnostics) {
                 d.push(doc.diag(path, format!("{} has no tokenizer.json", dir.root().display())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn problems(rewards: &str) -> Vec<String> {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/models");
+        let yaml = format!("score:\n  rewards:\n{}", rewards.replace("MODELS", &models.display().to_string()));
+        let doc = ConfigDoc::parse(Path::new("p.yaml"), &yaml).unwrap();
+        let mut d = Diagnostics::default();
+        if let Some(sc) = doc.section::<ScoreConfig>("score", &mut d) {
+            sc.check(&doc, &mut d);
+        }
+        d.iter().map(|x| format!("{}: {}", x.path, x.message)).collect()
+    }
+
+    #[test]
+    fn each_kind_takes_its_own_keys_and_fits_its_folder() {
+        assert!(problems("    - { name: shp, model: MODELS/tiny-shp, kind: shp }\n").is_empty());
+        assert!(
+            problems("    - { name: e, model: MODELS/tiny-eurus-rm, head: regression_head, pooling: last }\n")
+                .is_empty()
+        );
+        assert!(
+            problems("    - { name: e, model: MODELS/tiny-eurus-rm, head: h, pooling: { token: \"[/INST]\" } }\n")
+                .is_empty()
+        );
+        let generic = "    - { name: j, model: MODELS/tiny-shp, kind: seq2seq, template: \"Q: {prompt} A: {response}\", token: \"A\" }\n";
+        assert!(problems(generic).is_empty());
+
+        let p = problems("    - { name: shp, model: MODELS/tiny-shp }\n");
+        assert!(p.len() == 1 && p[0].contains("is a T5 (seq2seq) model: set `kind: shp`"), "{p:?}");
+        let p = problems("    - { name: shp, model: MODELS/tiny-rm-qwen2, kind: shp }\n");
+        assert!(
+            p.len() == 1 && p[0].starts_with("score.rewards[0].kind: ") && p[0].contains("needs a T5 folder"),
+            "{p:?}"
+        );
+        let p = problems("    - { name: shp, model: MODELS/tiny-shp, kind: shp, token: B, head: x }\n");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p.iter().any(|m| m.starts_with("score.rewards[0].token: `kind: shp` is SteamSHP's preset")), "{p:?}");
+        assert!(
+            p.iter().any(|m| m.starts_with("score.rewards[0].head: `head` applies to decoder classifiers")),
+            "{p:?}"
+        );
+        let p = problems("    - { name: j, model: MODELS/tiny-shp, kind: seq2seq, template: \"{prompt}\" }\n");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("must contain {response}") || p[1].contains("must contain {response}"), "{p:?}");
+        let p = problems("    - { name: e, model: MODELS/tiny-eurus-rm, pooling: first }\n");
+        assert!(p.len() == 1 && p[0].starts_with("score.rewards[0]"), "{p:?}");
     }
 }

@@ -2,15 +2,18 @@
 //! Qwen2, Qwen3: the Skywork-Reward and GRM families) score the conversation rendered with their
 //! own chat template, reading the head at the last token as transformers does; DeBERTa-v2/v3
 //! (OpenAssistant's reward-model-deberta-v3-large-v2, the RBoN paper's proxy) scores
-//! (question, answer) text pairs.
+//! (question, answer) text pairs. A decoder with its own head (Eurus-RM's `regression_head`)
+//! reads that head at the last token or at a marked one; seq2seq judges (SteamSHP, the paper's
+//! proxy) give the probability of a token at their first decoding step.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::Linear;
-use candle_transformers::models::debertav2;
+use candle_transformers::models::{debertav2, t5};
 use rbon_core::Message;
 use rbon_models::decoder::var_builder;
 use rbon_models::{ChatTokenizer, Decoder, DecoderConfig, ModelDir, PackedDecoder, TemplateChoice};
 
+use crate::config::{HeadPooling, RewardSpec};
 use crate::{ScoreError, candle, length_batches};
 
 /// A loaded reward model.
@@ -18,6 +21,7 @@ use crate::{ScoreError, candle, length_batches};
 pub enum RewardModel {
     Decoder(Box<DecoderRm>),
     Deberta(Box<DebertaRm>),
+    Seq2Seq(Box<Seq2SeqRm>),
 }
 
 /// A decoder reward model's body: packed rows on the CPU in f32, candle's padded batches
@@ -36,6 +40,28 @@ pub struct DecoderRm {
     bos: Option<u32>,
     pad: u32,
     max_len: usize,
+    /// The token the head reads, when not the last (`pooling: { token }`).
+    read_at: Option<u32>,
+    /// What the reward entry calls it, for messages.
+    name: String,
+}
+
+/// A seq2seq judge: the probability of `token` at the first decoding step, given the filled-in
+/// template. candle's T5 encoder takes no padding mask, so inputs run one at a time.
+pub struct Seq2SeqRm {
+    model: t5::T5ForConditionalGeneration,
+    tokenizer: tokenizers::Tokenizer,
+    template: String,
+    flatten_newlines: bool,
+    token: u32,
+    start: u32,
+    device: Device,
+}
+
+impl std::fmt::Debug for Seq2SeqRm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seq2SeqRm").field("token", &self.token).finish_non_exhaustive()
+    }
 }
 
 pub struct DebertaRm {
@@ -55,6 +81,35 @@ impl std::fmt::Debug for DebertaRm {
 /// blank lines, and the response.
 pub fn question_text(prompt: &[Message]) -> String {
     prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n")
+}
+
+impl Seq2SeqRm {
+    /// softmax(logits of the first decoding step)[token], computed in f64 from the f32 logits.
+    fn score_one(&self, ids: &[u32]) -> Result<f64, ScoreError> {
+        let ctx = "scoring with the seq2seq judge";
+        // The model holds its decoder's KV cache; a clone (weights shared) starts empty.
+        let mut model = self.model.clone();
+        model.clear_kv_cache();
+        let input = Tensor::new(ids, &self.device).and_then(|t| t.unsqueeze(0)).map_err(candle(ctx))?;
+        let start = Tensor::new(&[[self.start]], &self.device).map_err(candle(ctx))?;
+        let enc = model.encode(&input).map_err(candle(ctx))?;
+        let logits: Vec<f32> = model
+            .decode(&start, &enc)
+            .and_then(|l| l.to_dtype(DType::F32))
+            .and_then(|l| l.flatten_all())
+            .and_then(|l| l.to_vec1())
+            .map_err(candle(ctx))?;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        let at = logits.get(self.token as usize).copied().ok_or_else(|| {
+            ScoreError::Config(format!(
+                "the judged token {} is outside the model's vocabulary ({})",
+                self.token,
+                logits.len()
+            ))
+        })?;
+        Ok(f64::from(at - max).exp() / z)
+    }
 }
 
 impl DecoderRm {
@@ -94,12 +149,84 @@ impl DecoderRm {
 impl RewardModel {
     /// Loads a sequence-classification folder; the architecture comes from config.json.
     pub fn load(spec: &str, template: &TemplateChoice, dtype: DType, device: &Device) -> Result<Self, ScoreError> {
+        Self::load_spec(&RewardSpec::classifier("reward", spec), template, dtype, device)
+    }
+
+    /// Loads the reward model a `score.rewards` entry describes (its kind, head and pooling).
+    pub fn load_spec(
+        r: &RewardSpec,
+        template: &TemplateChoice,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ScoreError> {
+        let spec = r.model.as_str();
         let dir = ModelDir::resolve(spec)?;
         let text = dir.read("config.json")?;
         let raw: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("config.json").display())))?;
         let model_type = raw.get("model_type").and_then(|m| m.as_str()).unwrap_or_default().to_owned();
         let ctx = format!("loading the reward model {}", dir.root().display());
+        let bad_config = |e: &dyn std::fmt::Display| {
+            ScoreError::Config(format!("{}: {e}", dir.root().join("config.json").display()))
+        };
+        if let Some((template, token, flatten_newlines)) = r.seq2seq() {
+            if model_type != "t5" {
+                return Err(ScoreError::Config(format!(
+                    "reward `{}`: {} is a `{model_type}` model; a seq2seq judge is a T5 folder",
+                    r.name,
+                    dir.root().display()
+                )));
+            }
+            let mut cfg: t5::Config = serde_json::from_value(raw.clone()).map_err(|e| bad_config(&e))?;
+            let vb = var_builder(&dir, dtype, device)?;
+            // Flan-T5 / T5 v1.1 judges (SteamSHP) have an lm_head of their own and do not rescale
+            // the decoder output (transformers 5 writes `tie_word_embeddings: true` for every T5
+            // but keeps a head present in the weights). Original T5's tied, rescaled head is
+            // not supported: candle's T5 rescales it by √d where transformers uses 1/√d.
+            if !vb.contains_tensor("lm_head.weight")
+                || raw.get("scale_decoder_outputs").and_then(|v| v.as_bool()) == Some(true)
+            {
+                return Err(ScoreError::Config(format!(
+                    "reward `{}`: {} ties its output head to the embeddings (original T5); seq2seq judges must be \
+                     Flan-T5 / T5 v1.1 models with an lm_head of their own",
+                    r.name,
+                    dir.root().display()
+                )));
+            }
+            cfg.tie_word_embeddings = false;
+            let model = t5::T5ForConditionalGeneration::load(vb, &cfg).map_err(candle(&ctx))?;
+            let tokenizer = tokenizers::Tokenizer::from_file(dir.root().join("tokenizer.json"))
+                .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("tokenizer.json").display())))?;
+            let ids = tokenizer
+                .encode(token, false)
+                .map_err(|e| ScoreError::Config(format!("reward `{}`: tokenizing {token:?}: {e}", r.name)))?;
+            let [token_id] = ids.get_ids() else {
+                return Err(ScoreError::Config(format!(
+                    "reward `{}`: {token:?} is {} tokens of {}'s tokenizer ({:?}); the judged token must be one",
+                    r.name,
+                    ids.get_ids().len(),
+                    dir.root().display(),
+                    ids.get_tokens()
+                )));
+            };
+            let start = cfg.decoder_start_token_id.unwrap_or(cfg.pad_token_id) as u32;
+            return Ok(Self::Seq2Seq(Box::new(Seq2SeqRm {
+                model,
+                tokenizer,
+                template: template.to_owned(),
+                flatten_newlines,
+                token: *token_id,
+                start,
+                device: device.clone(),
+            })));
+        }
+        if model_type == "t5" {
+            return Err(ScoreError::Config(format!(
+                "reward `{}`: {} is a T5 (seq2seq) model: set `kind: shp` or `kind: seq2seq`",
+                r.name,
+                dir.root().display()
+            )));
+        }
         if model_type == "deberta-v2" {
             let cfg: debertav2::Config = serde_json::from_value(raw.clone())
                 .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("config.json").display())))?;
@@ -117,16 +244,56 @@ impl RewardModel {
             return Ok(Self::Deberta(Box::new(DebertaRm { model, tokenizer, pad, device: device.clone() })));
         }
         let cfg = DecoderConfig::from_json(&text, &dir.root().join("config.json").display().to_string())?;
-        if !cfg.architectures.iter().any(|a| a.ends_with("ForSequenceClassification")) {
+        if r.head.is_none() && !cfg.architectures.iter().any(|a| a.ends_with("ForSequenceClassification")) {
             return Err(ScoreError::Config(format!(
-                "{} is not a reward model: its architectures are {:?}, expected *ForSequenceClassification",
+                "{} is not a reward model: its architectures are {:?}, expected *ForSequenceClassification \
+                 (or name its head: `head: regression_head` for Eurus-RM)",
                 dir.root().display(),
                 cfg.architectures
             )));
         }
-        let vb = var_builder(&dir, dtype, device)?;
-        let head = candle_nn::linear_no_bias(cfg.hidden_size, cfg.num_labels, vb.pp("score")).map_err(candle(&ctx))?;
+        let mut vb = var_builder(&dir, dtype, device)?;
+        let (head_name, outputs) = match &r.head {
+            Some(h) => (h.as_str(), 1),
+            None => ("score", cfg.num_labels),
+        };
+        if !vb.contains_tensor(&format!("{head_name}.weight")) {
+            return Err(ScoreError::Config(format!(
+                "reward `{}`: {} has no `{head_name}.weight` tensor to read the reward with",
+                r.name,
+                dir.root().display()
+            )));
+        }
+        let head = candle_nn::linear_no_bias(cfg.hidden_size, outputs, vb.pp(head_name)).map_err(candle(&ctx))?;
+        // A body saved under another name than transformers' `model.` (Starling-RM's
+        // `transformer.`) is read as if it were.
+        if !vb.contains_tensor("model.embed_tokens.weight")
+            && let Some(prefix) = ["transformer", "backbone"]
+                .into_iter()
+                .find(|p| vb.contains_tensor(&format!("{p}.embed_tokens.weight")))
+        {
+            let prefix = prefix.to_owned();
+            vb = vb.rename_f(move |name| match name.strip_prefix("model.") {
+                Some(rest) => format!("{prefix}.{rest}"),
+                None => name.to_owned(),
+            });
+        }
         let tokenizer = ChatTokenizer::load(&dir, template)?;
+        let read_at = match &r.pooling {
+            Some(HeadPooling::Token { token }) => {
+                let ids = tokenizer.encode_text(token)?;
+                let [id] = ids.as_slice() else {
+                    return Err(ScoreError::Config(format!(
+                        "reward `{}`: pooling token {token:?} is {} tokens of {}'s tokenizer; it must be one",
+                        r.name,
+                        ids.len(),
+                        dir.root().display()
+                    )));
+                };
+                Some(*id)
+            }
+            _ => None,
+        };
         let bos = raw.get("bos_token_id").and_then(|b| b.as_u64()).map(|b| b as u32);
         let pad = cfg.pad_token_id.unwrap_or(0);
         let max_len = cfg.max_position_embeddings;
@@ -135,7 +302,16 @@ impl RewardModel {
             Some(p) => Body::Packed(p),
             None => Body::Padded(decoder),
         };
-        Ok(Self::Decoder(Box::new(DecoderRm { body, head, tokenizer, bos, pad, max_len })))
+        Ok(Self::Decoder(Box::new(DecoderRm {
+            body,
+            head,
+            tokenizer,
+            bos,
+            pad,
+            max_len,
+            read_at,
+            name: r.name.clone(),
+        })))
     }
 
     /// Token ids of one (prompt, response) as this model reads them.
@@ -154,11 +330,34 @@ impl RewardModel {
                 {
                     ids.remove(0);
                 }
+                // A head read at a marked token sees nothing after it (the mask is causal): end
+                // the input there.
+                if let Some(t) = m.read_at {
+                    let Some(at) = ids.iter().rposition(|&x| x == t) else {
+                        return Err(ScoreError::Config(format!(
+                            "reward `{}`: the input has no pooling token (id {t}) to read the head at",
+                            m.name
+                        )));
+                    };
+                    ids.truncate(at + 1);
+                }
                 // The score is read at the last token: keep the end of an over-long input.
                 if ids.len() > m.max_len {
                     ids.drain(..ids.len() - m.max_len);
                 }
                 Ok((ids, Vec::new()))
+            }
+            Self::Seq2Seq(m) => {
+                let flat = |t: &str| if m.flatten_newlines { t.replace('\n', " ") } else { t.to_owned() };
+                let text = m
+                    .template
+                    .replace("{prompt}", &flat(&question_text(prompt)))
+                    .replace("{response}", &flat(response));
+                let enc = m
+                    .tokenizer
+                    .encode(text, true)
+                    .map_err(|e| ScoreError::Config(format!("tokenizing for the seq2seq judge: {e}")))?;
+                Ok((enc.get_ids().to_vec(), Vec::new()))
             }
             Self::Deberta(m) => {
                 let enc = m
@@ -197,6 +396,7 @@ impl RewardModel {
     fn score_batch(&self, rows: &[&(Vec<u32>, Vec<u32>)]) -> Result<Vec<f64>, ScoreError> {
         let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(1);
         match self {
+            Self::Seq2Seq(m) => rows.iter().map(|r| m.score_one(&r.0)).collect(),
             Self::Decoder(m) => {
                 let ctx = "scoring with a reward model";
                 let Body::Padded(decoder) = &m.body else {

@@ -62,7 +62,7 @@ impl Scorers {
         let mut rewards = Vec::new();
         for r in &sc.rewards {
             let template = rbon_models::chat::template_choice(&r.chat_template, std::path::Path::new("."));
-            rewards.push((r.name.clone(), RewardModel::load(&r.model, &template, r.dtype.dtype(), device)?));
+            rewards.push((r.name.clone(), RewardModel::load_spec(r, &template, r.dtype.dtype(), device)?));
         }
         let embedder = match &sc.embedding {
             Some(e) => Some(Embedder::load(&e.model, e.dtype.dtype(), device)?),

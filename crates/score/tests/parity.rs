@@ -198,3 +198,105 @@ fn all_minilm_l6_v2_matches_sentence_transformers() {
     // bf16 products (on AMX; f32 elsewhere) stay within the same bound: 3e-5 at worst.
     check_embedder(&folder, &golden("all-minilm-l6-v2"), DType::BF16, 0.9999);
 }
+
+fn spec(name: &str, f: impl FnOnce(&mut rbon_score::RewardSpec)) -> rbon_score::RewardSpec {
+    let mut s = rbon_score::RewardSpec::classifier(name, data().join("models").join(name).to_str().unwrap());
+    f(&mut s);
+    s
+}
+
+fn load_spec(s: &rbon_score::RewardSpec) -> Result<RewardModel, rbon_score::ScoreError> {
+    RewardModel::load_spec(s, &TemplateChoice::Auto, DType::F32, &device())
+}
+
+/// SteamSHP (the RBoN paper's proxy): P("A") at the first decoding step, as the paper's
+/// reward_model.py computes it with transformers' generate, within 1e-5.
+#[test]
+fn shp_judge_matches_transformers() {
+    let s = spec("tiny-shp", |s| s.kind = rbon_score::RewardKind::Shp);
+    let m = load_spec(&s).unwrap();
+    let g = golden("tiny-shp");
+    let mut inputs = Vec::new();
+    for c in g["cases"].as_array().unwrap() {
+        let (ids, types) = m.encode(&messages(&c["prompt"]), c["response"].as_str().unwrap()).unwrap();
+        assert_eq!(ids, u32s(&c["input_ids"]), "{}", c["input"]);
+        assert!(types.is_empty());
+        inputs.push((ids, types));
+    }
+    let cases = g["cases"].as_array().unwrap();
+    let tol = if device().is_cpu() { 1e-5 } else { 1e-4 };
+    for budget in [1, 1 << 20] {
+        for (p, c) in m.score(&inputs, budget).unwrap().iter().zip(cases) {
+            let want = c["prob_a"].as_f64().unwrap();
+            assert!((p - want).abs() <= tol, "P(A) {p} vs {want} (budget {budget})");
+        }
+    }
+    // The same judge spelled out as a generic seq2seq judge, newlines kept: the flattened
+    // golden inputs read as they are give the same numbers.
+    let generic = spec("tiny-shp", |s| {
+        s.kind = rbon_score::RewardKind::Seq2seq;
+        s.template = Some("{response}".into());
+        s.token = Some("A".into());
+    });
+    let m = load_spec(&generic).unwrap();
+    for c in cases {
+        let (ids, _) = m.encode(&[], c["input"].as_str().unwrap()).unwrap();
+        assert_eq!(ids, u32s(&c["input_ids"]));
+        let p = m.score(&[(ids, Vec::new())], 1).unwrap()[0];
+        assert!((p - c["prob_a"].as_f64().unwrap()).abs() <= tol);
+    }
+    // A judged token that is several tokens, and a T5 folder read as a classifier, are refused.
+    let bad = spec("tiny-shp", |s| {
+        s.kind = rbon_score::RewardKind::Seq2seq;
+        s.template = Some("{response}".into());
+        s.token = Some("RESPONSE B".into());
+    });
+    assert!(load_spec(&bad).unwrap_err().to_string().contains("the judged token must be one"));
+    let err = load_spec(&spec("tiny-shp", |_| ())).unwrap_err().to_string();
+    assert!(err.contains("T5 (seq2seq)") && err.contains("kind: shp"), "{err}");
+}
+
+/// Eurus-RM's layout (a Mistral body, `regression_head` read at the last token) and
+/// Starling-RM's names for it (`transformer.` body, `v_head`); the head read at a marked token.
+#[test]
+fn decoder_with_a_custom_head_matches_its_reference() {
+    let g = golden("tiny-eurus-rm");
+    let cases = g["cases"].as_array().unwrap();
+    for (name, head) in [("tiny-eurus-rm", "regression_head"), ("tiny-starling-rm", "v_head")] {
+        for pooling in [None, Some(rbon_score::HeadPooling::Token { token: "[/INST]".into() })] {
+            let marked = pooling.is_some();
+            let s = spec(name, |s| {
+                s.head = Some(head.into());
+                s.pooling = pooling;
+            });
+            let m = load_spec(&s).unwrap();
+            let mut inputs = Vec::new();
+            for c in cases {
+                let mut msgs = messages(&c["messages"]);
+                let response = msgs.pop().unwrap();
+                let (ids, _) = m.encode(&msgs, &response.content).unwrap();
+                let full = u32s(&c["input_ids"]);
+                if marked {
+                    let mark = g["mark_token_id"].as_u64().unwrap() as u32;
+                    let at = full.iter().rposition(|&t| t == mark).unwrap();
+                    assert_eq!(ids, full[..=at], "{name}");
+                } else {
+                    assert_eq!(ids, full, "{name}");
+                }
+                inputs.push((ids, Vec::new()));
+            }
+            let key = if marked { "score_at_mark" } else { "score" };
+            for budget in [1, 1 << 20] {
+                for (s, c) in m.score(&inputs, budget).unwrap().iter().zip(cases) {
+                    close(*s, c[key].as_f64().unwrap(), &format!("{name} {key} (budget {budget})"));
+                }
+            }
+        }
+    }
+    // Without `head`, a folder that is not *ForSequenceClassification says what to set; a head
+    // that is not there is named.
+    let err = load_spec(&spec("tiny-eurus-rm", |_| ())).unwrap_err().to_string();
+    assert!(err.contains("EurusRewardModel") && err.contains("head: regression_head"), "{err}");
+    let err = load_spec(&spec("tiny-eurus-rm", |s| s.head = Some("v_head".into()))).unwrap_err().to_string();
+    assert!(err.contains("no `v_head.weight` tensor"), "{err}");
+}
