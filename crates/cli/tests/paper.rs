@@ -20,6 +20,9 @@ const HUB_IDS: [(&str, &str); 5] = [
     ("sentence-transformers/all-MiniLM-L6-v2", "tiny-minilm"),
 ];
 
+/// The commented-out PairRM judge, and its fixture.
+const PAIRRM: (&str, &str) = ("llm-blender/PairRM-hf", "tiny-pairrm");
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     fs::create_dir_all(to).unwrap();
     for f in fs::read_dir(from).unwrap() {
@@ -44,6 +47,10 @@ fn with_fixtures() -> String {
         assert!(y.contains(a), "{a}");
         y.replace(a, b)
     };
+    // With PairRM's win rate as a third gold.
+    yaml = r(yaml, "    # - { name: pairrm", "    - { name: pairrm");
+    yaml = r(yaml, "gold: [oasst, eurus]", "gold: [oasst, eurus, pairrm]");
+    yaml = yaml.replace(PAIRRM.0, &repo().join("data/models").join(PAIRRM.1).display().to_string());
     yaml = r(yaml, "data/prompts/", &format!("{}/data/prompts/", repo().display()));
     yaml = r(yaml, "pipelines/templates/", &format!("{}/pipelines/templates/", repo().display()));
     yaml = r(yaml, "output: runs/paper-alpacafarm", "output: out");
@@ -116,6 +123,7 @@ fn the_papers_pipeline_runs_end_to_end_on_fixtures_of_its_models() {
         ("reward shp (proxy): ", "t5 T5ForConditionalGeneration; SteamSHP judge: P(\"A\")"),
         ("reward oasst (gold): ", "deberta-v2 DebertaV2ForSequenceClassification; text-pair classifier"),
         ("reward eurus (gold): ", "mistral EurusRewardModel; head `regression_head` at the last token"),
+        ("reward pairrm (gold): ", "deberta-v2 DebertaV2PairRM; PairRM: each sample against the prompt's others"),
         ("embedding: ", "bert BertModel; mean-pooled"),
     ] {
         let at = t.find(role).unwrap_or_else(|| panic!("{role}: {t}"));
@@ -135,6 +143,12 @@ fn the_papers_pipeline_runs_end_to_end_on_fixtures_of_its_models() {
     let shp = shp.as_any().downcast_ref::<arrow_array::Float64Array>().unwrap();
     assert_eq!(shp.len(), 2 * 6);
     assert!(shp.values().iter().all(|p| (0.0..=1.0).contains(p)), "{shp:?}");
+    // PairRM's win rates of one prompt's 6 samples: shares of 5 comparisons, averaging ½.
+    let win = scores.column_by_name("reward_pairrm").unwrap();
+    let win = win.as_any().downcast_ref::<arrow_array::Float64Array>().unwrap();
+    let first: Vec<f64> = win.values()[..6].to_vec();
+    assert!(first.iter().all(|w| (w * 10.0).fract() == 0.0 && (0.0..=1.0).contains(w)), "{first:?}");
+    assert!((first.iter().sum::<f64>() / 6.0 - 0.5).abs() < 1e-12, "{first:?}");
     assert!(out.join("pairs/rbon_wd/beta=0.1/train-00000-of-00001.parquet").is_file());
     let md = fs::read_to_string(out.join("report/report.md")).unwrap();
     assert!(md.contains("## Against BoN: paired test on gold `eurus`"), "{md}");

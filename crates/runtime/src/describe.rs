@@ -101,6 +101,14 @@ fn reading(r: &RewardSpec, dir: &ModelDir) -> String {
         return "text-pair classifier of (the prompt's turns, the response)".to_owned();
     }
     match r.kind {
+        RewardKind::Pairrm => format!(
+            "PairRM: each sample against the prompt's others, all N(N−1) ordered comparisons, reward = {}",
+            match r.aggregate.unwrap_or_default() {
+                rbon_score::PairAggregate::Rank => "1 − (rank − 1)/(N − 1)",
+                rbon_score::PairAggregate::WinRate => "share of the others it beats",
+                rbon_score::PairAggregate::MeanLogit => "mean logit difference",
+            }
+        ),
         RewardKind::Shp => "SteamSHP judge: P(\"A\") at the first decoding step, SHP's input template".to_owned(),
         RewardKind::Seq2seq => format!(
             "seq2seq judge: P({:?}) at the first decoding step of {:?}",

@@ -41,6 +41,27 @@ pub struct RewardSpec {
     /// (`kind: seq2seq`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// How PairRM's pairwise comparisons of a prompt's N samples become each sample's reward
+    /// (`kind: pairrm`; default `rank`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<PairAggregate>,
+}
+
+/// A PairRM reward: each sample against the prompt's other samples, from all N(N−1) ordered
+/// comparisons. Relative within the prompt's samples, so not comparable across prompts (or
+/// across N).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairAggregate {
+    /// 1 − (rank − 1)/(N − 1) by llm-blender's `rank` (scores of mean logit differences; ties
+    /// share the better rank): 1 for the best sample, 0 for the worst (the paper's reward).
+    #[default]
+    Rank,
+    /// The share of the other samples it beats, a comparison d_ij = logit(i, j) − logit(j, i)
+    /// (both orders) counting 1 when positive and ½ when 0 (the paper's win-ratio evaluation).
+    WinRate,
+    /// llm-blender's score itself: (1/N) Σ_j d_ij.
+    MeanLogit,
 }
 
 /// A reward model's kind.
@@ -56,6 +77,9 @@ pub enum RewardKind {
     /// Another seq2seq (T5) judge: `template` and `token` say what it reads and which token's
     /// first-step probability is the reward.
     Seq2seq,
+    /// llm-blender's PairRM (`llm-blender/PairRM-hf`): a DeBERTa-v3 that compares two responses
+    /// to one prompt; `aggregate` turns the comparisons into rewards.
+    Pairrm,
 }
 
 impl RewardKind {
@@ -102,13 +126,14 @@ impl RewardSpec {
             pooling: None,
             template: None,
             token: None,
+            aggregate: None,
         }
     }
 
     /// A seq2seq judge's template, token and whether newlines become spaces.
     pub fn seq2seq(&self) -> Option<(&str, &str, bool)> {
         match self.kind {
-            RewardKind::Classifier => None,
+            RewardKind::Classifier | RewardKind::Pairrm => None,
             RewardKind::Shp => Some((SHP_TEMPLATE, SHP_TOKEN, true)),
             RewardKind::Seq2seq => Some((self.template.as_deref()?, self.token.as_deref()?, false)),
         }
@@ -125,7 +150,26 @@ impl RewardSpec {
         let seq2seq_only = |d: &mut Diagnostics, key: &str| {
             d.push(doc.diag(&format!("{path}.{key}"), format!("`{key}` applies to `kind: seq2seq`")))
         };
+        if self.aggregate.is_some() && self.kind != RewardKind::Pairrm {
+            d.push(doc.diag(&format!("{path}.aggregate"), "`aggregate` applies to `kind: pairrm`"));
+        }
         match self.kind {
+            RewardKind::Pairrm => {
+                for (key, set) in [
+                    ("head", self.head.is_some()),
+                    ("pooling", self.pooling.is_some()),
+                    ("template", self.template.is_some()),
+                    ("token", self.token.is_some()),
+                    ("chat_template", self.chat_template != "auto"),
+                ] {
+                    if set {
+                        d.push(doc.diag(
+                            &format!("{path}.{key}"),
+                            format!("`{key}` does not apply to `kind: pairrm` (it reads the prompt and two responses its own way)"),
+                        ));
+                    }
+                }
+            }
             RewardKind::Classifier => {
                 for (key, set) in [("template", self.template.is_some()), ("token", self.token.is_some())] {
                     if set {
@@ -301,6 +345,23 @@ fn check_kind(doc: &ConfigDoc, path: &str, r: &RewardSpec, d: &mut Diagnostics) 
     let Ok(text) = dir.read("config.json") else { return };
     let cfg: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("none");
+    let pairrm = cfg.get("cand1_prefix_id").is_some();
+    if pairrm != (r.kind == RewardKind::Pairrm) {
+        let message = if pairrm {
+            format!("{} is a PairRM pairwise ranker: set `kind: pairrm`", dir.root().display())
+        } else {
+            format!(
+                "{} is not a PairRM folder (llm-blender/PairRM-hf's config.json, with cand1_prefix_id and the other \
+                 prefix ids)",
+                dir.root().display()
+            )
+        };
+        d.push(doc.diag(&format!("{path}.{}", if pairrm { "model" } else { "kind" }), message));
+        return;
+    }
+    if pairrm {
+        return;
+    }
     let seq2seq = model_type == "t5";
     if seq2seq && r.kind == RewardKind::Classifier {
         d.push(doc.diag(
@@ -327,6 +388,7 @@ fn kind_name(k: RewardKind) -> &'static str {
         RewardKind::Classifier => "classifier",
         RewardKind::Shp => "shp",
         RewardKind::Seq2seq => "seq2seq",
+        RewardKind::Pairrm => "pairrm",
     }
 }
 
@@ -390,6 +452,20 @@ mod tests {
         let p = problems("    - { name: j, model: MODELS/tiny-shp, kind: seq2seq, template: \"{prompt}\" }\n");
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].contains("must contain {response}") || p[1].contains("must contain {response}"), "{p:?}");
+        assert!(
+            problems("    - { name: p, model: MODELS/tiny-pairrm, kind: pairrm, aggregate: win_rate }\n").is_empty()
+        );
+        let p = problems("    - { name: p, model: MODELS/tiny-pairrm }\n");
+        assert!(p.len() == 1 && p[0].contains("is a PairRM pairwise ranker: set `kind: pairrm`"), "{p:?}");
+        let p = problems("    - { name: p, model: MODELS/tiny-deberta-rm, kind: pairrm }\n");
+        assert!(
+            p.len() == 1 && p[0].starts_with("score.rewards[0].kind: ") && p[0].contains("not a PairRM folder"),
+            "{p:?}"
+        );
+        let p = problems("    - { name: p, model: MODELS/tiny-pairrm, kind: pairrm, head: x, chat_template: none }\n");
+        assert_eq!(p.len(), 2, "{p:?}");
+        let p = problems("    - { name: p, model: MODELS/tiny-rm-qwen2, aggregate: rank }\n");
+        assert!(p.len() == 1 && p[0].contains("`aggregate` applies to `kind: pairrm`"), "{p:?}");
         let p = problems("    - { name: e, model: MODELS/tiny-eurus-rm, pooling: first }\n");
         assert!(p.len() == 1 && p[0].starts_with("score.rewards[0]"), "{p:?}");
     }

@@ -6,7 +6,7 @@ pub mod embed;
 pub mod reward;
 pub mod stage;
 
-pub use config::{EmbeddingSpec, HeadPooling, RewardKind, RewardSpec, ScoreConfig};
+pub use config::{EmbeddingSpec, HeadPooling, PairAggregate, RewardKind, RewardSpec, ScoreConfig};
 pub use embed::{Embedder, Pooling};
 pub use reward::RewardModel;
 pub use stage::{ScoreStage, Scorers, ShardScores, score_shard};

@@ -13,7 +13,7 @@ use rbon_core::Message;
 use rbon_models::decoder::var_builder;
 use rbon_models::{ChatTokenizer, Decoder, DecoderConfig, ModelDir, PackedDecoder, TemplateChoice};
 
-use crate::config::{HeadPooling, RewardSpec};
+use crate::config::{HeadPooling, PairAggregate, RewardKind, RewardSpec};
 use crate::{ScoreError, candle, length_batches};
 
 /// A loaded reward model.
@@ -22,6 +22,7 @@ pub enum RewardModel {
     Decoder(Box<DecoderRm>),
     Deberta(Box<DebertaRm>),
     Seq2Seq(Box<Seq2SeqRm>),
+    PairRm(Box<PairRm>),
 }
 
 /// A decoder reward model's body: packed rows on the CPU in f32, candle's padded batches
@@ -61,6 +62,225 @@ pub struct Seq2SeqRm {
 impl std::fmt::Debug for Seq2SeqRm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Seq2SeqRm").field("token", &self.token).finish_non_exhaustive()
+    }
+}
+
+/// llm-blender's PairRM: a DeBERTa-v3 encoder reads `[CLS] <|source|> prompt [SEP] [CLS]
+/// <|candidate1|> a [SEP] [CLS] <|candidate2|> b [SEP]`, and a two-layer head on (source,
+/// candidate) gives logit(a, b) = head(h_src, h_a) − head(h_src, h_b). Each sample's reward comes
+/// from all N(N−1) ordered comparisons among its prompt's samples ([`PairAggregate`]).
+pub struct PairRm {
+    model: debertav2::DebertaV2Model,
+    head_in: Linear,
+    head_out: Linear,
+    tokenizer: tokenizers::Tokenizer,
+    /// `<|source|>`, `<|candidate1|>`, `<|candidate2|>`, `<|candidate|>`.
+    prefix: [u32; 4],
+    pad: u32,
+    /// Tokens of the source (1224 in the published model) and per candidate (412), [CLS] and
+    /// [SEP] included; a candidate also gets half of what the source leaves unused.
+    source_max: usize,
+    candidate_max: usize,
+    aggregate: PairAggregate,
+    device: Device,
+}
+
+impl std::fmt::Debug for PairRm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PairRm").field("aggregate", &self.aggregate).finish_non_exhaustive()
+    }
+}
+
+/// The prefix strings PairRM's collator adds to its tokenizer; removed from texts, where they
+/// would break the input's layout (llm-blender fails on them).
+const PAIRRM_PREFIXES: [&str; 4] = ["<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"];
+
+/// PairRM's (source, candidate) texts for a prompt and a response, as llm-blender builds them:
+/// one user turn (after any system turn) is the source as it is; a multi-turn conversation is
+/// `compare_conversations`' format, its user turns in the source and every assistant turn, the
+/// response last, in the candidate. Literal `[SEP]` becomes a space, as its collator does.
+pub fn pairrm_texts(prompt: &[Message], response: &str) -> (String, String) {
+    let clean = |t: &str| {
+        let mut t = t.replace("[SEP]", " ");
+        for p in PAIRRM_PREFIXES {
+            t = t.replace(p, "");
+        }
+        t
+    };
+    let users: Vec<&str> = prompt.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect();
+    let assistants: Vec<&str> =
+        prompt.iter().filter(|m| m.role == "assistant").map(|m| m.content.as_str()).chain([response]).collect();
+    if assistants.len() == 1 {
+        let source: Vec<&str> = prompt.iter().map(|m| m.content.as_str()).collect();
+        return (clean(&source.join("\n\n")), clean(response));
+    }
+    let input: Vec<String> =
+        users.iter().enumerate().map(|(i, u)| format!("USER: {u}\nAssistant: <Response {}>", i + 1)).collect();
+    let cand: Vec<String> = assistants.iter().enumerate().map(|(i, a)| format!("<Response {}>: {a}", i + 1)).collect();
+    let source = format!(
+        "Finish the following coversation in each i-th turn by filling in <Response i> with your response.{}",
+        input.join("\n")
+    );
+    (clean(&source), clean(&cand.join("\n")))
+}
+
+/// `[CLS] … [SEP]` cut to `max` tokens as the tokenizer's right truncation does: the content is
+/// shortened, the special tokens stay.
+fn truncated(ids: &[u32], max: usize) -> Vec<u32> {
+    if ids.len() <= max || ids.len() < 2 {
+        return ids.to_vec();
+    }
+    let mut out = ids[..max.saturating_sub(1)].to_vec();
+    out.push(ids[ids.len() - 1]);
+    out
+}
+
+impl PairRm {
+    /// logit(a, b) of every ordered pair `(a, b)` of one prompt's encoded inputs.
+    fn logits(
+        &self,
+        source: &[u32],
+        cands: &[&[u32]],
+        pairs: &[(usize, usize)],
+        budget: usize,
+    ) -> Result<Vec<f64>, ScoreError> {
+        let ctx = "scoring with PairRM";
+        let src = truncated(source, self.source_max);
+        let room = self.candidate_max + self.source_max.saturating_sub(src.len()) / 2;
+        let cands: Vec<Vec<u32>> = cands.iter().map(|c| truncated(c, room)).collect();
+        let [_, c1, c2, c] = self.prefix;
+        let rows: Vec<(Vec<u32>, [usize; 3])> = pairs
+            .iter()
+            .map(|&(a, b)| {
+                let mut ids = src.clone();
+                let pa = ids.len() + 1;
+                ids.extend(cands[a].iter().map(|&t| if t == c { c1 } else { t }));
+                let pb = ids.len() + 1;
+                ids.extend(cands[b].iter().map(|&t| if t == c { c2 } else { t }));
+                (ids, [1, pa, pb])
+            })
+            .collect();
+        let lens: Vec<usize> = rows.iter().map(|r| r.0.len()).collect();
+        let mut out = vec![0.0; rows.len()];
+        for batch in length_batches(&lens, budget) {
+            let t = batch.iter().map(|&i| lens[i]).max().unwrap_or(1);
+            let (mut ids, mut mask) = (Vec::with_capacity(batch.len() * t), Vec::with_capacity(batch.len() * t));
+            for &i in &batch {
+                let pad = t - lens[i];
+                ids.extend(rows[i].0.iter().copied().chain(std::iter::repeat_n(self.pad, pad)));
+                mask.extend(std::iter::repeat_n(1u32, lens[i]).chain(std::iter::repeat_n(0, pad)));
+            }
+            let shape = (batch.len(), t);
+            let ids = Tensor::from_vec(ids, shape, &self.device).map_err(candle(ctx))?;
+            let mask = Tensor::from_vec(mask, shape, &self.device).map_err(candle(ctx))?;
+            let h = self.model.forward(&ids, None, Some(mask)).map_err(candle(ctx))?;
+            let (mut left, mut right) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
+            for (b, &i) in batch.iter().enumerate() {
+                let [ps, pa, pb] = rows[i].1;
+                let row = |p: usize| h.i((b, p, ..));
+                let hs = row(ps).map_err(candle(ctx))?;
+                left.push(Tensor::cat(&[&hs, &row(pa).map_err(candle(ctx))?], 0).map_err(candle(ctx))?);
+                right.push(Tensor::cat(&[&hs, &row(pb).map_err(candle(ctx))?], 0).map_err(candle(ctx))?);
+            }
+            let head = |x: Vec<Tensor>| -> Result<Vec<f32>, ScoreError> {
+                let x = Tensor::stack(&x, 0).map_err(candle(ctx))?;
+                let y = self.head_in.forward(&x).and_then(|y| y.tanh()).and_then(|y| self.head_out.forward(&y));
+                y.and_then(|y| y.to_dtype(DType::F32))
+                    .and_then(|y| y.flatten_all())
+                    .and_then(|y| y.to_vec1())
+                    .map_err(candle(ctx))
+            };
+            let (l, r) = (head(left)?, head(right)?);
+            for (k, &i) in batch.iter().enumerate() {
+                out[i] = f64::from(l[k]) - f64::from(r[k]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Each input's reward among the inputs that share its source (one prompt's samples).
+    fn score_groups(&self, inputs: &[(Vec<u32>, Vec<u32>)], budget: usize) -> Result<Vec<f64>, ScoreError> {
+        let mut out = vec![0.0; inputs.len()];
+        let mut groups: Vec<(&[u32], Vec<usize>)> = Vec::new();
+        for (i, (src, _)) in inputs.iter().enumerate() {
+            match groups.iter_mut().find(|g| g.0 == src.as_slice()) {
+                Some(g) => g.1.push(i),
+                None => groups.push((src.as_slice(), vec![i])),
+            }
+        }
+        for (src, members) in groups {
+            let n = members.len();
+            let cands: Vec<&[u32]> = members.iter().map(|&i| inputs[i].1.as_slice()).collect();
+            let pairs: Vec<(usize, usize)> =
+                (0..n).flat_map(|a| (0..n).filter(move |&b| b != a).map(move |b| (a, b))).collect();
+            let logits = self.logits(src, &cands, &pairs, budget)?;
+            let mut m = vec![vec![0.0f64; n]; n];
+            for (&(a, b), l) in pairs.iter().zip(logits) {
+                m[a][b] = l;
+            }
+            for (a, reward) in pairwise_rewards(&m, self.aggregate).into_iter().enumerate() {
+                out[members[a]] = reward;
+            }
+        }
+        Ok(out)
+    }
+
+    /// logit(a, b) for one (source, candidate a, candidate b), for tests and checks.
+    pub fn compare(&self, a: &(Vec<u32>, Vec<u32>), b: &(Vec<u32>, Vec<u32>)) -> Result<f64, ScoreError> {
+        Ok(self.logits(&a.0, &[&a.1, &b.1], &[(0, 1)], usize::MAX)?[0])
+    }
+
+    /// The encoder input of (a, b) as [`PairRm::compare`] builds it.
+    pub fn pair_ids(&self, a: &(Vec<u32>, Vec<u32>), b: &(Vec<u32>, Vec<u32>)) -> Vec<u32> {
+        let src = truncated(&a.0, self.source_max);
+        let room = self.candidate_max + self.source_max.saturating_sub(src.len()) / 2;
+        let [_, c1, c2, c] = self.prefix;
+        let mut ids = src;
+        ids.extend(truncated(&a.1, room).into_iter().map(|t| if t == c { c1 } else { t }));
+        ids.extend(truncated(&b.1, room).into_iter().map(|t| if t == c { c2 } else { t }));
+        ids
+    }
+}
+
+/// Rewards from the comparison matrix `m[a][b]` = logit(a, b) (diagonal unused).
+pub fn pairwise_rewards(m: &[Vec<f64>], aggregate: PairAggregate) -> Vec<f64> {
+    let n = m.len();
+    let d = |a: usize, b: usize| m[a][b] - m[b][a];
+    // llm-blender's "max_logits" scores: the mean over all N columns of M − Mᵀ.
+    let scores: Vec<f64> =
+        (0..n).map(|a| (0..n).filter(|&b| b != a).map(|b| d(a, b)).sum::<f64>() / n as f64).collect();
+    match aggregate {
+        PairAggregate::MeanLogit => scores,
+        PairAggregate::Rank => (0..n)
+            .map(|a| {
+                if n < 2 {
+                    return 1.0;
+                }
+                let better = scores.iter().filter(|&&s| s > scores[a]).count();
+                1.0 - better as f64 / (n - 1) as f64
+            })
+            .collect(),
+        PairAggregate::WinRate => (0..n)
+            .map(|a| {
+                if n < 2 {
+                    return 0.5;
+                }
+                let wins: f64 = (0..n)
+                    .filter(|&b| b != a)
+                    .map(|b| {
+                        let x = d(a, b);
+                        if x > 0.0 {
+                            1.0
+                        } else if x == 0.0 {
+                            0.5
+                        } else {
+                            0.0
+                        }
+                    })
+                    .sum();
+                wins / (n - 1) as f64
+            })
+            .collect(),
     }
 }
 
@@ -227,6 +447,16 @@ impl RewardModel {
                 dir.root().display()
             )));
         }
+        if r.kind == RewardKind::Pairrm {
+            return Ok(Self::PairRm(Box::new(load_pairrm(r, &dir, &raw, dtype, device)?)));
+        }
+        if raw.get("cand1_prefix_id").is_some() {
+            return Err(ScoreError::Config(format!(
+                "reward `{}`: {} is a PairRM pairwise ranker: set `kind: pairrm`",
+                r.name,
+                dir.root().display()
+            )));
+        }
         if model_type == "deberta-v2" {
             let cfg: debertav2::Config = serde_json::from_value(raw.clone())
                 .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("config.json").display())))?;
@@ -347,6 +577,17 @@ impl RewardModel {
                 }
                 Ok((ids, Vec::new()))
             }
+            Self::PairRm(m) => {
+                let (source, cand) = pairrm_texts(prompt, response);
+                let [s, _, _, c] = PAIRRM_PREFIXES;
+                let enc = |t: String| {
+                    m.tokenizer
+                        .encode(t, true)
+                        .map(|e| e.get_ids().to_vec())
+                        .map_err(|e| ScoreError::Config(format!("tokenizing for PairRM: {e}")))
+                };
+                Ok((enc(format!("{s}{source}"))?, enc(format!("{c}{cand}"))?))
+            }
             Self::Seq2Seq(m) => {
                 let flat = |t: &str| if m.flatten_newlines { t.replace('\n', " ") } else { t.to_owned() };
                 let text = m
@@ -376,6 +617,9 @@ impl RewardModel {
     /// once per batch (the score stage passes the N responses of one prompt, whose rendered
     /// prompt is that prefix), so the prompt costs one forward pass instead of N.
     pub fn score(&self, inputs: &[(Vec<u32>, Vec<u32>)], batch_tokens: usize) -> Result<Vec<f64>, ScoreError> {
+        if let Self::PairRm(m) = self {
+            return m.score_groups(inputs, batch_tokens);
+        }
         if let Self::Decoder(m) = self
             && let Body::Packed(p) = &m.body
             && !inputs.is_empty()
@@ -396,6 +640,10 @@ impl RewardModel {
     fn score_batch(&self, rows: &[&(Vec<u32>, Vec<u32>)]) -> Result<Vec<f64>, ScoreError> {
         let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(1);
         match self {
+            Self::PairRm(m) => {
+                let inputs: Vec<(Vec<u32>, Vec<u32>)> = rows.iter().map(|&r| r.clone()).collect();
+                m.score_groups(&inputs, usize::MAX)
+            }
             Self::Seq2Seq(m) => rows.iter().map(|r| m.score_one(&r.0)).collect(),
             Self::Decoder(m) => {
                 let ctx = "scoring with a reward model";
@@ -444,4 +692,63 @@ impl RewardModel {
             }
         }
     }
+}
+
+/// Loads `llm-blender/PairRM-hf`'s layout: a DeBERTa-v2 config with the prefix ids, the encoder
+/// under `pretrained_model.`, the head as `head_layer.1` and `head_layer.4`.
+fn load_pairrm(
+    r: &RewardSpec,
+    dir: &ModelDir,
+    raw: &serde_json::Value,
+    dtype: DType,
+    device: &Device,
+) -> Result<PairRm, ScoreError> {
+    let bad = |m: String| {
+        ScoreError::Config(format!("reward `{}`: {}: {m}", r.name, dir.root().join("config.json").display()))
+    };
+    let id = |k: &str| raw.get(k).and_then(|v| v.as_u64()).map(|v| v as u32).ok_or_else(|| bad(format!("no `{k}`")));
+    let prefix = [id("source_prefix_id")?, id("cand1_prefix_id")?, id("cand2_prefix_id")?, id("cand_prefix_id")?];
+    let n_tasks = raw.get("n_tasks").and_then(|v| v.as_u64()).unwrap_or(1);
+    if n_tasks != 1 {
+        return Err(bad(format!("n_tasks {n_tasks}: PairRM models with one task are supported")));
+    }
+    let len = |k: &str, default: usize| raw.get(k).and_then(|v| v.as_u64()).map_or(default, |v| v as usize);
+    let (source_max, candidate_max) = (len("source_maxlength", 1224), len("candidate_maxlength", 412));
+    let mut cfg: debertav2::Config = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
+    // The input (up to source + 2 candidates, 2048 tokens) is longer than the absolute position
+    // table, which PairRM never reads (position_biased_input is false) but candle slices; the
+    // relative positions' log buckets keep the original span.
+    if cfg.position_biased_input {
+        return Err(bad("position_biased_input: PairRM's DeBERTa-v3 reads relative positions only".into()));
+    }
+    if cfg.max_relative_positions < 1 {
+        cfg.max_relative_positions = cfg.max_position_embeddings as isize;
+    }
+    cfg.max_position_embeddings = cfg.max_position_embeddings.max(source_max + 2 * candidate_max);
+    let ctx = format!("loading PairRM {}", dir.root().display());
+    let vb = var_builder(dir, dtype, device)?;
+    let model = debertav2::DebertaV2Model::load(vb.pp("pretrained_model"), &cfg).map_err(candle(&ctx))?;
+    let h = cfg.hidden_size;
+    let head_in = candle_nn::linear(2 * h, h, vb.pp("head_layer.1")).map_err(candle(&ctx))?;
+    let head_out = candle_nn::linear(h, 1, vb.pp("head_layer.4")).map_err(candle(&ctx))?;
+    let path = dir.root().join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    for (text, want) in PAIRRM_PREFIXES.iter().zip(prefix) {
+        if tokenizer.token_to_id(text) != Some(want) {
+            return Err(bad(format!("{} does not hold {text} as id {want}", path.display())));
+        }
+    }
+    let pad = cfg.pad_token_id.unwrap_or(0) as u32;
+    Ok(PairRm {
+        model,
+        head_in,
+        head_out,
+        tokenizer,
+        prefix,
+        pad,
+        source_max,
+        candidate_max,
+        aggregate: r.aggregate.unwrap_or_default(),
+        device: device.clone(),
+    })
 }

@@ -300,3 +300,87 @@ fn decoder_with_a_custom_head_matches_its_reference() {
     let err = load_spec(&spec("tiny-eurus-rm", |s| s.head = Some("v_head".into()))).unwrap_err().to_string();
     assert!(err.contains("no `v_head.weight` tensor"), "{err}");
 }
+
+/// PairRM (llm-blender/PairRM-hf layout) against llm-blender's own Blender.compare and rank:
+/// the encoder inputs exactly, logits of both orders within 1e-4, and the rewards built from the
+/// full comparison matrix.
+#[test]
+fn pairrm_matches_llm_blender() {
+    use rbon_score::PairAggregate;
+    let g = golden("tiny-pairrm");
+    let load = |aggregate| {
+        let s = spec("tiny-pairrm", |s| {
+            s.kind = rbon_score::RewardKind::Pairrm;
+            s.aggregate = Some(aggregate);
+        });
+        load_spec(&s).unwrap()
+    };
+    let m = load(PairAggregate::MeanLogit);
+    let RewardModel::PairRm(p) = &m else { panic!("not PairRM") };
+    let tol = tolerance();
+    for c in g["pairs"].as_array().unwrap() {
+        let prompt = vec![Message::user(c["source"].as_str().unwrap())];
+        let a = m.encode(&prompt, c["cand1"].as_str().unwrap()).unwrap();
+        let b = m.encode(&prompt, c["cand2"].as_str().unwrap()).unwrap();
+        assert_eq!(p.pair_ids(&a, &b), u32s(&c["input_ids_ab"]), "{}", c["source"]);
+        assert_eq!(p.pair_ids(&b, &a), u32s(&c["input_ids_ba"]), "{}", c["source"]);
+        for (got, key) in [(p.compare(&a, &b).unwrap(), "logit_ab"), (p.compare(&b, &a).unwrap(), "logit_ba")] {
+            let want = c[key].as_f64().unwrap();
+            assert!((got - want).abs() <= tol, "{key}: {got} vs {want} ({})", c["source"]);
+        }
+    }
+    let conv = &g["conversation"];
+    let (conv_a, conv_b) = (conv["conv_a"].as_array().unwrap(), conv["conv_b"].as_array().unwrap());
+    let msg = |v: &Value| {
+        let role = v["role"].as_str().unwrap().to_lowercase();
+        let content = v["content"].as_str().unwrap();
+        if role == "user" { Message::user(content) } else { Message::assistant(content) }
+    };
+    let prompt: Vec<Message> = conv_a[..conv_a.len() - 1].iter().map(msg).collect();
+    assert_eq!(
+        prompt,
+        conv_b[..conv_b.len() - 1].iter().map(msg).collect::<Vec<_>>(),
+        "the conversations share a prompt"
+    );
+    let a = m.encode(&prompt, conv_a.last().unwrap()["content"].as_str().unwrap()).unwrap();
+    let b = m.encode(&prompt, conv_b.last().unwrap()["content"].as_str().unwrap()).unwrap();
+    assert_eq!(p.pair_ids(&a, &b), u32s(&conv["input_ids_ab"]));
+    assert!((p.compare(&a, &b).unwrap() - conv["logit_ab"].as_f64().unwrap()).abs() <= tol);
+
+    for case in g["ranks"].as_array().unwrap() {
+        let prompt = vec![Message::user(case["source"].as_str().unwrap())];
+        let cands: Vec<&str> = case["candidates"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+        let n = cands.len();
+        let matrix: Vec<Vec<f64>> = case["cmp_matrix"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+            .collect();
+        let ranks: Vec<f64> = case["ranks"].as_array().unwrap().iter().map(|r| r.as_f64().unwrap()).collect();
+        let win: Vec<f64> = (0..n)
+            .map(|i| {
+                let beats = (0..n).filter(|&j| j != i).filter(|&j| matrix[i][j] - matrix[j][i] > 0.0).count();
+                beats as f64 / (n - 1) as f64
+            })
+            .collect();
+        let expected = [
+            (
+                PairAggregate::MeanLogit,
+                f32s(&case["scores_max_logits"]).iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
+            ),
+            (PairAggregate::Rank, ranks.iter().map(|r| 1.0 - (r - 1.0) / (n - 1) as f64).collect()),
+            (PairAggregate::WinRate, win),
+        ];
+        for (aggregate, want) in expected {
+            let m = load(aggregate);
+            let inputs: Vec<_> = cands.iter().map(|c| m.encode(&prompt, c).unwrap()).collect();
+            for budget in [1, 1 << 20] {
+                let got = m.score(&inputs, budget).unwrap();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= tol, "{aggregate:?} sample {i}: {g} vs {w} (budget {budget})");
+                }
+            }
+        }
+    }
+}
