@@ -11,7 +11,14 @@ from their reference implementations, for rbon's parity tests:
                                    (architectures ["EurusRewardModel"])
     data/models/tiny-starling-rm/  the same weights as Starling-RM-7B-alpha names them: the body
                                    under `transformer.` and the head as `v_head`
-    data/golden/tiny-shp.json, tiny-eurus-rm.json
+    data/models/tiny-gemma2/       Gemma2ForCausalLM: soft-capped attention scores and final logits
+                                   (caps 8 and 15, small enough that tanh bends these random
+                                   logits), sliding-window layers alternating with global ones
+                                   (window 16, shorter than the golden inputs), pre- and post-
+                                   norms, (1 + w) RMSNorm, embeddings scaled by √hidden,
+                                   query_pre_attn_scalar 24 ≠ head_dim, GeGLU (tanh)
+    data/models/tiny-rm-gemma2/    Gemma2ForSequenceClassification, the same shape
+    data/golden/tiny-shp.json, tiny-eurus-rm.json, tiny-gemma2.json, tiny-rm-gemma2.json
 
 SHP's golden follows the RBoN paper's reward_model.py: the input string
 "POST: {prompt} \\n\\n RESPONSE A: {response}\\n\\n RESPONSE B: .\\n\\n Which response is better?
@@ -37,6 +44,7 @@ import importlib.util
 import itertools
 import json
 import math
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +55,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from torch import nn
 from transformers import (
     AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma2ForSequenceClassification,
     MistralConfig,
     MistralModel,
     PreTrainedModel,
@@ -360,6 +371,128 @@ def make_eurus(base):
     return folder, seed, data
 
 
+# ---------------------------------------------------------------------------------------------
+# Gemma-2 (as a policy and as a reward model)
+
+# Gemma's turn format on the shared vocabulary (</s> stands in for <end_of_turn>).
+GEMMA2_TEMPLATE = """{{- bos_token }}
+{%- for message in messages %}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}
+    {{- '<start_of_turn>' + role + '\n' + message['content'] | trim + '</s>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<start_of_turn>model\n' }}
+{%- endif %}"""
+
+
+def gemma2_config(cls=Gemma2Config, **extra):
+    return cls(
+        vocab_size=tiny.VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        max_position_embeddings=512, rms_norm_eps=1e-6, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=16, attn_logit_softcapping=8.0,
+        final_logit_softcapping=15.0, hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0,
+        bos_token_id=tid("<s>"), eos_token_id=tid("</s>"), pad_token_id=tid("<pad>"), **extra,
+    )
+
+
+GEMMA2_SPEC = dict(
+    model_cls=Gemma2ForCausalLM,
+    config=lambda: gemma2_config(tie_word_embeddings=True),
+    tokenizer=dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=True),
+    template=GEMMA2_TEMPLATE,
+    template_in_jinja_file=False,
+    generation=dict(bos_token_id=tid("<s>"), eos_token_id=tid("</s>"), pad_token_id=tid("<pad>")),
+    turn_end="</s>",
+    max_shard_size=None,
+)
+
+
+@torch.no_grad()
+def check_gemma2_features(model, ids):
+    """Each Gemma-2 feature moves the logits of the golden input, so the parity test covers it."""
+    x = torch.tensor([ids])
+    base = model(x).logits[0]
+    cfg = model.config
+    moved = {}
+    for key, off in (("final_logit_softcapping", None), ("attn_logit_softcapping", None), ("sliding_window", 10**6)):
+        saved = getattr(cfg, key)
+        setattr(cfg, key, off)
+        for layer in model.model.layers:
+            layer.self_attn.config = cfg
+            layer.self_attn.attn_logit_softcapping = cfg.attn_logit_softcapping
+        try:
+            moved[key] = float((model(x).logits[0] - base).abs().max())
+        finally:
+            setattr(cfg, key, saved)
+            for layer in model.model.layers:
+                layer.self_attn.attn_logit_softcapping = cfg.attn_logit_softcapping
+        assert moved[key] > 1e-3, (key, moved[key])
+    return moved
+
+
+@torch.no_grad()
+def gemma2_window_effect(model, ids, window):
+    """The sliding layers' window changes the logits exactly from position `window` on."""
+    x = torch.tensor([ids])
+    with_window = model(x).logits[0]
+    model.config.sliding_window = 10**6
+    try:
+        full = model(x).logits[0]
+    finally:
+        model.config.sliding_window = window
+    diff = (with_window - full).abs().amax(dim=-1)
+    assert float(diff[:window].max()) == 0.0, "window changed positions inside it"
+    assert float(diff[window:].min()) > 1e-4, "sliding window not applied"
+    return float(diff[window:].min())
+
+
+def make_gemma2(base):
+    tiny.ARCHS["gemma2"] = GEMMA2_SPEC
+    spec = GEMMA2_SPEC
+    with tempfile.TemporaryDirectory() as scratch:
+        tiny.save_tokenizer(base, Path(scratch), spec["tokenizer"], spec["template"], False)
+        tok = AutoTokenizer.from_pretrained(scratch)
+    prompts = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False).input_ids for m in tiny.conversations("gemma2")]
+    assert max(map(len, prompts)) + tiny.RESPONSE_LEN > 16
+    # tiny.build_model also wants a greedy run that stops; these random Gemma-2 weights (scaled
+    # embeddings tied to the head) never pick EOS greedily, and stopping is covered by the others.
+    eos = tiny.eos_list(spec)
+    for attempt in itertools.count():
+        seed = BASE_SEED + 1000 * list(tiny.ARCHS).index("gemma2") + attempt
+        config = spec["config"]()
+        config._attn_implementation = "eager"
+        model = spec["model_cls"](config).to(torch.float32).eval()
+        tiny.init_weights(model, seed)
+        runs = [tiny.greedy_by_recompute(model, p, eos) for p in prompts]
+        if all(ids[0] not in eos for ids, _ in runs) and min(m for _, m in runs) >= tiny.MIN_GREEDY_MARGIN:
+            break
+        assert attempt < 1000, "tiny-gemma2: no usable seed found"
+    folder = tiny.save_model("gemma2", spec, model, base)
+    # tiny.golden's window check turns the window off with None, which Gemma-2's cache refuses.
+    saved_check = tiny.check_sliding_window
+    tiny.check_sliding_window = gemma2_window_effect
+    try:
+        data, notes = tiny.golden("gemma2", spec, folder, [ids for ids, _ in runs])
+    finally:
+        tiny.check_sliding_window = saved_check
+    data.update(notes)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager",
+                                                                 dtype=torch.float32).eval()
+    case = data["cases"][-1]
+    data["feature_effects"] = check_gemma2_features(reloaded, case["prompt_ids"] + case["response_ids"])
+    write_json(GOLDEN_DIR / "tiny-gemma2.json", data)
+
+    scorers.RM_ARCHS["gemma2"] = dict(
+        model_cls=Gemma2ForSequenceClassification,
+        config=lambda: gemma2_config(num_labels=1, tie_word_embeddings=False),
+        tokenizer=spec["tokenizer"],
+        template=GEMMA2_TEMPLATE,
+    )
+    rm_folder, rm_seed, rm_data = scorers.make_rm("gemma2", scorers.RM_ARCHS["gemma2"], base)
+    return (folder, seed, data), (rm_folder, rm_seed, rm_data)
+
+
 def main():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -372,6 +505,11 @@ def main():
     scorers.report(folder, seed, f"lengths {[len(c['input_ids']) for c in data['cases']]}, P(A) {probs}")
 
     base = tiny.train_tokenizer()
+    (folder, seed, data), (rm_folder, rm_seed, rm_data) = make_gemma2(base)
+    print(f"{folder.relative_to(tiny.ROOT)}: seed {seed}, greedy lengths "
+          f"{[len(c['greedy_ids']) for c in data['cases']]}, logprob sums "
+          f"{[round(c['logprob_sum'], 3) for c in data['cases']]}, feature effects {data['feature_effects']}")
+    scorers.report(rm_folder, rm_seed, f"scores {[round(c['score'], 4) for c in rm_data['cases']]}")
     folder, seed, data = make_eurus(base)
     scores = [(round(c["score"], 4), round(c["score_at_mark"], 4)) for c in data["cases"]]
     scorers.report(folder, seed, f"scores (last, at [/INST]) {scores}")

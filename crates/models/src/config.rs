@@ -1,6 +1,6 @@
-//! `config.json` of the Llama-family decoders we run: Llama 2/3, Mistral, Qwen2/2.5, Qwen3.
-//! They differ by flags (attention bias, q/k norm, tied embeddings, sliding window, head_dim,
-//! RoPE scaling); one struct covers them.
+//! `config.json` of the Llama-family decoders we run: Llama 2/3, Mistral, Qwen2/2.5, Qwen3 and
+//! Gemma-2. They differ by flags (attention bias, q/k norm, tied embeddings, sliding window,
+//! head_dim, RoPE scaling, Gemma-2's soft caps and extra norms); one struct covers them.
 
 use serde::Deserialize;
 
@@ -66,6 +66,30 @@ struct Raw {
     id2label: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     pad_token_id: Option<serde_json::Value>,
+    // Gemma-2.
+    #[serde(default)]
+    hidden_activation: Option<String>,
+    #[serde(default)]
+    attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    query_pre_attn_scalar: Option<f64>,
+    #[serde(default)]
+    layer_types: Option<Vec<String>>,
+}
+
+/// What Gemma-2 adds to the Llama layout: embeddings scaled by √hidden, RMSNorm weights used as
+/// (1 + w), a norm after attention and around the MLP, GeGLU with tanh-approximated GELU,
+/// attention scaled by `query_pre_attn_scalar`^-½, soft-capped attention scores and final logits
+/// (c · tanh(x / c)), and the sliding window on some layers only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma2 {
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    pub query_pre_attn_scalar: f64,
+    /// Per layer: whether it attends within `sliding_window` only.
+    pub sliding_layers: Vec<bool>,
 }
 
 fn default_eps() -> f64 {
@@ -104,10 +128,12 @@ pub struct DecoderConfig {
     /// Labels of a sequence-classification head (reward models).
     pub num_labels: usize,
     pub pad_token_id: Option<u32>,
+    /// Gemma-2's differences, for `model_type: gemma2`.
+    pub gemma2: Option<Gemma2>,
 }
 
 /// Architectures the generic decoder runs.
-pub const SUPPORTED: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "gemma2"];
 
 impl DecoderConfig {
     /// Parses a `config.json`; `origin` names the file in errors.
@@ -119,10 +145,14 @@ impl DecoderConfig {
         if !SUPPORTED.contains(&mt) {
             return Err(bad(format!("model_type `{mt}` is not supported (supported: {})", SUPPORTED.join(", "))));
         }
-        if let Some(act) = &raw.hidden_act
-            && act != "silu"
+        let gemma = mt == "gemma2";
+        let act =
+            if gemma { raw.hidden_activation.as_ref().or(raw.hidden_act.as_ref()) } else { raw.hidden_act.as_ref() };
+        let want = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+        if let Some(act) = act
+            && act != want
         {
-            return Err(bad(format!("hidden_act `{act}` is not supported (only silu)")));
+            return Err(bad(format!("hidden_act `{act}` is not supported for {mt} (only {want})")));
         }
         if raw.num_attention_heads == 0
             || !raw.hidden_size.is_multiple_of(raw.num_attention_heads) && raw.head_dim.is_none()
@@ -143,8 +173,31 @@ impl DecoderConfig {
         }
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let qwen2 = mt == "qwen2";
+        let gemma2 = if gemma {
+            // Older configs have no layer_types: even layers slide (transformers' default).
+            let sliding_layers: Vec<bool> = match &raw.layer_types {
+                Some(t) if t.len() == raw.num_hidden_layers => t.iter().map(|x| x == "sliding_attention").collect(),
+                Some(t) => {
+                    return Err(bad(format!(
+                        "layer_types has {} entries for {} layers",
+                        t.len(),
+                        raw.num_hidden_layers
+                    )));
+                }
+                None => (0..raw.num_hidden_layers).map(|i| i % 2 == 0).collect(),
+            };
+            let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1));
+            Some(Gemma2 {
+                attn_softcap: raw.attn_logit_softcapping,
+                final_softcap: raw.final_logit_softcapping,
+                query_pre_attn_scalar: raw.query_pre_attn_scalar.unwrap_or(head_dim as f64),
+                sliding_layers,
+            })
+        } else {
+            None
+        };
         let sliding_window = match mt {
-            "mistral" => raw.sliding_window,
+            "mistral" | "gemma2" => raw.sliding_window,
             "qwen2" | "qwen3" if raw.use_sliding_window == Some(true) => raw.sliding_window,
             _ => None,
         };
@@ -163,7 +216,7 @@ impl DecoderConfig {
             rope_theta,
             rope_scaling: scaling,
             max_position_embeddings: raw.max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias: qwen2 || attention_bias,
             o_bias: !qwen2 && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
@@ -171,6 +224,7 @@ impl DecoderConfig {
             sliding_window,
             num_labels,
             pad_token_id: raw.pad_token_id.and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok()),
+            gemma2,
         })
     }
 

@@ -113,6 +113,13 @@ impl RmsNorm {
         Ok(Self::new(vb.get(size, "weight")?, eps))
     }
 
+    /// Gemma's RMSNorm scales by (1 + w), with the sum taken in f32 as transformers does.
+    fn load_plus_one(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get(size, "weight")?;
+        let plus = (w.to_dtype(DType::F32)? + 1.0)?.to_dtype(w.dtype())?;
+        Ok(Self::new(plus, eps))
+    }
+
     fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -142,6 +149,17 @@ struct Attention {
     head_dim: usize,
     /// RoPE over interleaved pairs: q/k rows in llama.cpp's layout (see `gguf`).
     rope_interleaved: bool,
+    /// The scores' scale: 1/√head_dim, or Gemma-2's 1/√query_pre_attn_scalar.
+    scale: f64,
+    /// Gemma-2's cap c of the scores: c · tanh(s / c).
+    softcap: Option<f64>,
+}
+
+fn attention_scale(cfg: &DecoderConfig) -> f64 {
+    match &cfg.gemma2 {
+        Some(g) => 1.0 / g.query_pre_attn_scalar.sqrt(),
+        None => 1.0 / (cfg.head_dim as f64).sqrt(),
+    }
 }
 
 fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -167,6 +185,8 @@ impl Attention {
             kv_heads: cfg.num_kv_heads,
             head_dim: d,
             rope_interleaved: false,
+            scale: attention_scale(cfg),
+            softcap: cfg.gemma2.as_ref().and_then(|g| g.attn_softcap),
         })
     }
 
@@ -209,8 +229,11 @@ impl Attention {
         // become extra rows of one matmul against that KV head.
         let rep = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, rep * t, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
+        let scores = match self.softcap {
+            Some(c) => ((scores / c)?.tanh()? * c)?,
+            None => scores,
+        };
         let scores = scores.reshape((b, self.heads, t, s))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
@@ -229,6 +252,8 @@ struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Gemma-2's GELU (tanh approximation) instead of SiLU.
+    gelu: bool,
 }
 
 impl Mlp {
@@ -238,11 +263,13 @@ impl Mlp {
             gate: linear(h, i, b, vb.pp("gate_proj"))?,
             up: linear(h, i, b, vb.pp("up_proj"))?,
             down: linear(i, h, b, vb.pp("down_proj"))?,
+            gelu: cfg.gemma2.is_some(),
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        let g = self.gate.forward(x)?;
+        let g = if self.gelu { g.gelu()? } else { candle_nn::ops::silu(&g)? };
         self.down.forward(&(g * self.up.forward(x)?)?)
     }
 }
@@ -251,8 +278,14 @@ impl Mlp {
 struct Layer {
     attn: Attention,
     mlp: Mlp,
+    /// Before attention, and before the MLP.
     ln1: RmsNorm,
     ln2: RmsNorm,
+    /// Gemma-2: on the attention's output, and on the MLP's.
+    post_attn: Option<RmsNorm>,
+    post_mlp: Option<RmsNorm>,
+    /// Attends within the sliding window only (every layer of a windowed Mistral).
+    sliding: bool,
 }
 
 /// Token embeddings: dense, or GGUF blocks dequantized row by row on lookup.
@@ -317,18 +350,40 @@ impl Decoder {
     pub fn from_var_builder(cfg: DecoderConfig, vb: VarBuilder, with_lm_head: bool) -> Result<Self> {
         let m = vb.pp("model");
         let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let gemma = cfg.gemma2.as_ref();
+        let norm = |vb: VarBuilder| {
+            if gemma.is_some() { RmsNorm::load_plus_one(h, eps, vb) } else { RmsNorm::load(h, eps, vb) }
+        };
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let l = m.pp(format!("layers.{i}"));
+                let sliding = match gemma {
+                    Some(g) => g.sliding_layers.get(i).copied().unwrap_or(false),
+                    None => true,
+                };
+                // Gemma-2's post_attention_layernorm normalises the attention's output; the
+                // pre-MLP norm is pre_feedforward_layernorm.
+                let (ln2, post_attn, post_mlp) = match gemma {
+                    Some(_) => (
+                        norm(l.pp("pre_feedforward_layernorm"))?,
+                        Some(norm(l.pp("post_attention_layernorm"))?),
+                        Some(norm(l.pp("post_feedforward_layernorm"))?),
+                    ),
+                    None => (norm(l.pp("post_attention_layernorm"))?, None, None),
+                };
                 Ok(Layer {
                     attn: Attention::load(&cfg, l.pp("self_attn"))?,
                     mlp: Mlp::load(&cfg, l.pp("mlp"))?,
-                    ln1: RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                    ln2: RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
+                    ln1: norm(l.pp("input_layernorm"))?,
+                    ln2,
+                    post_attn,
+                    post_mlp,
+                    sliding,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let norm = norm(m.pp("norm"))?;
         let lm_head = match (with_lm_head, cfg.tie_word_embeddings) {
             (false, _) => None,
             (true, true) => Some(Linear::new(embed.embeddings().clone(), None)),
@@ -408,14 +463,20 @@ impl Decoder {
                         kv_heads: cfg.num_kv_heads,
                         head_dim: cfg.head_dim,
                         rope_interleaved: model.rope_interleaved,
+                        scale: attention_scale(&cfg),
+                        softcap: None,
                     },
                     mlp: Mlp {
                         gate: lin(t("ffn_gate.weight")?, gb)?,
                         up: lin(t("ffn_up.weight")?, ub)?,
                         down: lin(t("ffn_down.weight")?, db)?,
+                        gelu: false,
                     },
                     ln1: norm(t("attn_norm.weight")?)?,
                     ln2: norm(t("ffn_norm.weight")?)?,
+                    post_attn: None,
+                    post_mlp: None,
+                    sliding: true,
                 });
             }
             let norm = norm(get("output_norm.weight")?)?;
@@ -450,7 +511,8 @@ impl Decoder {
     /// with dense weights; None otherwise (quantized, half precision, another device, or
     /// `RBON_KERNELS=candle`).
     pub fn packed(&self) -> Result<Option<PackedDecoder>> {
-        if !crate::path::host_kernels(&self.device) || self.dtype != DType::F32 {
+        // Gemma-2's caps, scaled embeddings and extra norms run on candle's layers only.
+        if !crate::path::host_kernels(&self.device) || self.dtype != DType::F32 || self.cfg.gemma2.is_some() {
             return Ok(None);
         }
         let Embed::Dense(embed) = &self.embed else { return Ok(None) };
@@ -537,8 +599,8 @@ impl Decoder {
 
     /// Additive mask [t, s] for queries at positions start..start+t over keys 0..s: causal, and
     /// within the sliding window when the model has one. None when nothing is masked.
-    fn mask(&self, start: usize, t: usize, s: usize) -> Result<Option<Tensor>> {
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+    fn mask(&self, start: usize, t: usize, s: usize, window: Option<usize>) -> Result<Option<Tensor>> {
+        let window = window.unwrap_or(usize::MAX);
         let visible = |i: usize, j: usize| j <= start + i && start + i - j < window;
         if (0..t).all(|i| (0..s).all(|j| visible(i, j))) {
             return Ok(None);
@@ -554,13 +616,32 @@ impl Decoder {
         let (_, t) = ids.dims2()?;
         let start = cache.len;
         let (cos, sin) = self.rope(start, t)?;
-        let mask = self.mask(start, t, start + t)?;
+        let windowed = self.cfg.sliding_window.filter(|_| self.layers.iter().any(|l| l.sliding));
+        let sliding_mask = self.mask(start, t, start + t, windowed)?;
+        let full_mask = match (windowed, self.layers.iter().all(|l| l.sliding)) {
+            (Some(_), false) => self.mask(start, t, start + t, None)?,
+            _ => sliding_mask.clone(),
+        };
         let mut x = self.embed.forward(ids, self.dtype)?;
+        if self.cfg.gemma2.is_some() {
+            // √hidden, rounded to the weights' dtype as transformers does.
+            let scale = Tensor::new((self.cfg.hidden_size as f32).sqrt(), &self.device)?.to_dtype(self.dtype)?;
+            x = x.broadcast_mul(&scale)?;
+        }
         let room = cache.room;
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.attn.forward(&layer.ln1.forward(&x)?, &cos, &sin, mask.as_ref(), c, (start, room))?;
+            let mask = if layer.sliding { sliding_mask.as_ref() } else { full_mask.as_ref() };
+            let h = layer.attn.forward(&layer.ln1.forward(&x)?, &cos, &sin, mask, c, (start, room))?;
+            let h = match &layer.post_attn {
+                Some(n) => n.forward(&h)?,
+                None => h,
+            };
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.ln2.forward(&x)?)?;
+            let h = match &layer.post_mlp {
+                Some(n) => n.forward(&h)?,
+                None => h,
+            };
             x = (x + h)?;
         }
         cache.len += t;
@@ -569,9 +650,13 @@ impl Decoder {
 
     /// Logits (f32) of hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        match &self.lm_head {
-            Some(h) => h.forward(hidden)?.to_dtype(DType::F32),
+        let logits = match &self.lm_head {
+            Some(h) => h.forward(hidden)?.to_dtype(DType::F32)?,
             None => candle_core::bail!("this decoder was loaded without its language-model head"),
+        };
+        match self.cfg.gemma2.as_ref().and_then(|g| g.final_softcap) {
+            Some(c) => (logits / c)?.tanh()? * c,
+            None => Ok(logits),
         }
     }
 

@@ -224,6 +224,7 @@ impl GgufFile {
             sliding_window: self.usize(&k("attention.sliding_window"))?.filter(|&w| w > 0),
             num_labels: 1,
             pad_token_id: self.usize("tokenizer.ggml.padding_token_id")?.and_then(|v| u32::try_from(v).ok()),
+            gemma2: None,
         };
         if let Some(s) = self.shape("rope_freqs.weight")
             && s != [head_dim / 2]

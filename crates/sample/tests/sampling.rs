@@ -78,7 +78,7 @@ fn samples_do_not_depend_on_batch_size_or_n() {
 #[test]
 fn recorded_logprobs_match_teacher_forcing() {
     let mut eos = 0;
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2"] {
         let p = policy(name);
         let prompt = p.prompt_ids(&[Message::user("Write a haiku about autumn rain.")]).unwrap();
         let cfg =

@@ -67,7 +67,7 @@ fn load_rm(name: &str) -> RewardModel {
 
 #[test]
 fn decoder_reward_models_match_transformers() {
-    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma2"] {
         let name = format!("tiny-rm-{arch}");
         let m = load_rm(&name);
         let g = golden(&name);
@@ -96,7 +96,7 @@ fn decoder_reward_models_match_transformers() {
 /// scored together (one batch, or several under a small budget) and one at a time agree.
 #[test]
 fn decoder_reward_models_share_the_prompt_prefix() {
-    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma2"] {
         let name = format!("tiny-rm-{arch}");
         let m = load_rm(&name);
         let g = golden(&name);
