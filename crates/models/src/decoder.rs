@@ -102,22 +102,27 @@ struct RmsNorm {
     fused: candle_nn::RmsNorm,
     weight: Tensor,
     eps: f64,
+    /// Gemma's (1 + w) in f32: applied to the f32 normalised value, rounded once (as
+    /// transformers' Gemma2RMSNorm does, whatever the model's dtype).
+    plus_one: Option<Tensor>,
 }
 
 impl RmsNorm {
     fn new(weight: Tensor, eps: f64) -> Self {
-        Self { fused: candle_nn::RmsNorm::new(weight.clone(), eps), weight, eps }
+        Self { fused: candle_nn::RmsNorm::new(weight.clone(), eps), weight, eps, plus_one: None }
     }
 
     fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self::new(vb.get(size, "weight")?, eps))
     }
 
-    /// Gemma's RMSNorm scales by (1 + w), with the sum taken in f32 as transformers does.
+    /// Gemma's RMSNorm: scaled by (1 + w), in f32.
     fn load_plus_one(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let w = vb.get(size, "weight")?;
-        let plus = (w.to_dtype(DType::F32)? + 1.0)?.to_dtype(w.dtype())?;
-        Ok(Self::new(plus, eps))
+        let plus = (w.to_dtype(DType::F32)? + 1.0)?;
+        let mut n = Self::new(plus.to_dtype(w.dtype())?, eps);
+        n.plus_one = Some(plus);
+        Ok(n)
     }
 
     fn weight(&self) -> &Tensor {
@@ -126,6 +131,14 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
+        if let Some(w) = &self.plus_one
+            && dtype != DType::F32
+        {
+            let x32 = x.to_dtype(DType::F32)?;
+            let var = x32.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+            let normed = x32.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+            return normed.broadcast_mul(w)?.to_dtype(dtype);
+        }
         if dtype == DType::F32 || !x.device().is_cpu() {
             return self.fused.forward(x);
         }

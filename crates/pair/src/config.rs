@@ -69,7 +69,8 @@ impl FileFormat {
 #[serde(rename_all = "snake_case")]
 pub enum MarginColumn {
     /// The proxy margin (default). OpenRLHF's reward-model training reads a `margin` column as
-    /// the offset of its margin loss (`--margin_loss`): −log σ(r_chosen − r_rejected − margin).
+    /// the offset of its margin loss (`--model.margin_loss_enable` in 0.11):
+    /// −log σ(r_chosen − r_rejected − margin).
     #[default]
     Proxy,
     /// Left out of the exports: margin loss then uses 0 (the pairs shards keep it for

@@ -17,7 +17,8 @@ pub struct Paired {
     /// when every difference is 0).
     pub p_value: Option<f64>,
     /// The fewest prompts at which a mean difference and spread like these would give p <
-    /// [`ALPHA`] (`None` when the mean difference is 0, or with fewer than two prompts).
+    /// [`ALPHA`] (`None` when the mean difference is 0, with fewer than two prompts, or when more
+    /// than a billion would be needed).
     pub prompts_needed: Option<u64>,
 }
 
@@ -33,22 +34,44 @@ impl Paired {
             return if mean == 0.0 { none } else { Self { p_value: Some(0.0), prompts_needed: Some(2), ..none } };
         }
         let p = |k: u64| two_sided_p(mean.abs() * (k as f64).sqrt() / std, (k - 1) as f64);
-        let prompts_needed = (mean != 0.0).then(|| {
-            // The normal approximation is a lower bound (t's quantile exceeds z's); grow from there.
-            let z = 1.959_963_984_540_054;
-            let mut k = ((z * std / mean.abs()).powi(2).ceil() as u64).max(2);
-            // Past a billion prompts the answer is "never, in practice".
-            while k < 1_000_000_000 && p(k) >= ALPHA {
-                k = (k + 1).max(k + k / 64);
-            }
-            // Step back to the smallest k (the growth above may overshoot by k/64).
-            while k > 2 && p(k - 1) < ALPHA {
-                k -= 1;
-            }
-            k
-        });
-        Self { p_value: Some(p(n)), prompts_needed, ..none }
+        Self { p_value: Some(p(n)), prompts_needed: prompts_needed(mean, std, p), ..none }
     }
+}
+
+/// Past this many prompts the answer is "never, in practice" (and t's tail, computed here, is no
+/// longer accurate).
+const MAX_PROMPTS: u64 = 1_000_000_000;
+
+/// The smallest k ≥ 2 with p(k) < [`ALPHA`], p falling in k; `None` when the mean difference is 0
+/// or more than [`MAX_PROMPTS`] would be needed.
+fn prompts_needed(mean: f64, std: f64, p: impl Fn(u64) -> f64) -> Option<u64> {
+    if mean == 0.0 {
+        return None;
+    }
+    // The normal approximation is a lower bound (t's quantile exceeds z's).
+    let z = 1.959_963_984_540_054;
+    let guess = (z * std / mean.abs()).powi(2).ceil();
+    if !guess.is_finite() || guess >= MAX_PROMPTS as f64 {
+        return None;
+    }
+    let mut lo = (guess as u64).max(2);
+    if p(lo) < ALPHA {
+        return Some(lo);
+    }
+    // Double until significant, then bisect: p(lo) ≥ α > p(hi).
+    let mut hi = lo;
+    while p(hi) >= ALPHA {
+        lo = hi;
+        hi = hi.saturating_mul(2);
+        if hi > MAX_PROMPTS {
+            return None;
+        }
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if p(mid) < ALPHA { hi = mid } else { lo = mid }
+    }
+    Some(hi)
 }
 
 /// P(|T| ≥ t) for Student's t with `nu` degrees of freedom: I_{ν/(ν+t²)}(ν/2, ½).
@@ -176,5 +199,10 @@ mod tests {
         assert_eq!(Paired::from_moments(24, 0.0, 0.0).p_value, None);
         assert_eq!(Paired::from_moments(24, 0.2, 0.0).p_value, Some(0.0));
         assert_eq!(Paired::from_moments(1, 0.2, 0.1).p_value, None);
+        // A difference far below its spread: never, in practice (not a saturated count).
+        assert_eq!(Paired::from_moments(24, 1e-12, 1.0).prompts_needed, None);
+        let k = Paired::from_moments(24, 1e-3, 1.0).prompts_needed.unwrap();
+        let p = |k: u64| two_sided_p(1e-3 * (k as f64).sqrt(), (k - 1) as f64);
+        assert!(p(k) < ALPHA && p(k - 1) >= ALPHA, "{k}");
     }
 }

@@ -121,7 +121,7 @@ fn diff_col(g: &str) -> String {
     format!("diff_vs_bon_{g}")
 }
 fn diff_std_col(g: &str) -> String {
-    format!("diff_vs_bon_{g}_std")
+    format!("diff_std_vs_bon_{g}")
 }
 fn mean_col(r: &str) -> String {
     format!("{}_mean", rbon_core::schema::reward_column(r))

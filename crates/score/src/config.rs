@@ -273,12 +273,22 @@ impl ScoreConfig {
         &self,
         files: &rbon_core::FileDigests,
     ) -> Result<Vec<Vec<(String, String)>>, rbon_core::StageError> {
-        let specs =
-            self.rewards.iter().map(|r| r.model.as_str()).chain(self.embedding.iter().map(|e| e.model.as_str()));
+        // A reward model's chat template given by path is read like its folder's files.
+        let templates =
+            self.rewards.iter().map(|r| Some(r.chat_template.as_str()).filter(|t| !matches!(*t, "auto" | "none")));
+        let specs = self
+            .rewards
+            .iter()
+            .map(|r| r.model.as_str())
+            .zip(templates)
+            .chain(self.embedding.iter().map(|e| (e.model.as_str(), None)));
         specs
-            .map(|spec| {
+            .map(|(spec, template)| {
                 let dir = ModelDir::resolve(spec).map_err(rbon_core::StageError::other)?;
-                let inputs = dir.input_files().map_err(rbon_core::StageError::other)?;
+                let mut inputs = dir.input_files().map_err(rbon_core::StageError::other)?;
+                if let Some(t) = template {
+                    inputs.push(std::path::PathBuf::from(t));
+                }
                 Ok(files.of_files(dir.root(), &inputs)?)
             })
             .collect()
@@ -361,6 +371,13 @@ fn check_kind(doc: &ConfigDoc, path: &str, r: &RewardSpec, d: &mut Diagnostics) 
     }
     if pairrm {
         return;
+    }
+    if model_type == "deberta-v2" && (r.head.is_some() || r.pooling.is_some()) {
+        let key = if r.head.is_some() { "head" } else { "pooling" };
+        d.push(doc.diag(
+            &format!("{path}.{key}"),
+            format!("{} is a DeBERTa text-pair classifier; `{key}` applies to decoders", dir.root().display()),
+        ));
     }
     let seq2seq = model_type == "t5";
     if seq2seq && r.kind == RewardKind::Classifier {

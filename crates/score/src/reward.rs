@@ -102,7 +102,8 @@ const PAIRRM_PREFIXES: [&str; 4] = ["<|source|>", "<|candidate1|>", "<|candidate
 pub fn pairrm_texts(prompt: &[Message], response: &str) -> (String, String) {
     let clean = |t: &str| {
         let mut t = t.replace("[SEP]", " ");
-        for p in PAIRRM_PREFIXES {
+        // Until none is left: removing one can join the pieces of another.
+        while let Some(p) = PAIRRM_PREFIXES.iter().find(|p| t.contains(**p)) {
             t = t.replace(p, "");
         }
         t
@@ -122,6 +123,30 @@ pub fn pairrm_texts(prompt: &[Message], response: &str) -> (String, String) {
         input.join("\n")
     );
     (clean(&source), clean(&cand.join("\n")))
+}
+
+/// A seq2seq judge's template with `{prompt}` and `{response}` filled in one pass (a prompt that
+/// itself contains `{response}` stays as it is).
+fn fill(template: &str, prompt: &str, response: &str) -> String {
+    let mut out = String::with_capacity(template.len() + prompt.len() + response.len());
+    let mut rest = template;
+    loop {
+        let next = [("{prompt}", prompt), ("{response}", response)]
+            .into_iter()
+            .filter_map(|(key, value)| rest.find(key).map(|at| (at, key, value)))
+            .min_by_key(|&(at, _, _)| at);
+        match next {
+            Some((at, key, value)) => {
+                out.push_str(&rest[..at]);
+                out.push_str(value);
+                rest = &rest[at + key.len()..];
+            }
+            None => {
+                out.push_str(rest);
+                return out;
+            }
+        }
+    }
 }
 
 /// `[CLS] … [SEP]` cut to `max` tokens as the tokenizer's right truncation does: the content is
@@ -415,8 +440,13 @@ impl RewardModel {
             }
             cfg.tie_word_embeddings = false;
             let model = t5::T5ForConditionalGeneration::load(vb, &cfg).map_err(candle(&ctx))?;
-            let tokenizer = tokenizers::Tokenizer::from_file(dir.root().join("tokenizer.json"))
+            let mut tokenizer = tokenizers::Tokenizer::from_file(dir.root().join("tokenizer.json"))
                 .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("tokenizer.json").display())))?;
+            // The whole input, as the reference encodes it (whatever tokenizer.json was saved with).
+            tokenizer
+                .with_truncation(None)
+                .map_err(|e| ScoreError::Config(format!("{}: {e}", dir.root().join("tokenizer.json").display())))?;
+            tokenizer.with_padding(None);
             let ids = tokenizer
                 .encode(token, false)
                 .map_err(|e| ScoreError::Config(format!("reward `{}`: tokenizing {token:?}: {e}", r.name)))?;
@@ -590,10 +620,7 @@ impl RewardModel {
             }
             Self::Seq2Seq(m) => {
                 let flat = |t: &str| if m.flatten_newlines { t.replace('\n', " ") } else { t.to_owned() };
-                let text = m
-                    .template
-                    .replace("{prompt}", &flat(&question_text(prompt)))
-                    .replace("{response}", &flat(response));
+                let text = fill(&m.template, &flat(&question_text(prompt)), &flat(response));
                 let enc = m
                     .tokenizer
                     .encode(text, true)
@@ -640,10 +667,7 @@ impl RewardModel {
     fn score_batch(&self, rows: &[&(Vec<u32>, Vec<u32>)]) -> Result<Vec<f64>, ScoreError> {
         let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(1);
         match self {
-            Self::PairRm(m) => {
-                let inputs: Vec<(Vec<u32>, Vec<u32>)> = rows.iter().map(|&r| r.clone()).collect();
-                m.score_groups(&inputs, usize::MAX)
-            }
+            Self::PairRm(_) => Err(ScoreError::Config("PairRM scores whole prompts through score_groups".into())),
             Self::Seq2Seq(m) => rows.iter().map(|r| m.score_one(&r.0)).collect(),
             Self::Decoder(m) => {
                 let ctx = "scoring with a reward model";
@@ -714,6 +738,12 @@ fn load_pairrm(
     }
     let len = |k: &str, default: usize| raw.get(k).and_then(|v| v.as_u64()).map_or(default, |v| v as usize);
     let (source_max, candidate_max) = (len("source_maxlength", 1224), len("candidate_maxlength", 412));
+    // [CLS], the prefix token and [SEP] at least: the head reads the prefix tokens' positions.
+    if source_max < 3 || candidate_max < 3 {
+        return Err(bad(format!(
+            "source_maxlength {source_max} and candidate_maxlength {candidate_max} must each be at least 3"
+        )));
+    }
     let mut cfg: debertav2::Config = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
     // The input (up to source + 2 candidates, 2048 tokens) is longer than the absolute position
     // table, which PairRM never reads (position_biased_input is false) but candle slices; the
@@ -732,7 +762,10 @@ fn load_pairrm(
     let head_in = candle_nn::linear(2 * h, h, vb.pp("head_layer.1")).map_err(candle(&ctx))?;
     let head_out = candle_nn::linear(h, 1, vb.pp("head_layer.4")).map_err(candle(&ctx))?;
     let path = dir.root().join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    // Truncation is PairRM's own (per part); pads would land inside the joined input.
+    tokenizer.with_truncation(None).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    tokenizer.with_padding(None);
     for (text, want) in PAIRRM_PREFIXES.iter().zip(prefix) {
         if tokenizer.token_to_id(text) != Some(want) {
             return Err(bad(format!("{} does not hold {text} as id {want}", path.display())));
