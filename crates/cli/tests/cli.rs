@@ -1494,6 +1494,30 @@ fn model_files_edited_in_place_redo_what_read_them() {
 }
 
 #[test]
+fn a_reward_models_template_file_edited_in_place_redoes_the_scores() {
+    let f = Fixture::new(1, 1);
+    let template =
+        f.write("rm.jinja", "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}");
+    let rm = repo().join("data/models/tiny-rm-qwen2");
+    let yaml = sample_pipeline("a", 2)
+        + &format!(
+            "score:\n  rewards:\n    - {{ name: r, model: {}, chat_template: {} }}\n",
+            rm.display(),
+            template.display()
+        );
+    f.write("a.yaml", &yaml);
+    assert!(f.run(&["run", "a.yaml"]).status.success());
+    let o = f.run(&["run", "a.yaml"]);
+    assert!(text(&o).contains("scores: all 3 shards already done, skipped"), "{}", text(&o));
+    let t = fs::read_to_string(&template).unwrap();
+    fs::write(&template, t.replace("{{ m.content }}", "{{ m.content | upper }}")).unwrap();
+    let o = f.run(&["run", "a.yaml"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("scores: earlier output discarded") && t.contains("samples: all 3 shards already done"), "{t}");
+}
+
+#[test]
 fn damaged_or_swapped_shards_are_made_again() {
     let f = Fixture::new(30, 4);
     f.write("a.yaml", &pipeline("c.jsonl", "a", 5, BETAS));
