@@ -546,12 +546,13 @@ def teacher_forced_logprobs(model, prompt, response):
 
 
 @torch.no_grad()
-def check_sliding_window(model, ids, window):
-    """Shows that the window changes the logits exactly at positions >= window (eager path)."""
+def check_sliding_window(model, ids, window, off=None):
+    """Shows that the window changes the logits exactly at positions >= window (eager path).
+    `off` is the setting without a window (Gemma-2's cache wants a number there, not None)."""
     x = torch.tensor([ids])
     with_window = model(x).logits[0]
     saved = model.config.sliding_window
-    model.config.sliding_window = None
+    model.config.sliding_window = off
     try:
         full = model(x).logits[0]
     finally:
