@@ -170,21 +170,9 @@ impl PairRm {
         budget: usize,
     ) -> Result<Vec<f64>, ScoreError> {
         let ctx = "scoring with PairRM";
-        let src = truncated(source, self.source_max);
-        let room = self.candidate_max + self.source_max.saturating_sub(src.len()) / 2;
-        let cands: Vec<Vec<u32>> = cands.iter().map(|c| truncated(c, room)).collect();
-        let [_, c1, c2, c] = self.prefix;
-        let rows: Vec<(Vec<u32>, [usize; 3])> = pairs
-            .iter()
-            .map(|&(a, b)| {
-                let mut ids = src.clone();
-                let pa = ids.len() + 1;
-                ids.extend(cands[a].iter().map(|&t| if t == c { c1 } else { t }));
-                let pb = ids.len() + 1;
-                ids.extend(cands[b].iter().map(|&t| if t == c { c2 } else { t }));
-                (ids, [1, pa, pb])
-            })
-            .collect();
+        let (src, cands) = self.truncate(source, cands);
+        let rows: Vec<(Vec<u32>, [usize; 3])> =
+            pairs.iter().map(|&(a, b)| self.row(&src, &cands[a], &cands[b])).collect();
         let lens: Vec<usize> = rows.iter().map(|r| r.0.len()).collect();
         let mut out = vec![0.0; rows.len()];
         for batch in length_batches(&lens, budget) {
@@ -257,13 +245,29 @@ impl PairRm {
 
     /// The encoder input of (a, b) as [`PairRm::compare`] builds it.
     pub fn pair_ids(&self, a: &(Vec<u32>, Vec<u32>), b: &(Vec<u32>, Vec<u32>)) -> Vec<u32> {
-        let src = truncated(&a.0, self.source_max);
+        let (src, cands) = self.truncate(&a.0, &[&a.1, &b.1]);
+        self.row(&src, &cands[0], &cands[1]).0
+    }
+
+    /// The source cut to `source_max`, and each candidate to `candidate_max` plus half of what
+    /// the source leaves unused.
+    fn truncate(&self, source: &[u32], cands: &[&[u32]]) -> (Vec<u32>, Vec<Vec<u32>>) {
+        let src = truncated(source, self.source_max);
         let room = self.candidate_max + self.source_max.saturating_sub(src.len()) / 2;
+        let cands = cands.iter().map(|c| truncated(c, room)).collect();
+        (src, cands)
+    }
+
+    /// One encoder input, source then a as candidate 1 and b as candidate 2, with the positions
+    /// of the three prefix tokens the head reads.
+    fn row(&self, src: &[u32], a: &[u32], b: &[u32]) -> (Vec<u32>, [usize; 3]) {
         let [_, c1, c2, c] = self.prefix;
-        let mut ids = src;
-        ids.extend(truncated(&a.1, room).into_iter().map(|t| if t == c { c1 } else { t }));
-        ids.extend(truncated(&b.1, room).into_iter().map(|t| if t == c { c2 } else { t }));
-        ids
+        let mut ids = src.to_vec();
+        let pa = ids.len() + 1;
+        ids.extend(a.iter().map(|&t| if t == c { c1 } else { t }));
+        let pb = ids.len() + 1;
+        ids.extend(b.iter().map(|&t| if t == c { c2 } else { t }));
+        (ids, [1, pa, pb])
     }
 }
 
