@@ -114,6 +114,11 @@ pub struct Packed {
 }
 
 impl Packed {
+    /// Whether the products take bf16 operands ([`Precision::Bf16`]).
+    pub fn is_bf16(&self) -> bool {
+        self.precision == Precision::Bf16
+    }
+
     /// Packs `w` ([n, k], row-major). `None` unless [`fits`].
     pub fn new(w: &[f32], n: usize, k: usize, precision: Precision) -> Option<Self> {
         if !fits(n, k) || w.len() != n * k {

@@ -664,7 +664,7 @@ impl Decoder {
     /// Logits (f32) of hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = match &self.lm_head {
-            Some(h) => h.forward(hidden)?.to_dtype(DType::F32)?,
+            Some(h) => h.forward_f32(hidden)?,
             None => candle_core::bail!("this decoder was loaded without its language-model head"),
         };
         match self.cfg.gemma2.as_ref().and_then(|g| g.final_softcap) {

@@ -246,6 +246,8 @@ pub struct Weight {
 #[derive(Debug)]
 enum Repr {
     F32(Vec<f32>),
+    /// bf16 bits, multiplied with `vdpbf16ps` ([`crate::lowp`]).
+    Bf16(Vec<u16>),
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     Amx(crate::amx::Packed),
 }
@@ -259,8 +261,9 @@ impl Weight {
         Self::prepared(data, rows, cols, false)
     }
 
-    /// For products in bf16 (operands rounded to bf16, sums in f32) where the CPU has AMX;
-    /// f32 like [`Self::new`] elsewhere.
+    /// For products in bf16 (operands rounded to bf16, sums in f32) where the CPU has AMX or
+    /// AVX-512-BF16 (`vdpbf16ps`, twice the rate of f32 FMAs); f32 like [`Self::new`] elsewhere
+    /// (on AVX2 alone, bf16 products would be slower than f32 ones).
     ///
     /// # Panics
     /// As [`Self::new`].
@@ -280,6 +283,11 @@ impl Weight {
             {
                 return Self { rows, cols, repr: Repr::Amx(p) };
             }
+        }
+        if bf16 && crate::lowp::dot_bf16_available() {
+            assert_eq!(data.len(), rows * cols, "Weight: {rows}×{cols} from {} values", data.len());
+            let bits = data.iter().map(|&v| crate::lowp::bf16_bits(v)).collect();
+            return Self { rows, cols, repr: Repr::Bf16(bits) };
         }
         Self::portable(data, rows, cols)
     }
@@ -303,7 +311,20 @@ impl Weight {
 
     /// Whether products with this weight run on AMX tiles.
     pub fn on_amx(&self) -> bool {
-        !matches!(self.repr, Repr::F32(_))
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        return matches!(self.repr, Repr::Amx(_));
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
+    }
+
+    /// Whether products with this weight take bf16 operands (on AMX or AVX-512-BF16).
+    pub fn in_bf16(&self) -> bool {
+        match &self.repr {
+            Repr::F32(_) => false,
+            Repr::Bf16(_) => true,
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Repr::Amx(p) => p.is_bf16(),
+        }
     }
 }
 
@@ -333,6 +354,46 @@ pub fn linear(x: Mat, w: &Weight, out: &mut [f32], ldo: usize, then: Epilogue, t
             matmul_t(x, Mat::new(d, w.rows, w.cols), out, ldo, then.accumulate || then.bias.is_some(), threads);
             if then.gelu {
                 rows_of(out, ldo, m, n, threads, gelu_erf_serial);
+            }
+        }
+        Repr::Bf16(wb) => {
+            let (m, n, k) = (x.rows, w.rows, w.cols);
+            if m == 0 || n == 0 {
+                return;
+            }
+            assert!(x.fits() && (m - 1) * ldo + n <= out.len(), "linear: a view exceeds its buffer");
+            // The input rows rounded to bf16, contiguous.
+            let mut xb = vec![0u16; m * k];
+            let round = |(i, row): (usize, &mut [u16])| {
+                for (o, &v) in row.iter_mut().zip(&x.data[i * x.stride..][..k]) {
+                    *o = crate::lowp::bf16_bits(v);
+                }
+            };
+            if threads {
+                xb.par_chunks_mut(k.max(1)).enumerate().for_each(round);
+            } else {
+                xb.chunks_mut(k.max(1)).enumerate().for_each(round);
+            }
+            let y = crate::lowp::matmul_t_with(crate::lowp::Half::Bf16, &xb, wb, m, k, n, threads);
+            let y = &y;
+            let row = |(i, r): (usize, &mut [f32])| {
+                let r = &mut r[..n];
+                let yi = &y[i * n..][..n];
+                if then.accumulate {
+                    r.iter_mut().zip(yi).for_each(|(o, v)| *o += v);
+                } else {
+                    r.copy_from_slice(yi);
+                }
+                finish(r, then.bias, false);
+                if then.gelu {
+                    gelu_erf_serial(r);
+                }
+            };
+            let out = &mut out[..(m - 1) * ldo + n];
+            if threads {
+                out.par_chunks_mut(ldo).enumerate().for_each(row);
+            } else {
+                out.chunks_mut(ldo).enumerate().for_each(row);
             }
         }
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -590,6 +651,9 @@ mod tests {
                 assert_eq!((wt.rows(), wt.cols()), (n, k));
                 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
                 assert_eq!(wt.on_amx(), may_use_amx && crate::amx::available() && crate::amx::fits(n, k));
+                if !wt.on_amx() {
+                    assert_eq!(wt.in_bf16(), tol > 1e-3 && crate::lowp::dot_bf16_available());
+                }
                 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
                 assert!(!wt.on_amx() || may_use_amx);
                 for then in [

@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod hub;
 pub mod kernels;
 pub mod linear;
+pub mod lowp;
 pub mod packed;
 pub mod path;
 pub mod rows;

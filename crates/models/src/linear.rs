@@ -4,12 +4,15 @@
 //! ten times the single-row one, so N samples cost nearly N passes. Decoding is memory-bound:
 //! done right, N rows should cost about one read of the weights. This op streams each weight row
 //! once from memory and takes its dot product with every input row while it sits in L1.
+//!
+//! bf16 and f16 layers take [`crate::lowp`]'s products at every size (decode, prefill and
+//! teacher forcing): candle has no half-precision CPU matmul and widened every weight to f32 on
+//! each call.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Rows up to which the fast path is used with AVX2: measured on 2 cores, it beats candle's
 /// matmul up to here (2 rows: 0.22 ms against 1.43 ms for 1024×3072; 8 rows: 0.93 against
@@ -29,7 +32,8 @@ fn small_m() -> usize {
     SMALL_M
 }
 
-/// The weight of a linear layer: dense (any dtype; f32 takes the small-m path on the CPU), or
+/// The weight of a linear layer: dense (any dtype; on the CPU, f32 takes the small-m path and
+/// bf16/f16 rbon's half-precision products at every size), or
 /// quantized (GGUF blocks, kept at their size in memory and multiplied by candle's quantized
 /// matmul, which rounds each input row to the weight's dot-product format, Q8_0 or Q8_K).
 #[derive(Debug, Clone)]
@@ -70,6 +74,30 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `forward(x)` as f32: the same values (rounded to x's dtype, then widened), with the
+    /// rounding done inside the product on rbon's half-precision path, which saves a pass and a
+    /// buffer of the output's size (an output head's logits are the largest tensor of a step).
+    pub fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Weight::Dense(w), None) = (&self.weight, &self.bias)
+            && crate::path::host_kernels(x.device())
+            && x.dtype() == w.dtype()
+            && matches!(x.dtype(), DType::BF16 | DType::F16)
+        {
+            let dims = x.dims().to_vec();
+            let k = *dims.last().unwrap_or(&0);
+            let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+            let y = x.reshape((m, k))?.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &HalfMatmul { widen: true })?;
+            let mut out = dims;
+            if let Some(last) = out.last_mut() {
+                *last = w.dim(0)?;
+            }
+            return y.reshape(out);
+        }
+        self.forward(x)?.to_dtype(DType::F32)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
@@ -88,6 +116,20 @@ fn dense(weight: &Tensor, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    // Half precision on the CPU: rbon's products at every size (candle's widen both operands to
+    // f32 on each call; see `crate::lowp`).
+    if crate::path::host_kernels(x.device())
+        && x.dtype() == weight.dtype()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+    {
+        let x2 = x.reshape((m, k))?.contiguous()?;
+        let y = x2.apply_op2_no_bwd(&weight.contiguous()?, &HalfMatmul { widen: false })?;
+        let mut out = dims.clone();
+        if let Some(last) = out.last_mut() {
+            *last = weight.dim(0)?;
+        }
+        return y.reshape(out);
+    }
     let fast = crate::path::host_kernels(x.device())
         && x.dtype() == DType::F32
         && weight.dtype() == DType::F32
@@ -126,27 +168,123 @@ impl CustomOp2 for SmallMatmul {
             candle_core::bail!("small-m-matmul: inner dimensions {k} and {k2} differ");
         }
         let (x, w) = (&x[xs..xe], &w[ws..we]);
-        // Output transposed ([n, m]) so each task owns whole rows of it; transposed back below.
-        let mut yt = vec![0f32; n * m];
-        const ROWS_PER_TASK: usize = 64;
-        yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(c, out)| {
-            let j0 = c * ROWS_PER_TASK;
-            let rows = out.len() / m;
-            block(x, &w[j0 * k..(j0 + rows) * k], out, m, k);
-        });
         let mut y = vec![0f32; m * n];
-        for j in 0..n {
-            for i in 0..m {
-                y[i * n + j] = yt[j * m + i];
-            }
-        }
+        crate::lowp::by_weight_blocks(
+            m,
+            n,
+            true,
+            &mut y,
+            |v| v,
+            |j0, rows, part| {
+                if k > 0 {
+                    block(x, &w[j0 * k..(j0 + rows) * k], part, m, k);
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
 
-/// `out[j * m + i] = x_i · w_j` for the weight rows `w` of one task, dispatched to an AVX-512
+/// `x [m, k] · w [n, k]ᵀ → [m, n]` with both in bf16 or both in f16 on the CPU: products exact,
+/// sums in f32 ([`crate::lowp`]), each output rounded once to the dtype, as torch's CPU linear;
+/// `widen`: returned as f32 (the rounded values, widened).
+struct HalfMatmul {
+    widen: bool,
+}
+
+impl CustomOp2 for HalfMatmul {
+    fn name(&self) -> &'static str {
+        "half-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        use crate::lowp::{self, Half};
+        use half::slice::HalfFloatSliceExt;
+        use half::{bf16, f16};
+        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("half-matmul: contiguous inputs only");
+        };
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("half-matmul: inner dimensions {k} and {k2} differ");
+        }
+        let storage = match (s1, s2) {
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) if self.widen => {
+                let (x, w) = (&x[xs..xe], &w[ws..we]);
+                let mut y = vec![0f32; m * n];
+                let round = |v: f32| bf16::from_f32(v).to_f32();
+                lowp::matmul_t_into(
+                    Half::Bf16,
+                    x.reinterpret_cast(),
+                    w.reinterpret_cast(),
+                    m,
+                    k,
+                    n,
+                    true,
+                    &mut y,
+                    round,
+                );
+                CpuStorage::F32(y)
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(w)) if self.widen => {
+                let (x, w) = (&x[xs..xe], &w[ws..we]);
+                let mut y = vec![0f32; m * n];
+                let round = |v: f32| f16::from_f32(v).to_f32();
+                lowp::matmul_t_into(
+                    Half::F16,
+                    x.reinterpret_cast(),
+                    w.reinterpret_cast(),
+                    m,
+                    k,
+                    n,
+                    true,
+                    &mut y,
+                    round,
+                );
+                CpuStorage::F32(y)
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
+                let (x, w) = (&x[xs..xe], &w[ws..we]);
+                let mut y = vec![bf16::ZERO; m * n];
+                lowp::matmul_t_into(
+                    Half::Bf16,
+                    x.reinterpret_cast(),
+                    w.reinterpret_cast(),
+                    m,
+                    k,
+                    n,
+                    true,
+                    &mut y,
+                    bf16::from_f32,
+                );
+                CpuStorage::BF16(y)
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(w)) => {
+                let (x, w) = (&x[xs..xe], &w[ws..we]);
+                let mut y = vec![f16::ZERO; m * n];
+                lowp::matmul_t_into(
+                    Half::F16,
+                    x.reinterpret_cast(),
+                    w.reinterpret_cast(),
+                    m,
+                    k,
+                    n,
+                    true,
+                    &mut y,
+                    f16::from_f32,
+                );
+                CpuStorage::F16(y)
+            }
+            _ => candle_core::bail!("half-matmul: both operands bf16 or both f16"),
+        };
+        Ok((storage, Shape::from((m, n))))
+    }
+}
+
+/// `out[i * n + j] = x_i · w_j` for the n weight rows `w` of one task (output [m, n]), dispatched to an AVX-512
 /// or AVX2+FMA build where the CPU has it.
-fn block(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize) {
+pub(crate) fn block(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports the features the function was compiled for (checked above).
@@ -194,11 +332,11 @@ mod avx512 {
             let ie = (i0 + 16).min(m);
             let mut j = 0;
             while j + 4 <= n {
-                rows::<4>(x, w, out, m, k, j, i0, ie);
+                rows::<4>(x, w, out, n, k, j, i0, ie);
                 j += 4;
             }
             while j < n {
-                rows::<1>(x, w, out, m, k, j, i0, ie);
+                rows::<1>(x, w, out, n, k, j, i0, ie);
                 j += 1;
             }
         }
@@ -208,19 +346,19 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    fn rows<const J: usize>(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, j: usize, i0: usize, ie: usize) {
+    fn rows<const J: usize>(x: &[f32], w: &[f32], out: &mut [f32], n: usize, k: usize, j: usize, i0: usize, ie: usize) {
         let mut i = i0;
         while i + 4 <= ie {
-            tile::<J, 4>(x, w, out, m, k, j, i);
+            tile::<J, 4>(x, w, out, n, k, j, i);
             i += 4;
         }
         while i < ie {
-            tile::<J, 1>(x, w, out, m, k, j, i);
+            tile::<J, 1>(x, w, out, n, k, j, i);
             i += 1;
         }
     }
 
-    /// out[(j + a) * m + i + b] = w_{j+a} · x_{i+b} for a < J, b < I.
+    /// out[(i + b) * n + j + a] = w_{j+a} · x_{i+b} for a < J, b < I.
     #[inline]
     #[allow(clippy::needless_range_loop)] // indices into register tiles read clearer
     #[target_feature(enable = "avx512f")]
@@ -228,7 +366,7 @@ mod avx512 {
         x: &[f32],
         w: &[f32],
         out: &mut [f32],
-        m: usize,
+        n: usize,
         k: usize,
         j: usize,
         i: usize,
@@ -260,7 +398,7 @@ mod avx512 {
         }
         for a in 0..J {
             for b in 0..I {
-                out[(j + a) * m + i + b] = _mm512_reduce_add_ps(acc[a][b]);
+                out[(i + b) * n + j + a] = _mm512_reduce_add_ps(acc[a][b]);
             }
         }
     }
@@ -269,9 +407,10 @@ mod avx512 {
 /// Each weight row is loaded once and dotted with every input row while it sits in L1.
 #[inline(always)]
 fn block_with(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, fma: impl Fn(f32, f32, f32) -> f32 + Copy) {
+    let n = w.len() / k;
     for (j, wr) in w.chunks_exact(k).enumerate() {
         for i in 0..m {
-            out[j * m + i] = dot(&x[i * k..(i + 1) * k], wr, fma);
+            out[i * n + j] = dot(&x[i * k..(i + 1) * k], wr, fma);
         }
     }
 }
@@ -306,7 +445,7 @@ mod tests {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 13) % 23) as f32 / 11.0 - 1.0).collect();
         let want: Vec<f32> =
-            (0..n * m).map(|o| (0..k).map(|p| x[(o % m) * k + p] * w[(o / m) * k + p]).sum::<f32>()).collect();
+            (0..m * n).map(|o| (0..k).map(|p| x[(o / n) * k + p] * w[(o % n) * k + p]).sum::<f32>()).collect();
         let check = |got: &[f32], what: &str| {
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() < 1e-4, "{what}: {g} vs {e}");
@@ -342,6 +481,26 @@ mod tests {
             let slow = candle_nn::Linear::new(w, Some(b)).forward(&x).unwrap();
             let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-3, "{m}x{k}x{n}: {diff}");
+        }
+        // Half precision: rbon's products against candle's (which widen to f32 and multiply
+        // there), within one rounding of the output; `forward_f32` gives exactly the rounded
+        // values, widened.
+        for dtype in [DType::BF16, DType::F16] {
+            for (m, k, n) in [(1, 7, 5), (3, 64, 130), (16, 100, 257), (40, 48, 9), (130, 33, 65)] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap().to_dtype(dtype).unwrap();
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().to_dtype(dtype).unwrap();
+                let ours = Linear::new(w.clone(), None);
+                let fast = ours.forward(&x).unwrap();
+                assert_eq!(fast.dtype(), dtype);
+                let slow = candle_nn::Linear::new(w, None).forward(&x).unwrap();
+                let (fast, slow) = (fast.to_dtype(DType::F32).unwrap(), slow.to_dtype(DType::F32).unwrap());
+                let diff = (&fast - &slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = slow.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff <= scale * 1e-2, "{dtype:?} {m}x{k}x{n}: {diff} (largest value {scale})");
+                let widened = ours.forward_f32(&x).unwrap();
+                assert_eq!(widened.dtype(), DType::F32);
+                assert_eq!(widened.to_vec2::<f32>().unwrap(), fast.to_vec2::<f32>().unwrap(), "{dtype:?} {m}x{k}x{n}");
+            }
         }
         // 3-d input (batch, time, features) keeps its leading shape.
         let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
