@@ -104,8 +104,9 @@ def bench_vllm(path, dtype, settings, new_tokens, threads):
     longest = max(p for _, p in settings) + new_tokens
     llm = LLM(model=path, skip_tokenizer_init=True, dtype={"f32": "float32", "bf16": "bfloat16"}[dtype],
               max_model_len=longest, max_num_batched_tokens=max(8192, longest), seed=0, enforce_eager=True,
-              # On the CPU this is the share of the machine's memory reserved for the KV cache.
-              gpu_memory_utilization=0.25)
+              # On the CPU this is the share of the NUMA node's memory vLLM may use, weights included
+              # (0.25 of 16 GiB left no room for a KV cache beside the 0.5B shape's f32 weights).
+              gpu_memory_utilization=0.5)
     out = {}
     for n, p in settings:
         prompt = {"prompt_token_ids": prompt_ids(p, vocab)}

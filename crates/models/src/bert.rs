@@ -100,7 +100,8 @@ fn norm(vb: &VarBuilder, size: usize) -> Result<Norm> {
 impl PackedBert {
     /// Loads the encoder from weights under `embeddings.` and `encoder.` (or under `bert.` /
     /// `<model_type>.`, as `BertModel::load` accepts). `bf16_products`: the linear layers
-    /// multiply in bf16 where the CPU has AMX (see [`Weight::bf16`]), in f32 otherwise.
+    /// multiply in bf16 where the CPU has AMX or AVX-512-BF16 (see [`Weight::bf16`]), in f32
+    /// otherwise.
     pub fn load(vb: VarBuilder, cfg: &BertConfig, model_type: Option<&str>, bf16_products: bool) -> Result<Self> {
         let weight = if bf16_products { Weight::bf16 } else { Weight::new };
         let key = "embeddings.word_embeddings.weight";

@@ -19,10 +19,12 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 /// 1.60 ms) and loses beyond (16 rows: 2.0 against 1.8 ms), where candle's packing pays off.
 pub const SMALL_M: usize = 8;
 
-/// The same with the register-blocked AVX-512 kernel, measured on 2 cores of a Xeon with
-/// AVX-512 (`cargo run --release -p rbon-models --example bench_linear M 512 1536`): 16 rows
-/// 0.24 ms against candle's 0.91, 32 rows 0.78 against 1.06, 48 rows 1.20 against 1.13.
-pub const SMALL_M_AVX512: usize = 32;
+/// The same with the register-blocked AVX-512 kernel, measured on 2 cores of an AMD EPYC (Zen 4)
+/// with `cargo run --release -p rbon-models --example bench_linear M K N f32`: against candle's
+/// matmul (gemm's AVX-512 kernels), 64×1536×512 0.51 ms against 1.24, 128×512×1536 0.89
+/// against 1.27, 128×896×4864 4.6 against 4.4, and 256 rows lose everywhere (1.7 against
+/// 1.4 ms at 256×512×1536). Up to 128 rows, the paper's largest N, a decode step stays here.
+pub const SMALL_M_AVX512: usize = 128;
 
 fn small_m() -> usize {
     #[cfg(target_arch = "x86_64")]

@@ -243,7 +243,7 @@ pub struct EmbeddingSpec {
     /// A sentence-transformers folder (BERT family), e.g. all-MiniLM-L6-v2.
     pub model: String,
     /// Activations stay f32 whatever it says (candle's BERT yields NaN in half precision); on a
-    /// CPU with AMX, `bf16` makes the encoder's matrix products bf16.
+    /// CPU with AMX or AVX-512-BF16, `bf16` makes the encoder's matrix products bf16.
     #[serde(default)]
     pub dtype: DTypeName,
 }
