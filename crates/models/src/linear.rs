@@ -211,81 +211,39 @@ impl CustomOp2 for HalfMatmul {
         if k != k2 {
             candle_core::bail!("half-matmul: inner dimensions {k} and {k2} differ");
         }
-        let storage = match (s1, s2) {
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) if self.widen => {
-                let (x, w) = (&x[xs..xe], &w[ws..we]);
-                let mut y = vec![0f32; m * n];
-                let round = |v: f32| bf16::from_f32(v).to_f32();
-                lowp::matmul_t_into(
-                    Half::Bf16,
-                    x.reinterpret_cast(),
-                    w.reinterpret_cast(),
-                    m,
-                    k,
-                    n,
-                    true,
-                    &mut y,
-                    round,
-                );
-                CpuStorage::F32(y)
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w)) if self.widen => {
-                let (x, w) = (&x[xs..xe], &w[ws..we]);
-                let mut y = vec![0f32; m * n];
-                let round = |v: f32| f16::from_f32(v).to_f32();
-                lowp::matmul_t_into(
-                    Half::F16,
-                    x.reinterpret_cast(),
-                    w.reinterpret_cast(),
-                    m,
-                    k,
-                    n,
-                    true,
-                    &mut y,
-                    round,
-                );
-                CpuStorage::F32(y)
-            }
+        let (kind, x, w): (Half, &[u16], &[u16]) = match (s1, s2) {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let (x, w) = (&x[xs..xe], &w[ws..we]);
-                let mut y = vec![bf16::ZERO; m * n];
-                lowp::matmul_t_into(
-                    Half::Bf16,
-                    x.reinterpret_cast(),
-                    w.reinterpret_cast(),
-                    m,
-                    k,
-                    n,
-                    true,
-                    &mut y,
-                    bf16::from_f32,
-                );
-                CpuStorage::BF16(y)
+                (Half::Bf16, x[xs..xe].reinterpret_cast(), w[ws..we].reinterpret_cast())
             }
             (CpuStorage::F16(x), CpuStorage::F16(w)) => {
-                let (x, w) = (&x[xs..xe], &w[ws..we]);
-                let mut y = vec![f16::ZERO; m * n];
-                lowp::matmul_t_into(
-                    Half::F16,
-                    x.reinterpret_cast(),
-                    w.reinterpret_cast(),
-                    m,
-                    k,
-                    n,
-                    true,
-                    &mut y,
-                    f16::from_f32,
-                );
-                CpuStorage::F16(y)
+                (Half::F16, x[xs..xe].reinterpret_cast(), w[ws..we].reinterpret_cast())
             }
             _ => candle_core::bail!("half-matmul: both operands bf16 or both f16"),
+        };
+        // The product into [m, n] values of T, each output through `f`.
+        fn product<T: Send + Clone>(
+            (kind, x, w): (Half, &[u16], &[u16]),
+            (m, k, n): (usize, usize, usize),
+            zero: T,
+            f: impl Fn(f32) -> T + Sync,
+        ) -> Vec<T> {
+            let mut y = vec![zero; m * n];
+            lowp::matmul_t_into(kind, x, w, m, k, n, true, &mut y, f);
+            y
+        }
+        let (op, dims) = ((kind, x, w), (m, k, n));
+        let storage = match (kind, self.widen) {
+            (Half::Bf16, true) => CpuStorage::F32(product(op, dims, 0.0, |v| bf16::from_f32(v).to_f32())),
+            (Half::F16, true) => CpuStorage::F32(product(op, dims, 0.0, |v| f16::from_f32(v).to_f32())),
+            (Half::Bf16, false) => CpuStorage::BF16(product(op, dims, bf16::ZERO, bf16::from_f32)),
+            (Half::F16, false) => CpuStorage::F16(product(op, dims, f16::ZERO, f16::from_f32)),
         };
         Ok((storage, Shape::from((m, n))))
     }
 }
 
-/// `out[i * n + j] = x_i · w_j` for the n weight rows `w` of one task (output [m, n]), dispatched to an AVX-512
-/// or AVX2+FMA build where the CPU has it.
+/// `out[i * n + j] = x_i · w_j` for the n weight rows `w` of one task (output [m, n]),
+/// dispatched to an AVX-512 or AVX2+FMA build where the CPU has it.
 pub(crate) fn block(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
