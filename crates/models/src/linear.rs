@@ -74,27 +74,15 @@ impl Linear {
             Weight::Quantized(_) => None,
         }
     }
-}
 
-impl Linear {
     /// `forward(x)` as f32: the same values (rounded to x's dtype, then widened), with the
     /// rounding done inside the product on rbon's half-precision path, which saves a pass and a
     /// buffer of the output's size (an output head's logits are the largest tensor of a step).
     pub fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
         if let (Weight::Dense(w), None) = (&self.weight, &self.bias)
-            && crate::path::host_kernels(x.device())
-            && x.dtype() == w.dtype()
-            && matches!(x.dtype(), DType::BF16 | DType::F16)
+            && half_on_host(w, x)
         {
-            let dims = x.dims().to_vec();
-            let k = *dims.last().unwrap_or(&0);
-            let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-            let y = x.reshape((m, k))?.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &HalfMatmul { widen: true })?;
-            let mut out = dims;
-            if let Some(last) = out.last_mut() {
-                *last = w.dim(0)?;
-            }
-            return y.reshape(out);
+            return half_product(w, x, true);
         }
         self.forward(x)?.to_dtype(DType::F32)
     }
@@ -115,23 +103,14 @@ impl Module for Linear {
 }
 
 fn dense(weight: &Tensor, x: &Tensor) -> Result<Tensor> {
+    // Half precision on the CPU: rbon's products at every size (candle's widen both operands to
+    // f32 on each call; see `crate::lowp`).
+    if half_on_host(weight, x) {
+        return half_product(weight, x, false);
+    }
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    // Half precision on the CPU: rbon's products at every size (candle's widen both operands to
-    // f32 on each call; see `crate::lowp`).
-    if crate::path::host_kernels(x.device())
-        && x.dtype() == weight.dtype()
-        && matches!(x.dtype(), DType::BF16 | DType::F16)
-    {
-        let x2 = x.reshape((m, k))?.contiguous()?;
-        let y = x2.apply_op2_no_bwd(&weight.contiguous()?, &HalfMatmul { widen: false })?;
-        let mut out = dims.clone();
-        if let Some(last) = out.last_mut() {
-            *last = weight.dim(0)?;
-        }
-        return y.reshape(out);
-    }
     let fast = crate::path::host_kernels(x.device())
         && x.dtype() == DType::F32
         && weight.dtype() == DType::F32
@@ -185,6 +164,25 @@ impl CustomOp2 for SmallMatmul {
         );
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
+}
+
+/// Whether `x · weightᵀ` takes [`HalfMatmul`]: both bf16 or both f16, on rbon's CPU path.
+fn half_on_host(weight: &Tensor, x: &Tensor) -> bool {
+    crate::path::host_kernels(x.device())
+        && x.dtype() == weight.dtype()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
+/// `x [.., k] · weight [n, k]ᵀ → [.., n]` by [`HalfMatmul`] (`widen`: as f32).
+fn half_product(weight: &Tensor, x: &Tensor, widen: bool) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    let y = x.reshape((m, k))?.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &HalfMatmul { widen })?;
+    if let Some(last) = dims.last_mut() {
+        *last = weight.dim(0)?;
+    }
+    y.reshape(dims)
 }
 
 /// `x [m, k] · w [n, k]ᵀ → [m, n]` with both in bf16 or both in f16 on the CPU: products exact,
