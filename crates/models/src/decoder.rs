@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
+use crate::host::{HostCache, HostModel, LayerParts};
 use crate::kernels::Weight;
 use crate::linear::Linear;
 use crate::packed::{PackedDecoder, PackedLayer};
@@ -29,6 +30,8 @@ pub struct KvCache {
     /// Positions to allocate at once (the prompt plus every token to be drawn), so that on a
     /// GPU decoding never reallocates and copies the cache.
     room: usize,
+    /// The host decoder's cache (then `layers` is unused).
+    host: Option<HostCache>,
 }
 
 /// Appends `new` [b, h, t, d] after `len` positions of `buf` [b, h, cap, d], growing it when
@@ -53,23 +56,41 @@ fn append(buf: &mut Option<Tensor>, new: &Tensor, len: usize, room: usize) -> Re
 impl KvCache {
     /// Cached positions per row.
     pub fn len(&self) -> usize {
-        self.len
+        self.host.as_ref().map_or(self.len, |h| h.len)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Copies row 0 of a cache into `n` rows: the shared prefill becomes N independent rows.
     pub fn fork(&self, n: usize) -> Result<Self> {
+        if let Some(h) = &self.host {
+            return Ok(Self { layers: Vec::new(), len: 0, room: self.room, host: Some(h.fork(n)?) });
+        }
         let idx = Tensor::zeros(n, DType::U32, self.device()?)?;
         self.index_rows(&idx)
     }
 
     /// Keeps `rows` (in that order), dropping the others, e.g. rows that finished.
     pub fn select(&self, rows: &[u32]) -> Result<Self> {
+        if let Some(h) = &self.host {
+            return Ok(Self { layers: Vec::new(), len: 0, room: self.room, host: Some(h.select(rows)?) });
+        }
         let idx = Tensor::new(rows, self.device()?)?;
         self.index_rows(&idx)
+    }
+
+    /// [`KvCache::select`] in place, for `rows` in increasing order (on the host decoder the
+    /// kept rows are moved, not copied).
+    pub fn keep(&mut self, rows: &[u32]) -> Result<()> {
+        match &mut self.host {
+            Some(h) => h.keep(rows),
+            None => {
+                *self = self.select(rows)?;
+                Ok(())
+            }
+        }
     }
 
     fn device(&self) -> Result<&Device> {
@@ -88,7 +109,7 @@ impl KvCache {
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, len: self.len, room: self.room })
+        Ok(Self { layers, len: self.len, room: self.room, host: None })
     }
 }
 
@@ -301,11 +322,13 @@ struct Layer {
     sliding: bool,
 }
 
-/// Token embeddings: dense, or GGUF blocks dequantized row by row on lookup.
+/// Token embeddings: dense, or GGUF blocks dequantized row by row on lookup, or moved into the
+/// host decoder with every other weight.
 #[derive(Debug)]
 enum Embed {
     Dense(Embedding),
     Quantized(Arc<QTensor>),
+    OnHost,
 }
 
 impl Embed {
@@ -313,6 +336,7 @@ impl Embed {
         match self {
             Self::Dense(e) => e.forward(ids),
             Self::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
+            Self::OnHost => candle_core::bail!("the weights are on the host decoder"),
         }
     }
 }
@@ -328,6 +352,9 @@ pub struct Decoder {
     inv_freq: Vec<f32>,
     device: Device,
     dtype: DType,
+    /// The same model on rbon's host decoder (see [`crate::host`]), which then holds every
+    /// weight: `embed`, `layers` and `lm_head` are emptied.
+    host: Option<Box<HostModel>>,
 }
 
 /// Loads the weights of a folder; `unsafe` is confined to the memory map.
@@ -350,13 +377,77 @@ impl Decoder {
     /// `device`.
     pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
         if let Some(file) = dir.gguf() {
-            return Self::load_gguf(file, dtype, device);
+            let ctx = format!("loading the weights of {}", file.display());
+            return Self::load_gguf(file, dtype, device)?.onto_host().map_err(ModelError::candle(ctx));
         }
         let text = dir.read("config.json")?;
         let cfg = DecoderConfig::from_json(&text, &dir.root().join("config.json").display().to_string())?;
         let vb = var_builder(dir, dtype, device)?;
         let ctx = format!("loading the weights of {}", dir.root().display());
-        Self::from_var_builder(cfg, vb, true).map_err(ModelError::candle(ctx))
+        Self::from_var_builder(cfg, vb, true).and_then(Self::onto_host).map_err(ModelError::candle(ctx))
+    }
+
+    /// The model moved onto rbon's host decoder ([`crate::host`]) where it applies: rbon's CPU
+    /// path (not `RBON_KERNELS=candle`), f32, bf16 or f16, dense weights, a language-model head,
+    /// and not Gemma-2 (whose caps, scaled embeddings and extra norms run on candle's layers).
+    /// Otherwise unchanged.
+    fn onto_host(mut self) -> Result<Self> {
+        if !crate::path::host_kernels(&self.device) || self.cfg.gemma2.is_some() {
+            return Ok(self);
+        }
+        let (Embed::Dense(embed), Some(head)) = (&self.embed, &self.lm_head) else { return Ok(self) };
+        let Some(head_w) = head.weight() else { return Ok(self) };
+        // A tied head multiplies by the embeddings themselves (one copy in memory).
+        let tied = self.cfg.tie_word_embeddings;
+        fn dense(l: &Linear) -> Option<(&Tensor, Option<&Tensor>)> {
+            l.weight().map(|w| (w, l.bias()))
+        }
+        let mut parts = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let (a, f) = (&l.attn, &l.mlp);
+            let (Some(q), Some(k), Some(v), Some(o), Some(gate), Some(up), Some(down)) =
+                (dense(&a.q), dense(&a.k), dense(&a.v), dense(&a.o), dense(&f.gate), dense(&f.up), dense(&f.down))
+            else {
+                return Ok(self);
+            };
+            parts.push(LayerParts {
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+                q_norm: a.q_norm.as_ref().map(RmsNorm::weight),
+                k_norm: a.k_norm.as_ref().map(RmsNorm::weight),
+                ln1: l.ln1.weight(),
+                ln2: l.ln2.weight(),
+            });
+        }
+        let interleaved = self.layers.first().is_some_and(|l| l.attn.rope_interleaved);
+        let host = HostModel::from_parts(
+            &self.cfg,
+            self.dtype,
+            embed.embeddings(),
+            (!tied).then_some(head_w),
+            &parts,
+            self.norm.weight(),
+            &self.inv_freq,
+            interleaved,
+        )?;
+        if host.is_some() {
+            drop(parts);
+            self.host = host.map(Box::new);
+            self.embed = Embed::OnHost;
+            self.layers = Vec::new();
+            self.lm_head = None;
+        }
+        Ok(self)
+    }
+
+    /// Whether the model runs on rbon's host decoder ([`crate::host`]) rather than candle's ops.
+    pub fn on_host(&self) -> bool {
+        self.host.is_some()
     }
 
     /// Builds the decoder from weights under `model.` (and `lm_head.` when `with_lm_head`).
@@ -404,7 +495,17 @@ impl Decoder {
         };
         let inv_freq = cfg.inv_freq();
         let embed = Embed::Dense(embed);
-        Ok(Self { embed, layers, norm, lm_head, inv_freq, device: vb.device().clone(), dtype: vb.dtype(), cfg })
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+            cfg,
+            host: None,
+        })
     }
 
     /// Loads a GGUF file. Quantized weights stay quantized (candle's quantized matmul); F32,
@@ -503,7 +604,17 @@ impl Decoder {
                     *f /= d;
                 }
             }
-            Ok(Self { embed, layers, norm, lm_head, inv_freq, device: device.clone(), dtype, cfg: cfg.clone() })
+            Ok(Self {
+                embed,
+                layers,
+                norm,
+                lm_head,
+                inv_freq,
+                device: device.clone(),
+                dtype,
+                cfg: cfg.clone(),
+                host: None,
+            })
         })()
         .map_err(ModelError::candle(ctx))
     }
@@ -596,7 +707,8 @@ impl Decoder {
     /// An empty cache whose buffers are allocated for `positions` at once (prompt plus
     /// `max_new_tokens`): decoding then writes in place and never grows the cache.
     pub fn new_cache_with_room(&self, positions: usize) -> KvCache {
-        KvCache { layers: vec![None; self.layers.len()], len: 0, room: positions }
+        let host = self.host.as_ref().map(|_| HostCache::new());
+        KvCache { layers: vec![None; self.layers.len()], len: 0, room: positions, host }
     }
 
     fn rope(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
@@ -626,7 +738,13 @@ impl Decoder {
     /// Runs `ids` [rows, t] after the cached positions and returns the final hidden states
     /// [rows, t, hidden]. Every row has the same length: rows of one prompt in lock-step.
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
+        let (rows, t) = ids.dims2()?;
+        if let Some(host) = &self.host {
+            let Some(hc) = cache.host.as_mut() else { candle_core::bail!("a cache of another decoder") };
+            let flat = ids.flatten_all()?.to_vec1::<u32>()?;
+            let hidden = host.hidden(&flat, rows, hc)?;
+            return Tensor::from_vec(hidden, (rows, t, self.cfg.hidden_size), &self.device);
+        }
         let start = cache.len;
         let (cos, sin) = self.rope(start, t)?;
         let windowed = self.cfg.sliding_window.filter(|_| self.layers.iter().any(|l| l.sliding));
@@ -663,6 +781,16 @@ impl Decoder {
 
     /// Logits (f32) of hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if let Some(host) = &self.host {
+            let mut dims = hidden.dims().to_vec();
+            let rows = dims[..dims.len().saturating_sub(1)].iter().product();
+            let flat = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let logits = host.logits(&flat, rows);
+            if let Some(last) = dims.last_mut() {
+                *last = self.cfg.vocab_size;
+            }
+            return Tensor::from_vec(logits, dims, &self.device);
+        }
         let logits = match &self.lm_head {
             Some(h) => h.forward_f32(hidden)?,
             None => candle_core::bail!("this decoder was loaded without its language-model head"),
@@ -678,6 +806,20 @@ impl Decoder {
         let (_, t) = ids.dims2()?;
         let h = self.forward_hidden(ids, cache)?;
         self.logits(&h.i((.., t - 1..t, ..))?.squeeze(1)?)
+    }
+
+    /// [`Decoder::forward_last`] of `ids` [rows, t] given row-major, as host values [rows, vocab]
+    /// row-major (on the host decoder without a copy of the logits).
+    pub fn forward_last_vec(&self, ids: &[u32], rows: usize, cache: &mut KvCache) -> Result<Vec<f32>> {
+        if let (Some(host), Some(hc)) = (&self.host, cache.host.as_mut()) {
+            let hidden = host.hidden(ids, rows, hc)?;
+            let (h, t) = (self.cfg.hidden_size, ids.len() / rows.max(1));
+            let last: Vec<f32> = hidden.chunks_exact(h * t).flat_map(|r| r[(t - 1) * h..].iter().copied()).collect();
+            return Ok(host.logits(&last, rows));
+        }
+        let t = ids.len() / rows.max(1);
+        let ids = Tensor::from_slice(ids, (rows, t), &self.device)?;
+        self.forward_last(&ids, cache)?.flatten_all()?.to_vec1::<f32>()
     }
 
     /// Log-probabilities of `response` after `prompt` under the unmodified model distribution

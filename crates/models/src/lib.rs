@@ -11,6 +11,7 @@ pub mod decoder;
 mod epilogue;
 pub mod error;
 pub mod gguf;
+mod host;
 pub mod hub;
 pub mod kernels;
 pub mod linear;

@@ -26,7 +26,7 @@ pub const SMALL_M: usize = 8;
 /// 1.4 ms at 256×512×1536). Up to 128 rows, the paper's largest N, a decode step stays here.
 pub const SMALL_M_AVX512: usize = 128;
 
-fn small_m() -> usize {
+pub(crate) fn small_m() -> usize {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         return SMALL_M_AVX512;

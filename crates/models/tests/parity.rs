@@ -67,9 +67,11 @@ fn log_probs_match_transformers() {
 /// The largest per-token deviation per model is printed (`--nocapture`).
 #[test]
 fn bf16_log_probs_match_transformers_bf16() {
-    let bound = bf16_bound();
     for name in BF16_MODELS {
         let (m, _) = load_in(name, DType::BF16);
+        let bound = bf16_bound(&m);
+        // rbon's host decoder on its CPU path; candle's layers elsewhere (RBON_KERNELS=candle).
+        assert_eq!(m.on_host(), rbon_models::path::host_kernels(m.device()), "{name}");
         let want = golden(&format!("{name}-bf16"));
         let mut worst = 0f64;
         for (case, w) in golden(name)["cases"].as_array().unwrap().iter().zip(want["cases"].as_array().unwrap()) {

@@ -76,7 +76,8 @@ pub struct Generated {
 /// A decode step's logits [rows, vocab]: copied to the host for rbon's CPU sampler, or left on
 /// the device for [`crate::device::draw_rows`].
 enum Logits {
-    Host(Vec<Vec<f32>>),
+    /// [rows, vocab], row-major.
+    Host(Vec<f32>),
     Device(Tensor),
 }
 
@@ -200,17 +201,16 @@ impl Policy {
         // rbon's CPU path copies each step's logits to the host sampler; elsewhere (a GPU, or
         // RBON_KERNELS=candle) the logits stay on the device and only small summaries cross.
         let host = rbon_models::path::host_kernels(dev);
-        let ids = Tensor::new(prompt, dev).and_then(|t| t.unsqueeze(0)).map_err(candle("prefill"))?;
         let mut base = if host {
             self.decoder.new_cache()
         } else {
             self.decoder.new_cache_with_room(prompt.len() + cfg.max_new_tokens as usize)
         };
-        let first = self.decoder.forward_last(&ids, &mut base).map_err(candle("prefill"))?;
-        let first_host = if host {
-            first.to_vec2::<f32>().map_err(candle("prefill"))?.into_iter().next().unwrap_or_default()
+        let (first_host, first) = if host {
+            (self.decoder.forward_last_vec(prompt, 1, &mut base).map_err(candle("prefill"))?, None)
         } else {
-            Vec::new()
+            let ids = Tensor::new(prompt, dev).and_then(|t| t.unsqueeze(0)).map_err(candle("prefill"))?;
+            (Vec::new(), Some(self.decoder.forward_last(&ids, &mut base).map_err(candle("prefill"))?))
         };
         let mut out = Vec::with_capacity(seeds.len());
         for chunk in seeds.chunks(max_rows.max(1)) {
@@ -233,11 +233,12 @@ impl Policy {
                 })
                 .collect();
             let mut cache = base.fork(chunk.len()).map_err(candle("fork"))?;
-            let mut logits = if host {
-                Logits::Host(vec![first_host.clone(); chunk.len()])
-            } else {
-                let (_, vocab) = first.dims2().map_err(candle("prefill"))?;
-                Logits::Device(first.broadcast_as((chunk.len(), vocab)).map_err(candle("fork"))?)
+            let mut logits = match &first {
+                None => Logits::Host(first_host.repeat(chunk.len())),
+                Some(first) => {
+                    let (_, vocab) = first.dims2().map_err(candle("prefill"))?;
+                    Logits::Device(first.broadcast_as((chunk.len(), vocab)).map_err(candle("fork"))?)
+                }
             };
             let mut active: Vec<usize> = (0..chunk.len()).collect();
             loop {
@@ -247,7 +248,10 @@ impl Policy {
                 // function of its row's logits and uniform.
                 let us: Vec<f64> = active.iter().map(|&r| rows[r].rng.random::<f64>()).collect();
                 let draws: Vec<Draw> = match &logits {
-                    Logits::Host(l) => l.par_iter().zip(us.par_iter()).map(|(l, &u)| draw(l, &params, u)).collect(),
+                    Logits::Host(l) => {
+                        let vocab = l.len() / active.len().max(1);
+                        l.par_chunks(vocab.max(1)).zip(us.par_iter()).map(|(l, &u)| draw(l, &params, u)).collect()
+                    }
                     Logits::Device(t) => crate::device::draw_rows(t, &params, &us).map_err(candle("sampling"))?,
                 };
                 for (slot, &r) in active.iter().enumerate() {
@@ -270,15 +274,17 @@ impl Policy {
                     break;
                 }
                 if keep.len() < active.len() {
-                    cache = cache.select(&keep).map_err(candle("dropping finished rows"))?;
+                    cache.keep(&keep).map_err(candle("dropping finished rows"))?;
                     active = keep.iter().map(|&s| active[s as usize]).collect();
                 }
-                let ids = Tensor::new(next.as_slice(), dev).and_then(|t| t.unsqueeze(1)).map_err(candle("decode"))?;
-                let step = self.decoder.forward_last(&ids, &mut cache).map_err(candle("decode"))?;
                 logits = if host {
-                    Logits::Host(step.to_vec2::<f32>().map_err(candle("decode"))?)
+                    Logits::Host(
+                        self.decoder.forward_last_vec(&next, next.len(), &mut cache).map_err(candle("decode"))?,
+                    )
                 } else {
-                    Logits::Device(step)
+                    let ids =
+                        Tensor::new(next.as_slice(), dev).and_then(|t| t.unsqueeze(1)).map_err(candle("decode"))?;
+                    Logits::Device(self.decoder.forward_last(&ids, &mut cache).map_err(candle("decode"))?)
                 };
             }
             for (row, &(sample_idx, seed)) in rows.into_iter().zip(chunk) {

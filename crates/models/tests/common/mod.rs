@@ -26,10 +26,12 @@ pub fn logprob_tolerance(d: &Device) -> f64 {
 }
 
 /// Per-token bf16 log-prob tolerance against transformers in bf16. Measured on the fixtures on
-/// the CPU: 0.12 (Llama), 0.14 (Mistral), 0.28 (Qwen2), 0.13 (Qwen3); transformers' own bf16
+/// the CPU: rbon's host decoder, which rounds where transformers does, 0.039 (Llama), 0.000
+/// (Mistral), 0.091 (Qwen2), 0.038 (Qwen3); candle's layers (`RBON_KERNELS=candle`, and other
+/// devices), which round in other places, 0.12, 0.14, 0.28 and 0.13. transformers' own bf16
 /// differs from its f32 by up to 0.38 on them.
-pub fn bf16_bound() -> f64 {
-    0.4
+pub fn bf16_bound(m: &Decoder) -> f64 {
+    if m.on_host() { 0.15 } else { 0.4 }
 }
 
 pub fn u32s(v: &Value) -> Vec<u32> {
