@@ -392,16 +392,16 @@ impl Decoder {
     /// and not Gemma-2 (whose caps, scaled embeddings and extra norms run on candle's layers).
     /// Otherwise unchanged.
     fn onto_host(mut self) -> Result<Self> {
-        if !crate::path::host_kernels(&self.device) || self.cfg.gemma2.is_some() {
+        if !crate::path::host_kernels(&self.device) || self.cfg.gemma2.is_some() || !HostModel::supports(self.dtype) {
             return Ok(self);
+        }
+        fn dense(l: &Linear) -> Option<(Tensor, Option<Tensor>)> {
+            l.weight().map(|w| (w.clone(), l.bias().cloned()))
         }
         let (Embed::Dense(embed), Some(head)) = (&self.embed, &self.lm_head) else { return Ok(self) };
         let Some(head_w) = head.weight() else { return Ok(self) };
-        // A tied head multiplies by the embeddings themselves (one copy in memory).
-        let tied = self.cfg.tie_word_embeddings;
-        fn dense(l: &Linear) -> Option<(&Tensor, Option<&Tensor>)> {
-            l.weight().map(|w| (w, l.bias()))
-        }
+        let (embed, head_w) = (embed.embeddings().clone(), head_w.clone());
+        // Handles on the weights (not copies).
         let mut parts = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let (a, f) = (&l.attn, &l.mlp);
@@ -418,30 +418,31 @@ impl Decoder {
                 gate,
                 up,
                 down,
-                q_norm: a.q_norm.as_ref().map(RmsNorm::weight),
-                k_norm: a.k_norm.as_ref().map(RmsNorm::weight),
-                ln1: l.ln1.weight(),
-                ln2: l.ln2.weight(),
+                q_norm: a.q_norm.as_ref().map(|n| n.weight().clone()),
+                k_norm: a.k_norm.as_ref().map(|n| n.weight().clone()),
+                ln1: l.ln1.weight().clone(),
+                ln2: l.ln2.weight().clone(),
             });
         }
+        // A tied head multiplies by the embeddings themselves (one copy in memory).
+        let tied = self.cfg.tie_word_embeddings;
         let interleaved = self.layers.first().is_some_and(|l| l.attn.rope_interleaved);
-        let host = HostModel::from_parts(
+        // `parts` now holds the only handles on the layers' weights: each layer's storage is
+        // freed once converted, so loading holds about one copy of the weights, not two.
+        self.layers = Vec::new();
+        let host = HostModel::new(
             &self.cfg,
             self.dtype,
-            embed.embeddings(),
-            (!tied).then_some(head_w),
-            &parts,
+            &embed,
+            (!tied).then_some(&head_w),
+            parts.into_iter(),
             self.norm.weight(),
             &self.inv_freq,
             interleaved,
         )?;
-        if host.is_some() {
-            drop(parts);
-            self.host = host.map(Box::new);
-            self.embed = Embed::OnHost;
-            self.layers = Vec::new();
-            self.lm_head = None;
-        }
+        self.host = Some(Box::new(host));
+        self.embed = Embed::OnHost;
+        self.lm_head = None;
         Ok(self)
     }
 

@@ -202,19 +202,23 @@ fn stacked_bias(parts: &[(Option<&Tensor>, usize)]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// One layer's weights, as [`HostModel::from_parts`] takes them.
-pub(crate) struct LayerParts<'a> {
-    pub q: (&'a Tensor, Option<&'a Tensor>),
-    pub k: (&'a Tensor, Option<&'a Tensor>),
-    pub v: (&'a Tensor, Option<&'a Tensor>),
-    pub o: (&'a Tensor, Option<&'a Tensor>),
-    pub gate: (&'a Tensor, Option<&'a Tensor>),
-    pub up: (&'a Tensor, Option<&'a Tensor>),
-    pub down: (&'a Tensor, Option<&'a Tensor>),
-    pub q_norm: Option<&'a Tensor>,
-    pub k_norm: Option<&'a Tensor>,
-    pub ln1: &'a Tensor,
-    pub ln2: &'a Tensor,
+/// A linear layer's weight and bias.
+pub(crate) type Linear = (Tensor, Option<Tensor>);
+
+/// One layer's weights, as [`HostModel::new`] takes them (owned handles: a layer's storage is
+/// freed once its parts are converted).
+pub(crate) struct LayerParts {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub ln1: Tensor,
+    pub ln2: Tensor,
 }
 
 #[derive(Debug)]
@@ -428,33 +432,39 @@ fn bias_round_with<R: Round>(x: &mut [f32], b: &[f32]) {
 }
 
 impl HostModel {
-    /// A model in `dtype` (f32, bf16 or f16) from its weights; None for another dtype.
+    /// Whether the host decoder runs models in `dtype` (f32, bf16 and f16).
+    pub(crate) fn supports(dtype: DType) -> bool {
+        Precision::of(dtype).is_some()
+    }
+
+    /// A model in `dtype` ([`Self::supports`]) from its weights, converted one layer at a time.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn from_parts(
+    pub(crate) fn new(
         cfg: &DecoderConfig,
         dtype: DType,
         embed: &Tensor,
         head: Option<&Tensor>,
-        layers: &[LayerParts],
+        layers: impl Iterator<Item = LayerParts>,
         norm: &Tensor,
         inv_freq: &[f32],
         rope_interleaved: bool,
-    ) -> Result<Option<Self>> {
-        let Some(precision) = Precision::of(dtype) else { return Ok(None) };
+    ) -> Result<Self> {
+        let Some(precision) = Precision::of(dtype) else {
+            candle_core::bail!("the host decoder does not run {dtype:?} models")
+        };
         let w = |t: &Tensor| -> Result<Tensor> { t.to_dtype(dtype) };
-        let stack = |parts: &[(&Tensor, Option<&Tensor>)]| -> Result<(Dense, Vec<f32>)> {
+        let stack = |parts: &[&Linear]| -> Result<(Dense, Vec<f32>)> {
             let ws = parts.iter().map(|(t, _)| w(t)).collect::<Result<Vec<_>>>()?;
             let refs: Vec<&Tensor> = ws.iter().collect();
-            let bias = parts.iter().map(|(t, b)| Ok((*b, t.dim(0)?))).collect::<Result<Vec<_>>>()?;
+            let bias = parts.iter().map(|(t, b)| Ok((b.as_ref(), t.dim(0)?))).collect::<Result<Vec<_>>>()?;
             Ok((Dense::stacked(&refs)?, stacked_bias(&bias)?))
         };
         let layers = layers
-            .iter()
             .map(|l| {
-                let (qkv, qkv_b) = stack(&[l.q, l.k, l.v])?;
-                let (o, o_b) = stack(&[l.o])?;
-                let (gate_up, gate_up_b) = stack(&[l.gate, l.up])?;
-                let (down, down_b) = stack(&[l.down])?;
+                let (qkv, qkv_b) = stack(&[&l.q, &l.k, &l.v])?;
+                let (o, o_b) = stack(&[&l.o])?;
+                let (gate_up, gate_up_b) = stack(&[&l.gate, &l.up])?;
+                let (down, down_b) = stack(&[&l.down])?;
                 Ok(Layer {
                     qkv,
                     qkv_b,
@@ -464,14 +474,14 @@ impl HostModel {
                     gate_up_b,
                     down,
                     down_b,
-                    q_norm: l.q_norm.map(vec_f32).transpose()?,
-                    k_norm: l.k_norm.map(vec_f32).transpose()?,
-                    ln1: vec_f32(l.ln1)?,
-                    ln2: vec_f32(l.ln2)?,
+                    q_norm: l.q_norm.as_ref().map(vec_f32).transpose()?,
+                    k_norm: l.k_norm.as_ref().map(vec_f32).transpose()?,
+                    ln1: vec_f32(&l.ln1)?,
+                    ln2: vec_f32(&l.ln2)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Some(Self {
+        Ok(Self {
             cfg: cfg.clone(),
             precision,
             embed: Dense::stacked(&[&w(embed)?])?,
@@ -480,7 +490,7 @@ impl HostModel {
             norm: vec_f32(norm)?,
             inv_freq: inv_freq.to_vec(),
             rope_interleaved,
-        }))
+        })
     }
 
     /// Runs `ids` [rows, t] (row-major) after the cached positions; returns the final-norm
