@@ -80,11 +80,11 @@ macro_rules! by_precision {
 }
 
 /// A rounding to a dtype, as a type, so that generic loops are compiled once per dtype.
-trait Round {
+pub(crate) trait Round {
     fn r(v: f32) -> f32;
 }
 
-struct NoRound;
+pub(crate) struct NoRound;
 struct Bf16Round;
 struct F16Round;
 
@@ -309,8 +309,9 @@ impl HostCache {
     }
 }
 
+/// RMSNorm per row of `w.len()`, rounding as `R` (f32: `x · rsqrt(mean(x²) + eps) · w`).
 #[inline(always)]
-fn rms_norm_with<R: Round>(x: &[f32], out: &mut [f32], w: &[f32], eps: f32) {
+pub(crate) fn rms_norm_with<R: Round>(x: &[f32], out: &mut [f32], w: &[f32], eps: f32) {
     let width = w.len();
     for (row, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
         let ms = sum_of(row, |v| v * v) / width as f32;

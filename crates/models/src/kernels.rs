@@ -155,14 +155,7 @@ multiversion! {
 multiversion! {
     /// RMSNorm of each row of `x` into `out` (Llama: x / sqrt(mean(x²) + eps) · w).
     fn rms_norm_serial(x: &[f32], out: &mut [f32], w: &[f32], eps: f32) {
-        let width = w.len();
-        for (row, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-            let ms = sum_of(row, |v| v * v) / width as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
-                *o = v * inv * w;
-            }
-        }
+        crate::host::rms_norm_with::<crate::host::NoRound>(x, out, w, eps);
     }
 }
 
