@@ -244,8 +244,19 @@ impl PackedBert {
             // x ← LayerNorm(x + ctx·Woᵀ + b)
             kernels::linear(Mat::new(ctx, total, h), &l.o_w, x, h, Epilogue::accumulate(Some(&l.o_b)), threads);
             kernels::layer_norm(x, &l.ln1.w, &l.ln1.b, eps, threads);
-            kernels::linear(Mat::new(x, total, h), &l.up_w, up, i, Epilogue::overwrite(Some(&l.up_b)).gelu(), threads);
-            kernels::linear(Mat::new(up, total, i), &l.down_w, x, h, Epilogue::accumulate(Some(&l.down_b)), threads);
+            // x ← x + GELU(x·Wupᵀ + b)·Wdownᵀ + b; with bf16 panels, in blocks of rows on one
+            // thread, so that a block's intermediate activations stay in L2 from the first
+            // product to the second (gemm's f32 path packs its weight per call, and would pay
+            // for that on every block).
+            let on_panels = l.up_w.in_bf16() && !l.up_w.on_amx();
+            let block = if threads || !on_panels { total } else { MLP_ROWS };
+            for x in x.chunks_mut(block * h) {
+                let rows = x.len() / h;
+                let up = &mut up[..rows * i];
+                let up_then = Epilogue::overwrite(Some(&l.up_b)).gelu();
+                kernels::linear(Mat::new(x, rows, h), &l.up_w, up, i, up_then, threads);
+                kernels::linear(Mat::new(up, rows, i), &l.down_w, x, h, Epilogue::accumulate(Some(&l.down_b)), threads);
+            }
             kernels::layer_norm(x, &l.ln2.w, &l.ln2.b, eps, threads);
         }
     }
@@ -254,6 +265,10 @@ impl PackedBert {
 /// Tokens per group of rows in [`PackedBert::forward`]: for MiniLM (hidden 384, intermediate
 /// 1536) a group's widest buffer is 1.5 MB, inside a 2 MB L2.
 const GROUP_TOKENS: usize = 256;
+
+/// Tokens per block of the MLP in a group's pass ([`PackedBert::forward`]): for MiniLM, a block's
+/// intermediate activations take 288 KiB in f32, with room left in L2 for the weight panels.
+const MLP_ROWS: usize = 48;
 
 /// Consecutive rows, `offsets` as in [`PackedBert::forward`], in groups of at most `tokens`
 /// tokens (a longer row is a group of its own), as ranges of row indices.

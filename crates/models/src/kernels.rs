@@ -240,8 +240,8 @@ pub struct Weight {
 #[derive(Debug)]
 enum Repr {
     F32(Vec<f32>),
-    /// bf16 bits, multiplied with `vdpbf16ps` ([`crate::lowp`]).
-    Bf16(Vec<u16>),
+    /// bf16 panels, multiplied with `vdpbf16ps` ([`crate::panels`]).
+    Bf16(crate::panels::Panels),
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     Amx(crate::amx::Packed),
 }
@@ -279,9 +279,7 @@ impl Weight {
             }
         }
         if bf16 && crate::lowp::dot_bf16_available() {
-            assert_eq!(data.len(), rows * cols, "Weight: {rows}×{cols} from {} values", data.len());
-            let bits = data.iter().map(|&v| crate::lowp::bf16_bits(v)).collect();
-            return Self { rows, cols, repr: Repr::Bf16(bits) };
+            return Self { rows, cols, repr: Repr::Bf16(crate::panels::Panels::new(&data, rows, cols)) };
         }
         Self::portable(data, rows, cols)
     }
@@ -350,46 +348,7 @@ pub fn linear(x: Mat, w: &Weight, out: &mut [f32], ldo: usize, then: Epilogue, t
                 rows_of(out, ldo, m, n, threads, gelu_erf_serial);
             }
         }
-        Repr::Bf16(wb) => {
-            let (m, n, k) = (x.rows, w.rows, w.cols);
-            if m == 0 || n == 0 {
-                return;
-            }
-            assert!(x.fits() && (m - 1) * ldo + n <= out.len(), "linear: a view exceeds its buffer");
-            // The input rows rounded to bf16, contiguous.
-            let mut xb = vec![0u16; m * k];
-            let round = |(i, row): (usize, &mut [u16])| {
-                for (o, &v) in row.iter_mut().zip(&x.data[i * x.stride..][..k]) {
-                    *o = crate::lowp::bf16_bits(v);
-                }
-            };
-            if threads {
-                xb.par_chunks_mut(k.max(1)).enumerate().for_each(round);
-            } else {
-                xb.chunks_mut(k.max(1)).enumerate().for_each(round);
-            }
-            let y = crate::lowp::matmul_t_with(crate::lowp::Half::Bf16, &xb, wb, m, k, n, threads);
-            let y = &y;
-            let row = |(i, r): (usize, &mut [f32])| {
-                let r = &mut r[..n];
-                let yi = &y[i * n..][..n];
-                if then.accumulate {
-                    r.iter_mut().zip(yi).for_each(|(o, v)| *o += v);
-                } else {
-                    r.copy_from_slice(yi);
-                }
-                finish(r, then.bias, false);
-                if then.gelu {
-                    gelu_erf_serial(r);
-                }
-            };
-            let out = &mut out[..(m - 1) * ldo + n];
-            if threads {
-                out.par_chunks_mut(ldo).enumerate().for_each(row);
-            } else {
-                out.chunks_mut(ldo).enumerate().for_each(row);
-            }
-        }
+        Repr::Bf16(p) => crate::panels::linear(x, p, out, ldo, then, threads),
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         Repr::Amx(p) => crate::amx::matmul_t(x, p, out, ldo, then, threads),
     }

@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod linear;
 pub mod lowp;
 pub mod packed;
+mod panels;
 pub mod path;
 pub mod rows;
 
