@@ -119,6 +119,39 @@ pub(crate) fn gelu(v: f32) -> f32 {
     0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// For kernel tests: `got` (`m` rows at stride `ldo`, which held `start` before the product) is
+/// `then` applied to `product(i, j)` within `tol` for the first `n` columns, and unchanged past
+/// them.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn assert_epilogue(
+    got: &[f32],
+    start: &[f32],
+    (m, n, ldo): (usize, usize, usize),
+    then: Epilogue,
+    product: impl Fn(usize, usize) -> f64,
+    tol: f64,
+    what: &str,
+) {
+    for i in 0..m {
+        for j in 0..ldo {
+            let (g, s) = (got[i * ldo + j], start[i * ldo + j]);
+            if j >= n {
+                assert_eq!(g, s, "{what}: a value past the output columns changed");
+                continue;
+            }
+            let mut e = product(i, j) + then.bias.map_or(0.0, |b| f64::from(b[j]));
+            if then.accumulate {
+                e += f64::from(s);
+            }
+            if then.gelu {
+                e = f64::from(gelu(e as f32));
+            }
+            assert!((f64::from(g) - e).abs() <= tol, "{what} [{i},{j}]: {g} vs {e}");
+        }
+    }
+}
+
 /// A deterministic uniform generator on [-half, half) for kernel tests (an LCG).
 #[cfg(test)]
 pub(crate) fn uniform(seed: u64, half: f32) -> impl FnMut() -> f32 {

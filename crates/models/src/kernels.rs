@@ -513,7 +513,7 @@ pub fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::epilogue::erf;
+    use crate::epilogue::{assert_epilogue, erf};
 
     #[test]
     fn exp_and_erf_are_accurate() {
@@ -618,24 +618,17 @@ mod tests {
                     for threads in [true, false] {
                         let mut got = start.clone();
                         linear(Mat::new(&x, m, k), &wt, &mut got, ldo, then, threads);
-                        for i in 0..m {
-                            for j in 0..ldo {
-                                let (g, s) = (got[i * ldo + j], start[i * ldo + j]);
-                                if j >= n {
-                                    assert_eq!(g, s, "a value past the output columns changed");
-                                    continue;
-                                }
-                                let mut e = plain[i * n + j] + then.bias.map_or(0.0, |b| b[j]);
-                                if then.accumulate {
-                                    e += s;
-                                }
-                                if then.gelu {
-                                    e = gelu(e);
-                                }
-                                let what = format!("({m},{k},{n}) amx={} {then:?} threads={threads}", wt.on_amx());
-                                assert!((g - e).abs() <= tol * (k as f32).sqrt(), "{what}: {g} vs {e}");
-                            }
-                        }
+                        let what = format!("({m},{k},{n}) amx={} {then:?} threads={threads}", wt.on_amx());
+                        let tol = tol * (k as f64).sqrt();
+                        assert_epilogue(
+                            &got,
+                            &start,
+                            (m, n, ldo),
+                            then,
+                            |i, j| f64::from(plain[i * n + j]),
+                            tol,
+                            &what,
+                        );
                     }
                 }
             }

@@ -318,7 +318,7 @@ mod avx512 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::epilogue::gelu;
+    use crate::epilogue::assert_epilogue;
 
     fn bf16(v: f32) -> f64 {
         f64::from(half::bf16::from_f32(v).to_f32())
@@ -345,22 +345,10 @@ mod tests {
                 for threads in [false, true] {
                     let mut got = start.clone();
                     linear(Mat::new(&x, m, k), &w, &mut got, ldo, then, threads);
-                    for i in 0..m {
-                        for j in 0..ldo {
-                            let (g, s) = (got[i * ldo + j], start[i * ldo + j]);
-                            if j >= n {
-                                assert_eq!(g, s, "a value past the output columns changed");
-                                continue;
-                            }
-                            let dot: f64 = (0..k).map(|p| bf16(x[i * k + p]) * bf16(wv[j * k + p])).sum();
-                            let mut e = dot + then.bias.map_or(0.0, |b| f64::from(b[j]));
-                            if then.accumulate {
-                                e += f64::from(s);
-                            }
-                            let e = if then.gelu { f64::from(gelu(e as f32)) } else { e };
-                            assert!((f64::from(g) - e).abs() < 2e-6 * k as f64, "({m},{k},{n}) {then:?}: {g} vs {e}");
-                        }
-                    }
+                    let dot =
+                        |i: usize, j: usize| -> f64 { (0..k).map(|p| bf16(x[i * k + p]) * bf16(wv[j * k + p])).sum() };
+                    let what = format!("({m},{k},{n}) {then:?} threads={threads}");
+                    assert_epilogue(&got, &start, (m, n, ldo), then, dot, 2e-6 * k as f64, &what);
                     match &first {
                         None => first = Some(got),
                         Some(f) => assert_eq!(f, &got, "({m},{k},{n}): the thread count changed the result"),
