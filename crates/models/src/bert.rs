@@ -101,7 +101,7 @@ impl PackedBert {
     /// Loads the encoder from weights under `embeddings.` and `encoder.` (or under `bert.` /
     /// `<model_type>.`, as `BertModel::load` accepts). `bf16_products`: the linear layers
     /// multiply in bf16 where the CPU has AMX or AVX-512-BF16 (see [`Weight::bf16`]), in f32
-    /// otherwise.
+    /// otherwise; on AVX-512-BF16 without AMX, attention's two products do too.
     pub fn load(vb: VarBuilder, cfg: &BertConfig, model_type: Option<&str>, bf16_products: bool) -> Result<Self> {
         let weight = if bf16_products { Weight::bf16 } else { Weight::new };
         let key = "embeddings.word_embeddings.weight";
@@ -228,16 +228,35 @@ impl PackedBert {
         let (qkv, ctx, up) = (&mut qkv[..total * 3 * h], &mut ctx[..total * h], &mut up[..total * i]);
         kernels::layer_norm(x, &self.ln.w, &self.ln.b, eps, threads);
         for l in &self.layers {
+            // With bf16 panels for the linear layers, attention multiplies in bf16 as well.
+            let on_panels = l.up_w.in_bf16() && !l.up_w.on_amx();
             kernels::linear(Mat::new(x, total, h), &l.qkv_w, qkv, 3 * h, Epilogue::overwrite(Some(&l.qkv_b)), threads);
             let qkv_ref = &*qkv;
-            let one_row = |r: usize, out: &mut [f32], attn: &mut Vec<f32>| {
+            let one_row = |r: usize, out: &mut [f32], attn: &mut AttentionBuffers| {
                 let (s, t) = (offsets[r], offsets[r + 1] - offsets[r]);
                 let at = |c: usize| Mat { data: &qkv_ref[s * 3 * h + c..], rows: t, cols: h, stride: 3 * h };
-                kernels::attention(at(0), at(h), at(2 * h), heads, heads, d, Visibility::All, out, h, attn);
+                if on_panels {
+                    crate::panels::attention(at(0), at(h), at(2 * h), heads, d, out, h, &mut attn.bf16);
+                } else {
+                    kernels::attention(
+                        at(0),
+                        at(h),
+                        at(2 * h),
+                        heads,
+                        heads,
+                        d,
+                        Visibility::All,
+                        out,
+                        h,
+                        &mut attn.f32,
+                    );
+                }
             };
             let rows = kernels::split_rows(ctx, offsets, h);
             if threads {
-                rows.into_par_iter().enumerate().for_each_init(Vec::new, |attn, (r, out)| one_row(r, out, attn));
+                rows.into_par_iter()
+                    .enumerate()
+                    .for_each_init(AttentionBuffers::default, |attn, (r, out)| one_row(r, out, attn));
             } else {
                 rows.into_iter().enumerate().for_each(|(r, out)| one_row(r, out, attn));
             }
@@ -248,7 +267,6 @@ impl PackedBert {
             // thread, so that a block's intermediate activations stay in L2 from the first
             // product to the second (gemm's f32 path packs its weight per call, and would pay
             // for that on every block).
-            let on_panels = l.up_w.in_bf16() && !l.up_w.on_amx();
             let block = if threads || !on_panels { total } else { MLP_ROWS };
             for x in x.chunks_mut(block * h) {
                 let rows = x.len() / h;
@@ -294,7 +312,14 @@ struct Scratch {
     qkv: Vec<f32>,
     ctx: Vec<f32>,
     up: Vec<f32>,
-    attn: Vec<f32>,
+    attn: AttentionBuffers,
+}
+
+/// One thread's buffers for a row's attention, in f32 or on bf16 panels.
+#[derive(Default)]
+struct AttentionBuffers {
+    f32: Vec<f32>,
+    bf16: crate::panels::AttentionScratch,
 }
 
 #[cfg(test)]

@@ -104,35 +104,62 @@ pub(crate) fn sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
 }
 
+/// `x[i] ← e^(scale · (x[i] − max x))` in place; returns 1 / Σ of them.
+#[inline(always)]
+fn exps(x: &mut [f32], scale: f32) -> f32 {
+    let max = max_of(x);
+    let mut acc = [0f32; LANES];
+    let (chunks, rest) = x.as_chunks_mut::<LANES>();
+    for c in chunks {
+        for l in 0..LANES {
+            let e = exp((c[l] - max) * scale);
+            c[l] = e;
+            acc[l] += e;
+        }
+    }
+    // The tail as one more vector, padded with -inf (whose exp is 0), rather than a scalar
+    // exp per leftover element: rows of ~100 keys leave up to 15.
+    if !rest.is_empty() {
+        let mut pad = [f32::NEG_INFINITY; LANES];
+        pad[..rest.len()].copy_from_slice(rest);
+        for l in 0..LANES {
+            let e = exp((pad[l] - max) * scale);
+            pad[l] = e;
+            acc[l] += e;
+        }
+        rest.copy_from_slice(&pad[..rest.len()]);
+    }
+    let sum: f32 = acc.iter().sum();
+    1.0 / sum
+}
+
 multiversion! {
     /// softmax(scale · x) of one row in place (scale > 0).
     fn softmax_serial(x: &mut [f32], scale: f32) {
-        let max = max_of(x);
-        let mut acc = [0f32; LANES];
-        let (chunks, rest) = x.as_chunks_mut::<LANES>();
-        for c in chunks {
-            for l in 0..LANES {
-                let e = exp((c[l] - max) * scale);
-                c[l] = e;
-                acc[l] += e;
-            }
-        }
-        // The tail as one more vector, padded with -inf (whose exp is 0), rather than a scalar
-        // exp per leftover element: rows of ~100 keys leave up to 15.
-        if !rest.is_empty() {
-            let mut pad = [f32::NEG_INFINITY; LANES];
-            pad[..rest.len()].copy_from_slice(rest);
-            for l in 0..LANES {
-                let e = exp((pad[l] - max) * scale);
-                pad[l] = e;
-                acc[l] += e;
-            }
-            rest.copy_from_slice(&pad[..rest.len()]);
-        }
-        let sum: f32 = acc.iter().sum();
-        let inv = 1.0 / sum;
+        let inv = exps(x, scale);
         for v in x.iter_mut() {
             *v *= inv;
+        }
+    }
+}
+
+multiversion! {
+    /// softmax(scale · x) of one row rounded to bf16 (to nearest, ties to even) in pairs into
+    /// `out`, as the bf16 products read a row; `x` is left holding the unnormalised exponentials.
+    fn softmax_pairs_serial(x: &mut [f32], scale: f32, out: &mut [u32]) {
+        let inv = exps(x, scale);
+        // Branch-free rounding, so that the pass vectorises (exact for the finite values a
+        // softmax gives).
+        let round = |v: f32| {
+            let b = (v * inv).to_bits();
+            b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16
+        };
+        let (pairs, rest) = x.as_chunks::<2>();
+        for (o, [lo, hi]) in out.iter_mut().zip(pairs) {
+            *o = round(*lo) | (round(*hi) << 16);
+        }
+        if let (Some(&lo), Some(o)) = (rest.first(), out.get_mut(pairs.len())) {
+            *o = round(lo);
         }
     }
 }
@@ -184,6 +211,16 @@ multiversion! {
 /// softmax(scale · x) of one row in place (scale > 0; -inf entries become 0).
 pub fn softmax(x: &mut [f32], scale: f32) {
     softmax_serial(x, scale);
+}
+
+/// softmax(scale · x) of one row as bf16 pairs into `out` (`x.len()`/2 rounded up; the last
+/// high half zero when the length is odd); `x` is left holding the unnormalised exponentials.
+///
+/// # Panics
+/// When `out` is shorter than that (a bug in the caller).
+pub(crate) fn softmax_pairs(x: &mut [f32], scale: f32, out: &mut [u32]) {
+    assert!(out.len() >= x.len().div_ceil(2), "softmax_pairs: too few pairs");
+    softmax_pairs_serial(x, scale, out);
 }
 
 /// LayerNorm over rows of width `w.len()`, in place; `threads`: in parallel.
@@ -514,6 +551,23 @@ pub fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -
 mod tests {
     use super::*;
     use crate::epilogue::{assert_epilogue, erf};
+
+    /// The fused softmax-and-round gives the bf16 pairs of the f32 softmax, bit for bit.
+    #[test]
+    fn softmax_pairs_round_the_softmax() {
+        let mut r = uniform(21, 8.0);
+        for len in [1usize, 2, 15, 16, 17, 33, 114] {
+            let x: Vec<f32> = (0..len).map(|_| r()).collect();
+            let mut want = x.clone();
+            softmax(&mut want, 0.7);
+            let bits = |i: usize| want.get(i).map_or(0, |&v| u32::from(half::bf16::from_f32(v).to_bits()));
+            let mut got = vec![u32::MAX; len.div_ceil(2)];
+            softmax_pairs(&mut x.clone(), 0.7, &mut got);
+            for (p, g) in got.iter().enumerate() {
+                assert_eq!(*g, bits(2 * p) | (bits(2 * p + 1) << 16), "len {len}, pair {p}");
+            }
+        }
+    }
 
     #[test]
     fn exp_and_erf_are_accurate() {

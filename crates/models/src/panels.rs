@@ -49,16 +49,30 @@ impl Panels {
     /// When `w` does not hold rows·cols values (a bug in the loader).
     pub(crate) fn new(w: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(w.len(), rows * cols, "Panels: {rows}×{cols} from {} values", w.len());
-        let pairs = cols.div_ceil(2);
-        let panels = rows.div_ceil(NR);
-        let mut data = vec![0u32; panels * pairs * NR];
+        Self::of_rows(Mat::new(w, rows, cols), Vec::new())
+    }
+
+    /// The weight whose rows are the rows of `x`, into `data` (its capacity reused).
+    fn of_rows(x: Mat, mut data: Vec<u32>) -> Self {
+        let (rows, cols, pairs) = (x.rows, x.cols, x.cols.div_ceil(2));
+        data.clear();
+        data.resize(rows.div_ceil(NR) * pairs * NR, 0);
+        pack_rows_in::<NR>(x, pairs, &mut data);
+        Self { rows, cols, pairs, data }
+    }
+
+    /// The weight whose rows are the columns of `x` (xᵀ), into `data` (its capacity reused):
+    /// pair p of output column j is x[2p][j] and x[2p + 1][j], two rows rounded side by side.
+    fn of_columns(x: Mat, mut data: Vec<u32>) -> Self {
+        let (rows, cols, pairs) = (x.cols, x.rows, x.rows.div_ceil(2));
+        data.clear();
+        data.resize(rows.div_ceil(NR) * pairs * NR, 0);
         for (c, panel) in data.chunks_exact_mut(pairs * NR).enumerate() {
-            for j in 0..NR.min(rows - c * NR) {
-                let row = &w[(c * NR + j) * cols..][..cols];
-                for p in 0..pairs {
-                    let hi = row.get(2 * p + 1).copied().unwrap_or(0.0);
-                    panel[p * NR + j] = pair(row[2 * p], hi);
-                }
+            let (j0, width) = (c * NR, NR.min(rows - c * NR));
+            for (p, lanes) in panel.chunks_exact_mut(NR).enumerate() {
+                let lo = &x.data[2 * p * x.stride + j0..][..width];
+                let hi = (2 * p + 1 < cols).then(|| &x.data[(2 * p + 1) * x.stride + j0..][..width]);
+                interleave(lo, hi, &mut lanes[..width]);
             }
         }
         Self { rows, cols, pairs, data }
@@ -71,18 +85,23 @@ impl Panels {
 /// rounded whole (16 values per instruction where the CPU has AVX-512-BF16) and then spread over
 /// its tile.
 fn pack_rows(x: Mat, pairs: usize, out: &mut [u32]) {
+    pack_rows_in::<MR>(x, pairs, out);
+}
+
+/// [`pack_rows`] in tiles of `R` rows (with `R` = [`NR`], the layout of [`Panels`]).
+fn pack_rows_in<const R: usize>(x: Mat, pairs: usize, out: &mut [u32]) {
     let k = x.cols;
     let mut row_pairs = vec![0u32; pairs];
-    for (t, tile) in out.chunks_exact_mut(pairs * MR).enumerate() {
-        for r in 0..MR {
-            let i = t * MR + r;
+    for (t, tile) in out.chunks_exact_mut(pairs * R).enumerate() {
+        for r in 0..R {
+            let i = t * R + r;
             if i >= x.rows {
                 row_pairs.fill(0);
             } else {
                 round_row(&x.data[i * x.stride..][..k], &mut row_pairs);
             }
             for (p, &v) in row_pairs.iter().enumerate() {
-                tile[p * MR + r] = v;
+                tile[p * R + r] = v;
             }
         }
     }
@@ -102,6 +121,22 @@ fn round_row(row: &[f32], out: &mut [u32]) {
     }
     for (p, o) in out.iter_mut().enumerate() {
         *o = pair(row[2 * p], row.get(2 * p + 1).copied().unwrap_or(0.0));
+    }
+}
+
+/// `out[j]` ← the pair (`lo[j]`, `hi[j]`) rounded to bf16 (`hi` zero when absent).
+fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::lowp::dot_bf16_available() {
+        // SAFETY: `dot_bf16_available` checked the features `avx512::interleave` is compiled for.
+        #[expect(unsafe_code, reason = "calling a function compiled for AVX-512-BF16")]
+        unsafe {
+            avx512::interleave(lo, hi, out)
+        };
+        return;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = pair(lo[j], hi.map_or(0.0, |h| h[j]));
     }
 }
 
@@ -129,7 +164,7 @@ pub(crate) fn linear(x: Mat, w: &Panels, out: &mut [f32], ldo: usize, then: Epil
         let r0 = c * per_task * MR;
         let rows = (m - r0).min(per_task * MR);
         pack_rows(Mat { data: &x.data[r0 * x.stride..], rows, cols: x.cols, stride: x.stride }, w.pairs, a);
-        product(a, w, rows, out, ldo, then);
+        product(Lhs::Tiles(a), w, rows, out, ldo, then);
     };
     let chunks = a.chunks_mut(per_task * tile_len).zip(out.chunks_mut(per_task * MR * ldo)).enumerate();
     if threads && tiles > per_task {
@@ -139,28 +174,137 @@ pub(crate) fn linear(x: Mat, w: &Panels, out: &mut [f32], ldo: usize, then: Epil
     }
 }
 
+/// One thread's buffers for [`attention`], kept across calls.
+#[derive(Debug, Default)]
+pub(crate) struct AttentionScratch {
+    scores: Vec<f32>,
+    rows: Vec<u32>,
+    panel: Vec<u32>,
+}
+
+/// Bidirectional multi-head attention over the `t` tokens of one sequence with bf16 products
+/// (sums in f32): for each head h, `out[:, h·d..(h + 1)·d] ← softmax(q_h · k_hᵀ / √d) · v_h`,
+/// where q_h is columns h·d.. of `q` (likewise k and v) and `out` has row stride `ldo`. The
+/// queries, keys, values and attention weights are rounded to bf16 as they enter a product, as
+/// torch does in bf16; the softmax runs in f32.
+///
+/// # Panics
+/// When a view does not fit its buffer or the shapes disagree (a bug in the caller).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    q: Mat,
+    k: Mat,
+    v: Mat,
+    heads: usize,
+    d: usize,
+    out: &mut [f32],
+    ldo: usize,
+    s: &mut AttentionScratch,
+) {
+    let t = q.rows;
+    assert!(k.rows == t && v.rows == t, "panels::attention: queries, keys and values differ in length");
+    assert!(
+        [q, k, v].iter().all(|m| m.cols >= heads * d && m.fits()),
+        "panels::attention: a view is narrower than its heads"
+    );
+    if t == 0 || d == 0 {
+        return;
+    }
+    assert!(ldo >= heads * d && (t - 1) * ldo + heads * d <= out.len(), "panels::attention: the output does not fit");
+    let scale = 1.0 / (d as f32).sqrt();
+    let (dp, tp) = (d.div_ceil(2), t.div_ceil(2));
+    for h in 0..heads {
+        // scores ← q_h · k_hᵀ: the keys are the weight, t output columns over k = d; the
+        // queries are rounded row by row and broadcast from where they lie.
+        let kh = Mat { data: &k.data[h * d..], rows: t, cols: d, stride: k.stride };
+        let keys = Panels::of_rows(kh, std::mem::take(&mut s.panel));
+        s.rows.resize(t * dp.max(tp), 0);
+        for (i, r) in s.rows.chunks_exact_mut(dp).take(t).enumerate() {
+            round_row(&q.data[i * q.stride + h * d..][..d], r);
+        }
+        s.scores.resize(t * t, 0.0);
+        product(Lhs::Rows { data: &s.rows, stride: dp }, &keys, t, &mut s.scores, t, Epilogue::overwrite(None));
+        // The weights, each row rounded as soon as it is normalised.
+        for (row, r) in s.scores.chunks_exact_mut(t).zip(s.rows.chunks_exact_mut(tp)) {
+            crate::kernels::softmax_pairs(row, scale, r);
+        }
+        // out_h ← p · v_h: the values are the weight, d output columns over k = t.
+        let vh = Mat { data: &v.data[h * d..], rows: t, cols: d, stride: v.stride };
+        let values = Panels::of_columns(vh, keys.data);
+        product(Lhs::Rows { data: &s.rows, stride: tp }, &values, t, &mut out[h * d..], ldo, Epilogue::overwrite(None));
+        s.panel = values.data;
+    }
+}
+
 /// Bytes of a block of rows' packed inputs and outputs kept in L2 while every panel passes over
 /// it (half of a 1 MiB L2: the panel in use and the next block's rows share the rest).
 const BLOCK_BYTES: usize = 512 << 10;
 
-/// The product for `m` rows packed in `a` (as [`pack_rows`] writes them) into `out` (row stride
-/// `ldo`), on this thread: in blocks of rows whose inputs and outputs fit in L2, each weight
-/// panel in turn against every tile of the block, so that the panel is read from L1/L2 by all of
-/// the block's tiles and the block's outputs (a residual stream read and written) stay in L2.
-fn product(a: &[u32], w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epilogue) {
-    let tile_len = w.pairs * MR;
+/// The left operand of a product as pairs of bf16 values: either packed in tiles of [`MR`]
+/// rows (as [`pack_rows`] writes them), or row-major (row i's pair p at `i · stride + p`, as
+/// [`round_row`] writes a row), which the kernel broadcasts from [`MR`] rows at once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lhs<'a> {
+    Tiles(&'a [u32]),
+    Rows { data: &'a [u32], stride: usize },
+}
+
+impl<'a> Lhs<'a> {
+    /// Rows `r0..` (r0 a multiple of [`MR`]).
+    fn skip_rows(self, r0: usize, pairs: usize) -> Self {
+        match self {
+            Lhs::Tiles(a) => Lhs::Tiles(&a[r0 * pairs..]),
+            Lhs::Rows { data, stride } => Lhs::Rows { data: &data[r0 * stride..], stride },
+        }
+    }
+
+    /// Pair p of row i (of `m` rows; rows past the end of the last tile read as row m − 1 or
+    /// as the tile's zeros).
+    fn at(self, i: usize, p: usize, pairs: usize) -> u32 {
+        match self {
+            Lhs::Tiles(a) => a[(i / MR * pairs + p) * MR + i % MR],
+            Lhs::Rows { data, stride } => data[i * stride + p],
+        }
+    }
+}
+
+/// The product for `m` rows of `a` into `out` (row stride `ldo`), on this thread: in blocks of
+/// rows whose inputs and outputs fit in L2, each weight panel in turn against every tile of the
+/// block, so that the panel is read from L1/L2 by all of the block's tiles and the block's
+/// outputs (a residual stream read and written) stay in L2.
+///
+/// # Panics
+/// When `a` or `out` is too short for `m` rows (a bug in the caller).
+fn product(a: Lhs, w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epilogue) {
+    if m == 0 || w.rows == 0 {
+        return;
+    }
+    let (pairs, n) = (w.pairs, w.rows);
+    match a {
+        Lhs::Tiles(t) => assert!(t.len() >= m.div_ceil(MR) * MR * pairs, "panels: too few packed tiles"),
+        Lhs::Rows { data, stride } => {
+            assert!(stride >= pairs && data.len() >= (m - 1) * stride + pairs, "panels: too few rows")
+        }
+    }
+    assert!(out.len() >= (m - 1) * ldo + n && ldo >= n, "panels: the output does not fit");
+    assert!(then.bias.is_none_or(|b| b.len() >= n), "panels: the bias is shorter than the outputs");
     let per_row = 4 * w.pairs + 4 * w.rows;
-    let block = (BLOCK_BYTES / (MR * per_row)).max(1);
-    for (b, a) in a.chunks(block * tile_len).enumerate() {
-        let r0 = b * block * MR;
-        let rows = (m - r0).min(block * MR);
-        let out = &mut out[r0 * ldo..];
+    let block = (BLOCK_BYTES / (MR * per_row)).max(1) * MR;
+    for r0 in (0..m).step_by(block) {
+        let rows = (m - r0).min(block);
+        let (a, out) = (a.skip_rows(r0, pairs), &mut out[r0 * ldo..]);
         #[cfg(target_arch = "x86_64")]
         if crate::lowp::dot_bf16_available() {
-            // SAFETY: `dot_bf16_available` checked the features `avx512::product` is compiled for.
+            // SAFETY: `dot_bf16_available` checked the features `avx512::product` is compiled
+            // for, and the asserts above that every tile and output row is inside its slice.
             #[expect(unsafe_code, reason = "calling a function compiled for AVX-512-BF16")]
             unsafe {
-                avx512::product(a, w, rows, out, ldo, then)
+                match a {
+                    Lhs::Tiles(t) => avx512::product::<false>(t.as_ptr(), MR * pairs, w, rows, out, ldo, then),
+                    Lhs::Rows { data, stride } => {
+                        avx512::product::<true>(data.as_ptr(), stride, w, rows, out, ldo, then)
+                    }
+                }
             };
             continue;
         }
@@ -172,22 +316,22 @@ fn product(a: &[u32], w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: E
 /// builds [`Panels`] there; [`crate::kernels::Weight`] keeps f32 weights on such CPUs): the
 /// same terms summed in the same order, though `vdpbf16ps` rounds within a pair in its own way,
 /// so the two agree to f32 rounding rather than bit for bit.
-fn portable(a: &[u32], w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epilogue) {
+fn portable(a: Lhs, w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epilogue) {
     let widen = |v: u32| (f32::from_bits(v << 16), f32::from_bits(v & 0xffff_0000));
     let pairs = w.pairs;
     for (c, panel) in w.data.chunks_exact(pairs * NR).enumerate() {
-        for (t, tile) in a.chunks_exact(pairs * MR).enumerate() {
+        for i0 in (0..m).step_by(MR) {
             let mut acc = [[0f32; NR]; MR];
             for p in 0..pairs {
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let (x0, x1) = widen(tile[p * MR + r]);
+                for (r, acc) in acc.iter_mut().enumerate().take(m - i0) {
+                    let (x0, x1) = widen(a.at(i0 + r, p, pairs));
                     for (j, s) in acc.iter_mut().enumerate() {
                         let (w0, w1) = widen(panel[p * NR + j]);
                         *s += x0 * w0 + x1 * w1;
                     }
                 }
             }
-            store(&acc, out, ldo, t * MR, m, c * NR, w.rows, then);
+            store(&acc, out, ldo, i0, m, c * NR, w.rows, then);
         }
     }
 }
@@ -221,7 +365,7 @@ fn store(acc: &[[f32; NR]; MR], out: &mut [f32], ldo: usize, i0: usize, m: usize
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR, Panels, store};
+    use super::{MR, NR, Panels};
     use crate::epilogue::Epilogue;
 
     /// [`super::round_row`] with `vcvtne2ps2bf16` (the same rounding; a subnormal input becomes
@@ -257,33 +401,89 @@ mod avx512 {
         }
     }
 
-    /// [`super::product`] on `vdpbf16ps`.
+    /// [`super::interleave`] with `vcvtneps2bf16` (the rounding of [`round_row`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) fn product(a: &[u32], w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epilogue) {
-        let pairs = w.pairs;
+    pub(super) fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+        let n = out.len();
+        assert!(lo.len() >= n && hi.is_none_or(|h| h.len() >= n), "panels: rows shorter than the lanes");
+        let mut j = 0;
+        while j < n {
+            let lanes = (n - j).min(16);
+            let mask: __mmask16 = if lanes >= 16 { u16::MAX } else { (1u16 << lanes) - 1 };
+            // SAFETY: the unmasked lanes are j..j + lanes ≤ n, inside every slice.
+            unsafe {
+                let l = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(
+                    _mm512_maskz_loadu_ps(mask, lo.as_ptr().add(j)),
+                )));
+                let h = match hi {
+                    Some(h) => {
+                        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                            _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, h.as_ptr().add(j))),
+                        )))
+                    }
+                    None => _mm512_setzero_si512(),
+                };
+                _mm512_mask_storeu_epi32(out.as_mut_ptr().add(j).cast(), mask, _mm512_or_si512(l, h));
+            }
+            j += 16;
+        }
+    }
+
+    /// [`super::product`] on `vdpbf16ps`, for rows at `a`: packed in tiles `tile` pairs
+    /// apart (`ROWS` false) or row-major with rows `tile` pairs apart (`ROWS` true).
+    ///
+    /// # Safety
+    /// Every tile of the `m` rows, every output row (`ldo` apart, `w.rows` values) and the
+    /// epilogue's bias are inside their buffers, as [`super::product`] asserts.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn product<const ROWS: bool>(
+        a: *const u32,
+        tile: usize,
+        w: &Panels,
+        m: usize,
+        out: &mut [f32],
+        ldo: usize,
+        then: Epilogue,
+    ) {
+        let (pairs, n) = (w.pairs, w.rows);
         for (c, panel) in w.data.chunks_exact(pairs * NR).enumerate() {
-            for (t, tile) in a.chunks_exact(pairs * MR).enumerate() {
+            for i0 in (0..m).step_by(MR) {
                 // The tile's output lines, fetched while its sums are computed: a residual
                 // stream is read there, and a store that misses stalls the loop behind it.
-                let (i0, j0) = (t * MR, c * NR);
+                let j0 = c * NR;
                 for i in i0..m.min(i0 + MR) {
                     let p = out[i * ldo + j0..].as_ptr();
                     _mm_prefetch::<_MM_HINT_T0>(p.cast());
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(NR - 1).cast());
                 }
-                let acc = tile_sums(tile, panel, pairs);
-                store(&acc, out, ldo, i0, m, j0, w.rows, then);
+                // SAFETY: the caller's promise covers the tile's rows (the last tile's missing
+                // rows read as its last row, or as the packed tile's zeros).
+                let acc = unsafe {
+                    if ROWS {
+                        let rows: [*const u32; MR] = std::array::from_fn(|r| a.add((i0 + r).min(m - 1) * tile));
+                        tile_sums(|r, p| rows[r].add(p), panel, pairs)
+                    } else {
+                        let t = a.add(i0 / MR * tile);
+                        tile_sums(|r, p| t.add(p * MR + r), panel, pairs)
+                    }
+                };
+                // SAFETY: as above, for the output rows and the bias.
+                unsafe { store_tile(&acc, out, ldo, i0, m, j0, n, then) };
             }
         }
     }
 
-    /// The MR × NR sums of one tile of rows against one panel.
+    /// The MR × NR sums of one tile of rows (`at(r, p)`: where row r's pair p is) against one
+    /// panel.
+    ///
+    /// # Safety
+    /// Every `at(r, p)` for r < MR, p < `pairs` is readable, and `panel` holds `pairs` · NR.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn tile_sums(tile: &[u32], panel: &[u32], pairs: usize) -> [[f32; NR]; MR] {
-        assert!(tile.len() >= pairs * MR && panel.len() >= pairs * NR, "panels: buffers too short");
+    unsafe fn tile_sums(at: impl Fn(usize, usize) -> *const u32, panel: &[u32], pairs: usize) -> [[__m512; 2]; MR] {
+        assert!(panel.len() >= pairs * NR, "panels: panel too short");
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let (tp, wp) = (tile.as_ptr(), panel.as_ptr());
+        let wp = panel.as_ptr();
         for p in 0..pairs {
             // SAFETY: p < pairs, so the reads stay inside the lengths asserted above.
             let (w0, w1) = unsafe {
@@ -294,23 +494,70 @@ mod avx512 {
                 )
             };
             for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: as above.
-                let xv = unsafe { tp.add(p * MR + r).read() };
+                // SAFETY: the caller's promise.
+                let xv = unsafe { at(r, p).read() };
                 // SAFETY: 512 bits of plain data either way.
                 let xv = unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(xv as i32)) };
                 acc[0] = _mm512_dpbf16_ps(acc[0], xv, w0);
                 acc[1] = _mm512_dpbf16_ps(acc[1], xv, w1);
             }
         }
-        let mut sums = [[0f32; NR]; MR];
-        for (s, acc) in sums.iter_mut().zip(&acc) {
-            // SAFETY: each half of a row of `sums` is 16 f32.
+        acc
+    }
+
+    /// [`super::store`] from the registers: the residual and bias added in them and each row
+    /// written with (masked) vector stores; GELU, where asked, then runs over the written row.
+    ///
+    /// # Safety
+    /// Output rows i0..min(m, i0 + MR) hold columns j0..min(n, j0 + NR) at stride `ldo`, and
+    /// the bias (if any) holds n values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn store_tile(
+        acc: &[[__m512; 2]; MR],
+        out: &mut [f32],
+        ldo: usize,
+        i0: usize,
+        m: usize,
+        j0: usize,
+        n: usize,
+        then: Epilogue,
+    ) {
+        let cols = NR.min(n - j0);
+        let mask = |half: usize| -> __mmask16 {
+            let lanes = cols.saturating_sub(16 * half).min(16);
+            if lanes == 16 { u16::MAX } else { (1u16 << lanes) - 1 }
+        };
+        let masks = [mask(0), mask(1)];
+        let bias = then.bias.map(|b| {
+            // SAFETY: the bias holds n ≥ j0 + cols values; masked lanes are not read.
+            std::array::from_fn::<__m512, 2, _>(|h| unsafe {
+                _mm512_maskz_loadu_ps(masks[h], b.as_ptr().add(j0 + 16 * h))
+            })
+        });
+        for (r, acc) in acc.iter().enumerate().take(m.min(i0 + MR) - i0) {
+            // SAFETY: the caller's promise; masked lanes are neither read nor written.
             unsafe {
-                _mm512_storeu_ps(s.as_mut_ptr(), acc[0]);
-                _mm512_storeu_ps(s.as_mut_ptr().add(16), acc[1]);
+                let o = out.as_mut_ptr().add((i0 + r) * ldo + j0);
+                for h in 0..2 {
+                    if masks[h] == 0 {
+                        continue;
+                    }
+                    let mut v = acc[h];
+                    if then.accumulate {
+                        v = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[h], o.add(16 * h)), v);
+                    }
+                    if let Some(b) = &bias {
+                        v = _mm512_add_ps(v, b[h]);
+                    }
+                    _mm512_mask_storeu_ps(o.add(16 * h), masks[h], v);
+                }
+                if then.gelu {
+                    std::slice::from_raw_parts_mut(o, cols).iter_mut().for_each(|v| *v = crate::epilogue::gelu(*v));
+                }
             }
         }
-        sums
     }
 }
 
@@ -376,10 +623,64 @@ mod tests {
         let mut a = vec![0u32; m.div_ceil(MR) * w.pairs * MR];
         pack_rows(Mat::new(&x, m, k), w.pairs, &mut a);
         let (mut p, mut v) = (vec![0f32; m * n], vec![0f32; m * n]);
-        portable(&a, &w, m, &mut p, n, Epilogue::overwrite(None));
-        product(&a, &w, m, &mut v, n, Epilogue::overwrite(None));
+        portable(Lhs::Tiles(&a), &w, m, &mut p, n, Epilogue::overwrite(None));
+        product(Lhs::Tiles(&a), &w, m, &mut v, n, Epilogue::overwrite(None));
         for (p, v) in p.iter().zip(&v) {
             assert!((p - v).abs() < 1e-4, "{p} vs {v}");
+        }
+        // Row-major pairs give the same sums as packed tiles, bit for bit, on either path
+        // (rows padded to a longer stride, as attention's buffer is).
+        let stride = w.pairs + 3;
+        let mut rows = vec![0u32; m * stride];
+        for (i, r) in rows.chunks_exact_mut(stride).enumerate() {
+            round_row(&x[i * k..][..k], &mut r[..w.pairs]);
+        }
+        let (mut pr, mut vr) = (vec![0f32; m * n], vec![0f32; m * n]);
+        portable(Lhs::Rows { data: &rows, stride }, &w, m, &mut pr, n, Epilogue::overwrite(None));
+        product(Lhs::Rows { data: &rows, stride }, &w, m, &mut vr, n, Epilogue::overwrite(None));
+        assert_eq!(p, pr, "portable: rows and tiles differ");
+        assert_eq!(v, vr, "kernel: rows and tiles differ");
+    }
+
+    /// Attention on bf16 products against f64 attention over the bf16-rounded queries, keys
+    /// and values: within the rounding of the weights to bf16 (2⁻⁹ of the largest value, 2⁻⁸
+    /// allowed), for several heads, sequences shorter and longer than a panel, odd lengths and
+    /// head sizes, and an output wider than the heads; columns past the heads stay as they were.
+    #[test]
+    fn attention_matches_an_f64_reference() {
+        let mut r = crate::kernels::uniform(13, 2.0);
+        let mut s = AttentionScratch::default();
+        for (t, heads, d) in [(1, 2, 32), (13, 3, 24), (45, 2, 32), (70, 1, 7)] {
+            let width = heads * d + 5;
+            let qkv: Vec<f32> = (0..t * 3 * width).map(|_| r()).collect();
+            let view = |c: usize| Mat { data: &qkv[c * width..], rows: t, cols: width, stride: 3 * width };
+            let ldo = heads * d + 2;
+            let mut out = vec![7f32; t * ldo];
+            attention(view(0), view(1), view(2), heads, d, &mut out, ldo, &mut s);
+            let at = |m: usize, i: usize, c: usize| bf16(qkv[i * 3 * width + m * width + c]);
+            let scale = 1.0 / (d as f64).sqrt();
+            for h in 0..heads {
+                let vmax = (0..t)
+                    .flat_map(|j| (0..d).map(move |c| (j, c)))
+                    .fold(0f64, |a, (j, c)| a.max(at(2, j, h * d + c).abs()));
+                for i in 0..t {
+                    let sc: Vec<f64> = (0..t)
+                        .map(|j| (0..d).map(|c| at(0, i, h * d + c) * at(1, j, h * d + c)).sum::<f64>() * scale)
+                        .collect();
+                    let max = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|v| (v - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..t).map(|j| e[j] / sum * at(2, j, h * d + c)).sum();
+                        let got = f64::from(out[i * ldo + h * d + c]);
+                        let what = format!("t={t} heads={heads} d={d} [{i},{h},{c}]");
+                        assert!((got - want).abs() <= vmax / 256.0, "{what}: {got} vs {want}");
+                    }
+                }
+            }
+            for i in 0..t {
+                assert_eq!(out[i * ldo + heads * d..][..2], [7.0, 7.0], "t={t}: a column past the heads changed");
+            }
         }
     }
 }

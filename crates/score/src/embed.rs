@@ -58,7 +58,8 @@ impl Embedder {
     /// turns every score into NaN (0 · −∞). On a CPU with AMX (Intel Sapphire Rapids and later),
     /// `bf16` runs the packed encoder's matrix products in bf16 (sums in f32), three times less
     /// tile work than the f32-accurate products there; on one with AVX-512-BF16 but no AMX (AMD
-    /// Zen 4 on), on `vdpbf16ps`. Elsewhere the products stay f32.
+    /// Zen 4 on), on `vdpbf16ps`, attention's products (queries by keys, weights by values)
+    /// included. Elsewhere the products stay f32.
     pub fn load(spec: &str, requested: DType, device: &Device) -> Result<Self, ScoreError> {
         let dtype = DType::F32;
         let bf16_products = requested == DType::BF16;
