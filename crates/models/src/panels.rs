@@ -57,7 +57,7 @@ impl Panels {
         let (rows, cols, pairs) = (x.rows, x.cols, x.cols.div_ceil(2));
         data.clear();
         data.resize(rows.div_ceil(NR) * pairs * NR, 0);
-        pack_rows_in::<NR>(x, pairs, &mut data);
+        pack_panels(x, pairs, &mut data);
         Self { rows, cols, pairs, data }
     }
 
@@ -80,28 +80,23 @@ impl Panels {
 }
 
 /// The rows of `x` (k = `pairs`·2 values, the last one zero when k is odd) rounded to bf16 in
-/// tiles of [`MR`] rows: `out[(t · pairs + p) · MR + r]` is the pair p of row t·MR + r (zero for
-/// rows past the end). A row of bf16 values read as 32-bit lanes is its pairs, so each row is
-/// rounded whole (16 values per instruction where the CPU has AVX-512-BF16) and then spread over
-/// its tile.
-fn pack_rows(x: Mat, pairs: usize, out: &mut [u32]) {
-    pack_rows_in::<MR>(x, pairs, out);
-}
-
-/// [`pack_rows`] in tiles of `R` rows (with `R` = [`NR`], the layout of [`Panels`]).
-fn pack_rows_in<const R: usize>(x: Mat, pairs: usize, out: &mut [u32]) {
+/// panels of [`NR`] rows, the layout of [`Panels`]: `out[(c · pairs + p) · NR + j]` is the pair
+/// p of row c·NR + j (zero for rows past the end). A row of bf16 values read as 32-bit lanes is
+/// its pairs, so each row is rounded whole (16 values per instruction where the CPU has
+/// AVX-512-BF16) and then spread over its panel.
+fn pack_panels(x: Mat, pairs: usize, out: &mut [u32]) {
     let k = x.cols;
     let mut row_pairs = vec![0u32; pairs];
-    for (t, tile) in out.chunks_exact_mut(pairs * R).enumerate() {
-        for r in 0..R {
-            let i = t * R + r;
+    for (t, tile) in out.chunks_exact_mut(pairs * NR).enumerate() {
+        for r in 0..NR {
+            let i = t * NR + r;
             if i >= x.rows {
                 row_pairs.fill(0);
             } else {
                 round_row(&x.data[i * x.stride..][..k], &mut row_pairs);
             }
             for (p, &v) in row_pairs.iter().enumerate() {
-                tile[p * R + r] = v;
+                tile[p * NR + r] = v;
             }
         }
     }
@@ -156,15 +151,20 @@ pub(crate) fn linear(x: Mat, w: &Panels, out: &mut [f32], ldo: usize, then: Epil
     assert!(ldo >= n, "panels::linear: output rows overlap");
     let tiles = m.div_ceil(MR);
     let tile_len = w.pairs * MR;
-    let mut a = vec![0u32; tiles * tile_len];
+    // The rounded rows, in a buffer this thread keeps between calls (taken, so that a call
+    // nested in this one while rayon waits just allocates its own).
+    let mut a = ROWS.with(std::cell::Cell::take);
+    a.resize(tiles * tile_len, 0);
     let out = &mut out[..(m - 1) * ldo + n];
-    // Tiles per task: every thread busy, each task long enough to amortise reading the weight.
+    // Rows per task: every thread busy, each task long enough to amortise reading the weight.
     let per_task = if threads { tiles.div_ceil(rayon::current_num_threads().max(1)).max(1) } else { tiles };
     let run = |(c, (a, out)): (usize, (&mut [u32], &mut [f32]))| {
         let r0 = c * per_task * MR;
         let rows = (m - r0).min(per_task * MR);
-        pack_rows(Mat { data: &x.data[r0 * x.stride..], rows, cols: x.cols, stride: x.stride }, w.pairs, a);
-        product(Lhs::Tiles(a), w, rows, out, ldo, then);
+        for (i, a) in a.chunks_exact_mut(w.pairs).take(rows).enumerate() {
+            round_row(&x.data[(r0 + i) * x.stride..][..x.cols], a);
+        }
+        product(Lhs { data: a, stride: w.pairs }, w, rows, out, ldo, then);
     };
     let chunks = a.chunks_mut(per_task * tile_len).zip(out.chunks_mut(per_task * MR * ldo)).enumerate();
     if threads && tiles > per_task {
@@ -172,6 +172,12 @@ pub(crate) fn linear(x: Mat, w: &Panels, out: &mut [f32], ldo: usize, then: Epil
     } else {
         chunks.for_each(run);
     }
+    ROWS.with(|r| r.set(a));
+}
+
+thread_local! {
+    /// [`linear`]'s buffer of rounded input rows.
+    static ROWS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// One thread's buffers for [`attention`], kept across calls.
@@ -223,7 +229,7 @@ pub(crate) fn attention(
             round_row(&q.data[i * q.stride + h * d..][..d], r);
         }
         s.scores.resize(t * t, 0.0);
-        product(Lhs::Rows { data: &s.rows, stride: dp }, &keys, t, &mut s.scores, t, Epilogue::overwrite(None));
+        product(Lhs { data: &s.rows, stride: dp }, &keys, t, &mut s.scores, t, Epilogue::overwrite(None));
         // The weights, each row rounded as soon as it is normalised.
         for (row, r) in s.scores.chunks_exact_mut(t).zip(s.rows.chunks_exact_mut(tp)) {
             crate::kernels::softmax_pairs(row, scale, r);
@@ -231,7 +237,7 @@ pub(crate) fn attention(
         // out_h ← p · v_h: the values are the weight, d output columns over k = t.
         let vh = Mat { data: &v.data[h * d..], rows: t, cols: d, stride: v.stride };
         let values = Panels::of_columns(vh, keys.data);
-        product(Lhs::Rows { data: &s.rows, stride: tp }, &values, t, &mut out[h * d..], ldo, Epilogue::overwrite(None));
+        product(Lhs { data: &s.rows, stride: tp }, &values, t, &mut out[h * d..], ldo, Epilogue::overwrite(None));
         s.panel = values.data;
     }
 }
@@ -240,32 +246,12 @@ pub(crate) fn attention(
 /// it (half of a 1 MiB L2: the panel in use and the next block's rows share the rest).
 const BLOCK_BYTES: usize = 512 << 10;
 
-/// The left operand of a product as pairs of bf16 values: either packed in tiles of [`MR`]
-/// rows (as [`pack_rows`] writes them), or row-major (row i's pair p at `i · stride + p`, as
-/// [`round_row`] writes a row), which the kernel broadcasts from [`MR`] rows at once.
+/// The left operand of a product: rows of bf16 pairs, row i's pair p at `data[i · stride + p]`
+/// (as [`round_row`] writes a row), which the kernel broadcasts from [`MR`] rows at once.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Lhs<'a> {
-    Tiles(&'a [u32]),
-    Rows { data: &'a [u32], stride: usize },
-}
-
-impl<'a> Lhs<'a> {
-    /// Rows `r0..` (r0 a multiple of [`MR`]).
-    fn skip_rows(self, r0: usize, pairs: usize) -> Self {
-        match self {
-            Lhs::Tiles(a) => Lhs::Tiles(&a[r0 * pairs..]),
-            Lhs::Rows { data, stride } => Lhs::Rows { data: &data[r0 * stride..], stride },
-        }
-    }
-
-    /// Pair p of row i (of `m` rows; rows past the end of the last tile read as row m − 1 or
-    /// as the tile's zeros).
-    fn at(self, i: usize, p: usize, pairs: usize) -> u32 {
-        match self {
-            Lhs::Tiles(a) => a[(i / MR * pairs + p) * MR + i % MR],
-            Lhs::Rows { data, stride } => data[i * stride + p],
-        }
-    }
+pub(crate) struct Lhs<'a> {
+    pub(crate) data: &'a [u32],
+    pub(crate) stride: usize,
 }
 
 /// The product for `m` rows of `a` into `out` (row stride `ldo`), on this thread: in blocks of
@@ -280,31 +266,21 @@ fn product(a: Lhs, w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epil
         return;
     }
     let (pairs, n) = (w.pairs, w.rows);
-    match a {
-        Lhs::Tiles(t) => assert!(t.len() >= m.div_ceil(MR) * MR * pairs, "panels: too few packed tiles"),
-        Lhs::Rows { data, stride } => {
-            assert!(stride >= pairs && data.len() >= (m - 1) * stride + pairs, "panels: too few rows")
-        }
-    }
+    assert!(a.stride >= pairs && a.data.len() >= (m - 1) * a.stride + pairs, "panels: too few input rows");
     assert!(out.len() >= (m - 1) * ldo + n && ldo >= n, "panels: the output does not fit");
     assert!(then.bias.is_none_or(|b| b.len() >= n), "panels: the bias is shorter than the outputs");
     let per_row = 4 * w.pairs + 4 * w.rows;
     let block = (BLOCK_BYTES / (MR * per_row)).max(1) * MR;
     for r0 in (0..m).step_by(block) {
         let rows = (m - r0).min(block);
-        let (a, out) = (a.skip_rows(r0, pairs), &mut out[r0 * ldo..]);
+        let (a, out) = (Lhs { data: &a.data[r0 * a.stride..], stride: a.stride }, &mut out[r0 * ldo..]);
         #[cfg(target_arch = "x86_64")]
         if crate::lowp::dot_bf16_available() {
             // SAFETY: `dot_bf16_available` checked the features `avx512::product` is compiled
             // for, and the asserts above that every tile and output row is inside its slice.
             #[expect(unsafe_code, reason = "calling a function compiled for AVX-512-BF16")]
             unsafe {
-                match a {
-                    Lhs::Tiles(t) => avx512::product::<false>(t.as_ptr(), MR * pairs, w, rows, out, ldo, then),
-                    Lhs::Rows { data, stride } => {
-                        avx512::product::<true>(data.as_ptr(), stride, w, rows, out, ldo, then)
-                    }
-                }
+                avx512::product(a.data.as_ptr(), a.stride, w, rows, out, ldo, then)
             };
             continue;
         }
@@ -324,7 +300,7 @@ fn portable(a: Lhs, w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epi
             let mut acc = [[0f32; NR]; MR];
             for p in 0..pairs {
                 for (r, acc) in acc.iter_mut().enumerate().take(m - i0) {
-                    let (x0, x1) = widen(a.at(i0 + r, p, pairs));
+                    let (x0, x1) = widen(a.data[(i0 + r) * a.stride + p]);
                     for (j, s) in acc.iter_mut().enumerate() {
                         let (w0, w1) = widen(panel[p * NR + j]);
                         *s += x0 * w0 + x1 * w1;
@@ -429,16 +405,15 @@ mod avx512 {
         }
     }
 
-    /// [`super::product`] on `vdpbf16ps`, for rows at `a`: packed in tiles `tile` pairs
-    /// apart (`ROWS` false) or row-major with rows `tile` pairs apart (`ROWS` true).
+    /// [`super::product`] on `vdpbf16ps`, for rows of pairs at `a`, `stride` pairs apart.
     ///
     /// # Safety
-    /// Every tile of the `m` rows, every output row (`ldo` apart, `w.rows` values) and the
+    /// The `m` rows at `a`, every output row (`ldo` apart, `w.rows` values) and the
     /// epilogue's bias are inside their buffers, as [`super::product`] asserts.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn product<const ROWS: bool>(
+    pub(super) unsafe fn product(
         a: *const u32,
-        tile: usize,
+        stride: usize,
         w: &Panels,
         m: usize,
         out: &mut [f32],
@@ -457,15 +432,10 @@ mod avx512 {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(NR - 1).cast());
                 }
                 // SAFETY: the caller's promise covers the tile's rows (the last tile's missing
-                // rows read as its last row, or as the packed tile's zeros).
+                // rows read as its last row).
                 let acc = unsafe {
-                    if ROWS {
-                        let rows: [*const u32; MR] = std::array::from_fn(|r| a.add((i0 + r).min(m - 1) * tile));
-                        tile_sums(|r, p| rows[r].add(p), panel, pairs)
-                    } else {
-                        let t = a.add(i0 / MR * tile);
-                        tile_sums(|r, p| t.add(p * MR + r), panel, pairs)
-                    }
+                    let rows: [*const u32; MR] = std::array::from_fn(|r| a.add((i0 + r).min(m - 1) * stride));
+                    tile_sums(rows, panel, pairs)
                 };
                 // SAFETY: as above, for the output rows and the bias.
                 unsafe { store_tile(&acc, out, ldo, i0, m, j0, n, then) };
@@ -473,14 +443,13 @@ mod avx512 {
         }
     }
 
-    /// The MR × NR sums of one tile of rows (`at(r, p)`: where row r's pair p is) against one
-    /// panel.
+    /// The MR × NR sums of one tile of rows (row r's pairs at `rows[r]`) against one panel.
     ///
     /// # Safety
-    /// Every `at(r, p)` for r < MR, p < `pairs` is readable, and `panel` holds `pairs` · NR.
+    /// Each `rows[r]` points at `pairs` readable pairs, and `panel` holds `pairs` · NR.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn tile_sums(at: impl Fn(usize, usize) -> *const u32, panel: &[u32], pairs: usize) -> [[__m512; 2]; MR] {
+    unsafe fn tile_sums(rows: [*const u32; MR], panel: &[u32], pairs: usize) -> [[__m512; 2]; MR] {
         assert!(panel.len() >= pairs * NR, "panels: panel too short");
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let wp = panel.as_ptr();
@@ -495,7 +464,7 @@ mod avx512 {
             };
             for (r, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: the caller's promise.
-                let xv = unsafe { at(r, p).read() };
+                let xv = unsafe { rows[r].add(p).read() };
                 // SAFETY: 512 bits of plain data either way.
                 let xv = unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(xv as i32)) };
                 acc[0] = _mm512_dpbf16_ps(acc[0], xv, w0);
@@ -505,8 +474,8 @@ mod avx512 {
         acc
     }
 
-    /// [`super::store`] from the registers: the residual and bias added in them and each row
-    /// written with (masked) vector stores; GELU, where asked, then runs over the written row.
+    /// [`super::store`] from the registers: the residual, bias and GELU applied in them and
+    /// each row written with (masked) vector stores.
     ///
     /// # Safety
     /// Output rows i0..min(m, i0 + MR) hold columns j0..min(n, j0 + NR) at stride `ldo`, and
@@ -551,10 +520,14 @@ mod avx512 {
                     if let Some(b) = &bias {
                         v = _mm512_add_ps(v, b[h]);
                     }
+                    if then.gelu {
+                        // In the register (a fixed 16 lanes, which LLVM keeps there): reading
+                        // back a masked store would stall on the forwarding that fails.
+                        let mut lanes = std::mem::transmute::<__m512, [f32; 16]>(v);
+                        lanes.iter_mut().for_each(|x| *x = crate::epilogue::gelu(*x));
+                        v = std::mem::transmute::<[f32; 16], __m512>(lanes);
+                    }
                     _mm512_mask_storeu_ps(o.add(16 * h), masks[h], v);
-                }
-                if then.gelu {
-                    std::slice::from_raw_parts_mut(o, cols).iter_mut().for_each(|v| *v = crate::epilogue::gelu(*v));
                 }
             }
         }
@@ -620,26 +593,19 @@ mod tests {
         let x: Vec<f32> = (0..m * k).map(|_| r()).collect();
         let wv: Vec<f32> = (0..n * k).map(|_| r()).collect();
         let w = Panels::new(&wv, n, k);
-        let mut a = vec![0u32; m.div_ceil(MR) * w.pairs * MR];
-        pack_rows(Mat::new(&x, m, k), w.pairs, &mut a);
-        let (mut p, mut v) = (vec![0f32; m * n], vec![0f32; m * n]);
-        portable(Lhs::Tiles(&a), &w, m, &mut p, n, Epilogue::overwrite(None));
-        product(Lhs::Tiles(&a), &w, m, &mut v, n, Epilogue::overwrite(None));
-        for (p, v) in p.iter().zip(&v) {
-            assert!((p - v).abs() < 1e-4, "{p} vs {v}");
-        }
-        // Row-major pairs give the same sums as packed tiles, bit for bit, on either path
-        // (rows padded to a longer stride, as attention's buffer is).
+        // Rows padded to a longer stride, as attention's buffer is.
         let stride = w.pairs + 3;
         let mut rows = vec![0u32; m * stride];
         for (i, r) in rows.chunks_exact_mut(stride).enumerate() {
             round_row(&x[i * k..][..k], &mut r[..w.pairs]);
         }
-        let (mut pr, mut vr) = (vec![0f32; m * n], vec![0f32; m * n]);
-        portable(Lhs::Rows { data: &rows, stride }, &w, m, &mut pr, n, Epilogue::overwrite(None));
-        product(Lhs::Rows { data: &rows, stride }, &w, m, &mut vr, n, Epilogue::overwrite(None));
-        assert_eq!(p, pr, "portable: rows and tiles differ");
-        assert_eq!(v, vr, "kernel: rows and tiles differ");
+        let a = Lhs { data: &rows, stride };
+        let (mut p, mut v) = (vec![0f32; m * n], vec![0f32; m * n]);
+        portable(a, &w, m, &mut p, n, Epilogue::overwrite(None));
+        product(a, &w, m, &mut v, n, Epilogue::overwrite(None));
+        for (p, v) in p.iter().zip(&v) {
+            assert!((p - v).abs() < 1e-4, "{p} vs {v}");
+        }
     }
 
     /// Attention on bf16 products against f64 attention over the bf16-rounded queries, keys
