@@ -8,10 +8,11 @@
 //! of `vdpbf16ps`'s rate. Here the product is an outer
 //! product, as in a BLAS: the weight is stored at load time in panels of [`NR`] output columns
 //! whose k values are interleaved in pairs (the layout `vdpbf16ps` multiplies: lane j of one
-//! register holds w[j][2p] and w[j][2p + 1]), the input rows in tiles of [`MR`] rows likewise,
-//! and a tile of MR × NR sums stays in 24 registers for the whole of k: per pair of k values,
-//! two weight loads, MR broadcasts and 24 `vdpbf16ps` (768 products). The epilogue (residual,
-//! bias, GELU) is applied to each tile as it leaves the registers.
+//! register holds w[j][2p] and w[j][2p + 1]), each input row is rounded to bf16 (a row of bf16
+//! read as 32-bit lanes is its pairs), and a tile of MR × NR sums stays in 24 registers for the
+//! whole of k: per pair of k values, two weight loads, [`MR`] broadcasts (one from each row of
+//! the tile) and 24 `vdpbf16ps` (768 products). The epilogue (residual, bias, GELU) is applied
+//! to each tile in the registers. [`attention`] runs an encoder's attention on the same kernel.
 //!
 //! Each output sums its k terms in one order, a pair at a time from k = 0, whatever the shape,
 //! the thread count or the other rows of the batch, so a row's result does not depend on them.
