@@ -120,6 +120,14 @@ fn round_row(row: &[f32], out: &mut [u32]) {
     }
 }
 
+/// The rows of `x` rounded to bf16 pairs as [`round_row`] does, row i at `out[i · stride..]`.
+fn round_rows(x: Mat, out: &mut [u32], stride: usize) {
+    let pairs = x.cols.div_ceil(2);
+    for (i, r) in out.chunks_mut(stride).take(x.rows).enumerate() {
+        round_row(&x.data[i * x.stride..][..x.cols], &mut r[..pairs]);
+    }
+}
+
 /// `out[j]` ← the pair (`lo[j]`, `hi[j]`) rounded to bf16 (`hi` zero when absent).
 fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
@@ -151,24 +159,22 @@ pub(crate) fn linear(x: Mat, w: &Panels, out: &mut [f32], ldo: usize, then: Epil
     assert!(x.fits() && (m - 1) * ldo + n <= out.len(), "panels::linear: a view exceeds its buffer");
     assert!(ldo >= n, "panels::linear: output rows overlap");
     let tiles = m.div_ceil(MR);
-    let tile_len = w.pairs * MR;
     // The rounded rows, in a buffer this thread keeps between calls (taken, so that a call
     // nested in this one while rayon waits just allocates its own).
     let mut a = ROWS.with(std::cell::Cell::take);
-    a.resize(tiles * tile_len, 0);
+    a.resize(m * w.pairs, 0);
     let out = &mut out[..(m - 1) * ldo + n];
-    // Rows per task: every thread busy, each task long enough to amortise reading the weight.
-    let per_task = if threads { tiles.div_ceil(rayon::current_num_threads().max(1)).max(1) } else { tiles };
+    // Rows per task, in whole tiles: every thread busy, each task long enough to amortise
+    // reading the weight.
+    let per_task = MR * if threads { tiles.div_ceil(rayon::current_num_threads().max(1)).max(1) } else { tiles };
     let run = |(c, (a, out)): (usize, (&mut [u32], &mut [f32]))| {
-        let r0 = c * per_task * MR;
-        let rows = (m - r0).min(per_task * MR);
-        for (i, a) in a.chunks_exact_mut(w.pairs).take(rows).enumerate() {
-            round_row(&x.data[(r0 + i) * x.stride..][..x.cols], a);
-        }
+        let r0 = c * per_task;
+        let rows = (m - r0).min(per_task);
+        round_rows(Mat { data: &x.data[r0 * x.stride..], rows, cols: x.cols, stride: x.stride }, a, w.pairs);
         product(Lhs { data: a, stride: w.pairs }, w, rows, out, ldo, then);
     };
-    let chunks = a.chunks_mut(per_task * tile_len).zip(out.chunks_mut(per_task * MR * ldo)).enumerate();
-    if threads && tiles > per_task {
+    let chunks = a.chunks_mut(per_task * w.pairs).zip(out.chunks_mut(per_task * ldo)).enumerate();
+    if threads && m > per_task {
         chunks.collect::<Vec<_>>().into_par_iter().for_each(run);
     } else {
         chunks.for_each(run);
@@ -226,9 +232,7 @@ pub(crate) fn attention(
         let kh = Mat { data: &k.data[h * d..], rows: t, cols: d, stride: k.stride };
         let keys = Panels::of_rows(kh, std::mem::take(&mut s.panel));
         s.rows.resize(t * dp.max(tp), 0);
-        for (i, r) in s.rows.chunks_exact_mut(dp).take(t).enumerate() {
-            round_row(&q.data[i * q.stride + h * d..][..d], r);
-        }
+        round_rows(Mat { data: &q.data[h * d..], rows: t, cols: d, stride: q.stride }, &mut s.rows, dp);
         s.scores.resize(t * t, 0.0);
         product(Lhs { data: &s.rows, stride: dp }, &keys, t, &mut s.scores, t, Epilogue::overwrite(None));
         // The weights, each row rounded as soon as it is normalised.
@@ -597,9 +601,7 @@ mod tests {
         // Rows padded to a longer stride, as attention's buffer is.
         let stride = w.pairs + 3;
         let mut rows = vec![0u32; m * stride];
-        for (i, r) in rows.chunks_exact_mut(stride).enumerate() {
-            round_row(&x[i * k..][..k], &mut r[..w.pairs]);
-        }
+        round_rows(Mat::new(&x, m, k), &mut rows, stride);
         let a = Lhs { data: &rows, stride };
         let (mut p, mut v) = (vec![0f32; m * n], vec![0f32; m * n]);
         portable(a, &w, m, &mut p, n, Epilogue::overwrite(None));
