@@ -154,61 +154,100 @@ impl PackedBert {
         self.cfg.hidden_size
     }
 
-    /// The last hidden states of `rows` (token ids; `type_ids` alike, or all 0), packed: row r
-    /// is `out[offsets[r]..offsets[r + 1]]` in units of `hidden_size`. Positions restart at 0
-    /// in every row. Returns (hidden, offsets).
+    /// Runs the encoder over `rows` (token ids; `type_ids` alike, or all 0) and hands each
+    /// row's last hidden states ([tokens, hidden_size], positions from 0) to `each` with the
+    /// row's index; returns what `each` gave, in row order.
     ///
     /// Rows go through the encoder in groups of about [`GROUP_TOKENS`] tokens, one group per
-    /// thread from the first layer to the last: a group's activations stay in its core's L2
-    /// cache, and no layer waits for the others' threads. A batch too small to keep the pool
-    /// busy that way runs as one group with every product spread over the pool. A row's
-    /// result does not depend on the rows it is grouped with.
-    pub fn forward(&self, rows: &[&[u32]], type_ids: Option<&[&[u32]]>) -> Result<(Vec<f32>, Vec<usize>)> {
+    /// thread from the embeddings to `each`: a group's activations stay in its core's L2
+    /// cache, no layer waits for the others' threads, and only the groups in flight hold
+    /// activations. The threads take the groups from one queue, the costliest first, so that
+    /// none waits long for the last. A batch too small to keep the pool busy that way runs as
+    /// one group with every product spread over the pool. A row's result does not depend on
+    /// the rows it is grouped with.
+    pub fn forward<T: Send>(
+        &self,
+        rows: &[&[u32]],
+        type_ids: Option<&[&[u32]]>,
+        each: impl Fn(usize, &[f32]) -> T + Sync,
+    ) -> Result<Vec<T>> {
         let h = self.cfg.hidden_size;
         let mut offsets = Vec::with_capacity(rows.len() + 1);
         offsets.push(0);
-        for r in rows {
-            if r.len() > self.cfg.max_position_embeddings {
+        for (r, ids) in rows.iter().enumerate() {
+            if ids.len() > self.cfg.max_position_embeddings {
                 candle_core::bail!(
                     "a row of {} tokens exceeds the encoder's {} positions",
-                    r.len(),
+                    ids.len(),
                     self.cfg.max_position_embeddings
                 );
             }
-            offsets.push(offsets.last().copied().unwrap_or(0) + r.len());
-        }
-        let total = offsets.last().copied().unwrap_or(0);
-        // Embeddings: word + position + token type.
-        let mut x = vec![0f32; total * h];
-        let mut at = 0;
-        for (r, ids) in rows.iter().enumerate() {
             for (p, &id) in ids.iter().enumerate() {
-                let ty = type_ids.and_then(|t| t.get(r)).and_then(|t| t.get(p)).copied().unwrap_or(0);
+                let ty = type_id(type_ids, r, p);
                 if id as usize >= self.cfg.vocab_size || ty as usize >= self.cfg.type_vocab_size {
                     candle_core::bail!("token id {id} (type {ty}) is outside the encoder's vocabulary");
                 }
-                let (id, ty) = (id as usize, ty as usize);
-                let (w, ps, t) = (&self.word[id * h..][..h], &self.pos[p * h..][..h], &self.types[ty * h..][..h]);
-                for (((o, a), b), c) in x[at * h..][..h].iter_mut().zip(w).zip(ps).zip(t) {
-                    *o = a + b + c;
-                }
-                at += 1;
             }
+            offsets.push(offsets.last().copied().unwrap_or(0) + ids.len());
         }
         let groups = groups(&offsets, GROUP_TOKENS);
-        if groups.len() < 2 * rayon::current_num_threads() {
+        let threads = rayon::current_num_threads();
+        if groups.len() < 2 * threads {
+            let mut x = Vec::new();
+            self.embeddings(rows, type_ids, 0..rows.len(), &mut x);
             self.layers(&mut x, &offsets, true, &mut Scratch::default());
-            return Ok((x, offsets));
+            let x = &x;
+            return Ok((0..rows.len())
+                .into_par_iter()
+                .map(|r| each(r, &x[offsets[r] * h..offsets[r + 1] * h]))
+                .collect());
         }
-        let bounds: Vec<usize> = groups.iter().map(|g| offsets[g.start]).chain([total]).collect();
-        kernels::split_rows(&mut x, &bounds, h).into_par_iter().zip(groups).for_each_init(
-            Scratch::default,
-            |scratch, (x, g)| {
+        // The costliest groups first: per token, the linear layers cost 2h + i and attention
+        // the row's length (in units of 4h multiply-adds).
+        let per_token = 2 * h + self.cfg.intermediate_size;
+        let cost = |g: &std::ops::Range<usize>| -> usize {
+            g.clone().map(|r| offsets[r + 1] - offsets[r]).map(|t| t * (per_token + t)).sum()
+        };
+        let mut queue: Vec<(usize, std::ops::Range<usize>)> = groups.into_iter().map(|g| (cost(&g), g)).collect();
+        queue.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.start.cmp(&b.1.start)));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = |_| {
+            let (mut scratch, mut x, mut done) = (Scratch::default(), Vec::new(), Vec::new());
+            loop {
+                let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((_, g)) = queue.get(at) else { break };
                 let local: Vec<usize> = offsets[g.start..=g.end].iter().map(|o| o - offsets[g.start]).collect();
-                self.layers(x, &local, false, scratch);
-            },
-        );
-        Ok((x, offsets))
+                self.embeddings(rows, type_ids, g.clone(), &mut x);
+                self.layers(&mut x, &local, false, &mut scratch);
+                for (r, w) in g.clone().zip(local.windows(2)) {
+                    done.push((r, each(r, &x[w[0] * h..w[1] * h])));
+                }
+            }
+            done
+        };
+        // One worker per thread; a worker that starts after the queue has run dry just returns.
+        let mut done: Vec<(usize, T)> = (0..threads).into_par_iter().with_max_len(1).flat_map_iter(work).collect();
+        done.sort_unstable_by_key(|(r, _)| *r);
+        Ok(done.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// The embeddings (word + position + token type) of `rows[range]`, packed, into `x`.
+    fn embeddings(
+        &self,
+        rows: &[&[u32]],
+        type_ids: Option<&[&[u32]]>,
+        range: std::ops::Range<usize>,
+        x: &mut Vec<f32>,
+    ) {
+        let h = self.cfg.hidden_size;
+        x.clear();
+        for r in range {
+            for (p, &id) in rows[r].iter().enumerate() {
+                let (id, ty) = (id as usize, type_id(type_ids, r, p) as usize);
+                let (w, ps, t) = (&self.word[id * h..][..h], &self.pos[p * h..][..h], &self.types[ty * h..][..h]);
+                x.extend(w.iter().zip(ps).zip(t).map(|((a, b), c)| a + b + c));
+            }
+        }
     }
 
     /// The embedding LayerNorm and every layer over the packed rows `x` (row r is tokens
@@ -304,6 +343,11 @@ fn groups(offsets: &[usize], tokens: usize) -> Vec<std::ops::Range<usize>> {
         out.push(start..rows);
     }
     out
+}
+
+/// Token type `p` of row `r` (0 when not given).
+fn type_id(type_ids: Option<&[&[u32]]>, r: usize, p: usize) -> u32 {
+    type_ids.and_then(|t| t.get(r)).and_then(|t| t.get(p)).copied().unwrap_or(0)
 }
 
 /// One thread's buffers for [`PackedBert::layers`], kept across groups.

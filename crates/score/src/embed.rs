@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert;
+use rayon::prelude::*;
 use rbon_models::decoder::var_builder;
 use rbon_models::{BertConfig, ModelDir, PackedBert};
 
@@ -138,33 +139,42 @@ impl Embedder {
             .map_err(|e| ScoreError::Config(format!("tokenizing for the embedder: {e}")))
     }
 
-    /// Embeds texts, batching similar lengths up to `batch_tokens` padded tokens.
+    /// Embeds texts. On the packed encoder (the CPU), every text goes through in groups of
+    /// rows with no padding, a few groups in flight at a time; elsewhere, in batches of
+    /// similar lengths up to `batch_tokens` padded tokens.
     pub fn embed(&self, texts: &[&str], batch_tokens: usize) -> Result<Vec<Vec<f32>>, ScoreError> {
-        let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.encode(t)).collect::<Result<_, _>>()?;
-        let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
-        let mut out = vec![Vec::new(); ids.len()];
-        for rows in length_batches(&lens, batch_tokens) {
-            let batch: Vec<&Vec<u32>> = rows.iter().map(|&i| &ids[i]).collect();
-            for (&i, e) in rows.iter().zip(self.embed_batch(&batch)?) {
-                out[i] = e;
+        let ids: Vec<Vec<u32>> = texts.par_iter().map(|t| self.encode(t)).collect::<Result<_, _>>()?;
+        let model = match &self.model {
+            Encoder::Packed(m) => m,
+            Encoder::Candle(m) => {
+                let mut out = vec![Vec::new(); ids.len()];
+                for rows in length_batches(&ids.iter().map(Vec::len).collect::<Vec<_>>(), batch_tokens) {
+                    let batch: Vec<&Vec<u32>> = rows.iter().map(|&i| &ids[i]).collect();
+                    for (&i, e) in rows.iter().zip(self.embed_padded(m, &batch)?) {
+                        out[i] = e;
+                    }
+                }
+                return Ok(out);
             }
+        };
+        // Similar lengths side by side, so that a group of rows holds few long ones; an empty
+        // text still reads one (pad) token, as in a padded batch.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| (ids[i].len(), i));
+        let pad = [self.pad];
+        let rows: Vec<&[u32]> = order.iter().map(|&i| if ids[i].is_empty() { &pad[..] } else { &ids[i][..] }).collect();
+        let d = self.dim;
+        let pooled = model.forward(&rows, None, |_, h| self.pool(h.chunks_exact(d))).map_err(candle("embedding"))?;
+        let mut out = vec![Vec::new(); ids.len()];
+        for (i, v) in order.into_iter().zip(pooled) {
+            out[i] = v;
         }
         Ok(out)
     }
 
-    fn embed_batch(&self, rows: &[&Vec<u32>]) -> Result<Vec<Vec<f32>>, ScoreError> {
+    /// One padded batch through candle's BERT.
+    fn embed_padded(&self, model: &bert::BertModel, rows: &[&Vec<u32>]) -> Result<Vec<Vec<f32>>, ScoreError> {
         let ctx = "embedding";
-        let model = match &self.model {
-            Encoder::Candle(m) => m,
-            Encoder::Packed(m) => {
-                // An empty text still reads one (pad) token, as in the padded batch below.
-                let pad = [self.pad];
-                let ids: Vec<&[u32]> = rows.iter().map(|r| if r.is_empty() { &pad[..] } else { &r[..] }).collect();
-                let (h, offsets) = m.forward(&ids, None).map_err(candle(ctx))?;
-                let d = self.dim;
-                return Ok(offsets.windows(2).map(|w| self.pool(h[w[0] * d..w[1] * d].chunks_exact(d))).collect());
-            }
-        };
         let t = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
         for r in rows {
