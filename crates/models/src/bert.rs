@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::kernels::{self, Epilogue, Mat, Visibility, Weight};
+use crate::panels::{self, Input, Lhs, Out};
 
 type Result<T> = std::result::Result<T, candle_core::Error>;
 
@@ -259,12 +260,13 @@ impl PackedBert {
         let heads = self.cfg.num_attention_heads;
         let d = h / heads;
         let i = self.cfg.intermediate_size;
-        let Scratch { qkv, ctx, up, attn } = s;
-        for (buf, width) in [(&mut *qkv, 3 * h), (&mut *ctx, h), (&mut *up, i)] {
-            // Every element is written before it is read, so old values may stay.
+        let Scratch { qkv, ctx, up, pairs, attn } = s;
+        for (buf, width) in [(&mut *qkv, 3 * h), (&mut *ctx, h)] {
+            // Every element is written before it is read, so old values may stay (likewise in
+            // `up` and `pairs`, sized where they are used).
             buf.resize(total * width, 0.0);
         }
-        let (qkv, ctx, up) = (&mut qkv[..total * 3 * h], &mut ctx[..total * h], &mut up[..total * i]);
+        let (qkv, ctx) = (&mut qkv[..total * 3 * h], &mut ctx[..total * h]);
         kernels::layer_norm(x, &self.ln.w, &self.ln.b, eps, threads);
         for l in &self.layers {
             // With bf16 panels for the linear layers, attention multiplies in bf16 as well.
@@ -307,12 +309,23 @@ impl PackedBert {
             // product to the second (gemm's f32 path packs its weight per call, and would pay
             // for that on every block).
             let block = if threads || !on_panels { total } else { MLP_ROWS };
+            let up_then = Epilogue::overwrite(Some(&l.up_b)).gelu();
+            let down_then = Epilogue::accumulate(Some(&l.down_b));
             for x in x.chunks_mut(block * h) {
                 let rows = x.len() / h;
-                let up = &mut up[..rows * i];
-                let up_then = Epilogue::overwrite(Some(&l.up_b)).gelu();
-                kernels::linear(Mat::new(x, rows, h), &l.up_w, up, i, up_then, threads);
-                kernels::linear(Mat::new(up, rows, i), &l.down_w, x, h, Epilogue::accumulate(Some(&l.down_b)), threads);
+                if let (Some(up_w), Some(down_w)) = (l.up_w.panels(), l.down_w.panels()) {
+                    // The intermediate activations as the bf16 pairs the second product reads.
+                    let ip = i.div_ceil(2);
+                    pairs.resize(rows * ip, 0);
+                    panels::linear(Input::Rows(Mat::new(x, rows, h)), up_w, Out::Pairs(pairs, ip), up_then, threads);
+                    let up = Input::Pairs { a: Lhs { data: pairs, stride: ip }, rows };
+                    panels::linear(up, down_w, Out::F32(x, h), down_then, threads);
+                } else {
+                    up.resize(rows * i, 0.0);
+                    let up = &mut up[..rows * i];
+                    kernels::linear(Mat::new(x, rows, h), &l.up_w, up, i, up_then, threads);
+                    kernels::linear(Mat::new(up, rows, i), &l.down_w, x, h, down_then, threads);
+                }
             }
             kernels::layer_norm(x, &l.ln2.w, &l.ln2.b, eps, threads);
         }
@@ -356,6 +369,8 @@ struct Scratch {
     qkv: Vec<f32>,
     ctx: Vec<f32>,
     up: Vec<f32>,
+    /// bf16 pairs that feed a product on the panels.
+    pairs: Vec<u32>,
     attn: AttentionBuffers,
 }
 

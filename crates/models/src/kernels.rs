@@ -346,6 +346,15 @@ impl Weight {
         false
     }
 
+    /// The bf16 panels, when products with this weight run on `vdpbf16ps` (AVX-512-BF16
+    /// without AMX).
+    pub(crate) fn panels(&self) -> Option<&crate::panels::Panels> {
+        match &self.repr {
+            Repr::Bf16(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Whether products with this weight take bf16 operands (on AMX or AVX-512-BF16).
     pub fn in_bf16(&self) -> bool {
         match &self.repr {
@@ -385,7 +394,10 @@ pub fn linear(x: Mat, w: &Weight, out: &mut [f32], ldo: usize, then: Epilogue, t
                 rows_of(out, ldo, m, n, threads, gelu_erf_serial);
             }
         }
-        Repr::Bf16(p) => crate::panels::linear(x, p, out, ldo, then, threads),
+        Repr::Bf16(p) => {
+            use crate::panels::{Input, Out};
+            crate::panels::linear(Input::Rows(x), p, Out::F32(out, ldo), then, threads);
+        }
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         Repr::Amx(p) => crate::amx::matmul_t(x, p, out, ldo, then, threads),
     }

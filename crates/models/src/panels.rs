@@ -12,7 +12,9 @@
 //! read as 32-bit lanes is its pairs), and a tile of MR × NR sums stays in 24 registers for the
 //! whole of k: per pair of k values, two weight loads, [`MR`] broadcasts (one from each row of
 //! the tile) and 24 `vdpbf16ps` (768 products). The epilogue (residual, bias, GELU) is applied
-//! to each tile in the registers. [`attention`] runs an encoder's attention on the same kernel.
+//! to each tile in the registers, which are then stored as f32 or, for an output that only
+//! feeds the next product (an encoder's intermediate activations), rounded straight to the bf16
+//! pairs that product reads. [`attention`] runs an encoder's attention on the same kernel.
 //!
 //! Each output sums its k terms in one order, a pair at a time from k = 0, whatever the shape,
 //! the thread count or the other rows of the batch, so a row's result does not depend on them.
@@ -164,40 +166,113 @@ fn softmax_pairs(x: &mut [f32], scale: f32, out: &mut [u32]) {
     crate::kernels::softmax_pairs(x, scale, out);
 }
 
-/// `out ← gelu?((accumulate ? out : 0) + x · wᵀ + bias)` with `out` [x.rows, w.rows] at row
-/// stride `ldo`. `threads`: split the rows over rayon's pool.
+/// The left operand of [`linear`]: f32 rows, rounded to bf16 pairs there, or rows already in
+/// pairs (an earlier product's [`Out::Pairs`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Input<'a> {
+    Rows(Mat<'a>),
+    Pairs { a: Lhs<'a>, rows: usize },
+}
+
+/// Where a product's sums go, through the epilogue.
+#[derive(Debug)]
+pub(crate) enum Out<'a> {
+    /// f32 rows, the second field apart.
+    F32(&'a mut [f32], usize),
+    /// bf16 pairs (to nearest, ties to even), rows the second field (in pairs) apart, as
+    /// [`Input::Pairs`] reads them: for an output that only feeds another product. A fresh
+    /// sum only (no residual to accumulate into); with an odd number of columns, the last high
+    /// half is zero.
+    Pairs(&'a mut [u32], usize),
+}
+
+impl<'a> Out<'a> {
+    /// The output from row `r0` on.
+    fn rows_from(&mut self, r0: usize) -> Out<'_> {
+        match self {
+            Out::F32(d, ld) => Out::F32(&mut d[r0 * *ld..], *ld),
+            Out::Pairs(d, ld) => Out::Pairs(&mut d[r0 * *ld..], *ld),
+        }
+    }
+
+    /// Whether `m` rows of `n` columns fit, rows not overlapping.
+    fn fits(&self, m: usize, n: usize) -> bool {
+        let fits = |len: usize, ld: usize, width: usize| ld >= width && (m == 0 || len >= (m - 1) * ld + width);
+        match self {
+            Out::F32(d, ld) => fits(d.len(), *ld, n),
+            Out::Pairs(d, ld) => fits(d.len(), *ld, n.div_ceil(2)),
+        }
+    }
+
+    /// The first `m` rows (of `n` columns, the last row cut there), in consecutive chunks of
+    /// `rows` rows.
+    fn chunks(self, m: usize, n: usize, rows: usize) -> Vec<Out<'a>> {
+        match self {
+            Out::F32(d, ld) => d[..(m - 1) * ld + n].chunks_mut(rows * ld).map(|c| Out::F32(c, ld)).collect(),
+            Out::Pairs(d, ld) => {
+                d[..(m - 1) * ld + n.div_ceil(2)].chunks_mut(rows * ld).map(|c| Out::Pairs(c, ld)).collect()
+            }
+        }
+    }
+}
+
+/// `out ← gelu?((accumulate ? out : 0) + x · wᵀ + bias)`, `out` [x's rows, w.rows].
+/// `threads`: split the rows over rayon's pool.
 ///
 /// # Panics
-/// When a view does not fit its buffer or the shapes disagree (a bug in the caller).
-pub(crate) fn linear(x: Mat, w: &Panels, out: &mut [f32], ldo: usize, then: Epilogue, threads: bool) {
-    let (m, n) = (x.rows, w.rows);
-    assert_eq!(x.cols, w.cols, "panels::linear: inner dimensions differ");
+/// When a view does not fit its buffer, the shapes disagree, or pairs are asked to accumulate
+/// (a bug in the caller).
+pub(crate) fn linear(x: Input, w: &Panels, out: Out, then: Epilogue, threads: bool) {
+    let n = w.rows;
+    let m = match x {
+        Input::Rows(x) => {
+            assert!(x.cols == w.cols && x.fits(), "panels::linear: the input rows do not fit the weight");
+            x.rows
+        }
+        Input::Pairs { a, rows } => {
+            assert!(
+                a.stride >= w.pairs && (rows == 0 || a.data.len() >= (rows - 1) * a.stride + w.pairs),
+                "panels::linear: the input pairs do not fit the weight"
+            );
+            rows
+        }
+    };
     assert!(then.bias.is_none_or(|b| b.len() == n), "panels::linear: the bias is not one value per output");
     if m == 0 || n == 0 {
         return;
     }
-    assert!(x.fits() && (m - 1) * ldo + n <= out.len(), "panels::linear: a view exceeds its buffer");
-    assert!(ldo >= n, "panels::linear: output rows overlap");
+    assert!(out.fits(m, n), "panels::linear: the output does not fit its buffer");
     let tiles = m.div_ceil(MR);
-    // The rounded rows, in a buffer this thread keeps between calls (taken, so that a call
-    // nested in this one while rayon waits just allocates its own).
-    let mut a = ROWS.with(std::cell::Cell::take);
-    a.resize(m * w.pairs, 0);
-    let out = &mut out[..(m - 1) * ldo + n];
     // Rows per task, in whole tiles: every thread busy, each task long enough to amortise
     // reading the weight.
     let per_task = MR * if threads { tiles.div_ceil(rayon::current_num_threads().max(1)).max(1) } else { tiles };
-    let run = |(c, (a, out)): (usize, (&mut [u32], &mut [f32]))| {
+    // Rows to round go through a buffer this thread keeps between calls (taken, so that a call
+    // nested in this one while rayon waits just allocates its own).
+    let mut a = ROWS.with(std::cell::Cell::take);
+    a.resize(if matches!(x, Input::Rows(_)) { m * w.pairs } else { 0 }, 0);
+    let outs = out.chunks(m, n, per_task);
+    let jobs: Vec<_> = match x {
+        Input::Rows(_) => outs.into_iter().zip(a.chunks_mut(per_task * w.pairs.max(1))).enumerate().collect(),
+        Input::Pairs { .. } => {
+            outs.into_iter().zip(std::iter::repeat_with(<&mut [u32]>::default)).enumerate().collect()
+        }
+    };
+    let run = |(c, (out, buf)): (usize, (Out, &mut [u32]))| {
         let r0 = c * per_task;
         let rows = (m - r0).min(per_task);
-        round_rows(Mat { data: &x.data[r0 * x.stride..], rows, cols: x.cols, stride: x.stride }, a, w.pairs);
-        product(Lhs { data: a, stride: w.pairs }, w, rows, out, ldo, then);
+        let lhs = match x {
+            Input::Rows(x) => {
+                round_rows(Mat { data: &x.data[r0 * x.stride..], rows, cols: x.cols, stride: x.stride }, buf, w.pairs);
+                Lhs { data: buf, stride: w.pairs }
+            }
+            Input::Pairs { a, .. } => Lhs { data: &a.data[r0 * a.stride..], stride: a.stride },
+        };
+        product(lhs, w, rows, out, then);
     };
-    let chunks = a.chunks_mut(per_task * w.pairs).zip(out.chunks_mut(per_task * ldo)).enumerate();
     if threads && m > per_task {
-        chunks.collect::<Vec<_>>().into_par_iter().for_each(run);
+        jobs.into_par_iter().for_each(run);
     } else {
-        chunks.for_each(run);
+        jobs.into_iter().for_each(run);
     }
     ROWS.with(|r| r.set(a));
 }
@@ -254,7 +329,7 @@ pub(crate) fn attention(
         s.rows.resize(t * dp.max(tp), 0);
         round_rows(Mat { data: &q.data[h * d..], rows: t, cols: d, stride: q.stride }, &mut s.rows, dp);
         s.scores.resize(t * t, 0.0);
-        product(Lhs { data: &s.rows, stride: dp }, &keys, t, &mut s.scores, t, Epilogue::overwrite(None));
+        product(Lhs { data: &s.rows, stride: dp }, &keys, t, Out::F32(&mut s.scores, t), Epilogue::overwrite(None));
         // The weights, each row rounded as soon as it is normalised.
         for (row, r) in s.scores.chunks_exact_mut(t).zip(s.rows.chunks_exact_mut(tp)) {
             softmax_pairs(row, scale, r);
@@ -262,7 +337,8 @@ pub(crate) fn attention(
         // out_h ← p · v_h: the values are the weight, d output columns over k = t.
         let vh = Mat { data: &v.data[h * d..], rows: t, cols: d, stride: v.stride };
         let values = Panels::of_columns(vh, keys.data);
-        product(Lhs { data: &s.rows, stride: tp }, &values, t, &mut out[h * d..], ldo, Epilogue::overwrite(None));
+        let out = Out::F32(&mut out[h * d..], ldo);
+        product(Lhs { data: &s.rows, stride: tp }, &values, t, out, Epilogue::overwrite(None));
         s.panel = values.data;
     }
 }
@@ -286,30 +362,31 @@ pub(crate) struct Lhs<'a> {
 ///
 /// # Panics
 /// When `a` or `out` is too short for `m` rows (a bug in the caller).
-fn product(a: Lhs, w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epilogue) {
+fn product(a: Lhs, w: &Panels, m: usize, mut out: Out, then: Epilogue) {
     if m == 0 || w.rows == 0 {
         return;
     }
     let (pairs, n) = (w.pairs, w.rows);
     assert!(a.stride >= pairs && a.data.len() >= (m - 1) * a.stride + pairs, "panels: too few input rows");
-    assert!(out.len() >= (m - 1) * ldo + n && ldo >= n, "panels: the output does not fit");
+    assert!(out.fits(m, n), "panels: the output does not fit");
+    assert!(!(then.accumulate && matches!(out, Out::Pairs(..))), "panels: pairs cannot accumulate");
     assert!(then.bias.is_none_or(|b| b.len() >= n), "panels: the bias is shorter than the outputs");
     let per_row = 4 * w.pairs + 4 * w.rows;
     let block = (BLOCK_BYTES / (MR * per_row)).max(1) * MR;
     for r0 in (0..m).step_by(block) {
         let rows = (m - r0).min(block);
-        let (a, out) = (Lhs { data: &a.data[r0 * a.stride..], stride: a.stride }, &mut out[r0 * ldo..]);
+        let (a, out) = (Lhs { data: &a.data[r0 * a.stride..], stride: a.stride }, out.rows_from(r0));
         #[cfg(target_arch = "x86_64")]
         if crate::lowp::dot_bf16_available() {
             // SAFETY: `dot_bf16_available` checked the features `avx512::product` is compiled
             // for, and the asserts above that every tile and output row is inside its slice.
             #[expect(unsafe_code, reason = "calling a function compiled for AVX-512-BF16")]
             unsafe {
-                avx512::product(a.data.as_ptr(), a.stride, w, rows, out, ldo, then)
+                avx512::product(a.data.as_ptr(), a.stride, w, rows, out, then)
             };
             continue;
         }
-        portable(a, w, rows, out, ldo, then);
+        portable(a, w, rows, out, then);
     }
 }
 
@@ -317,7 +394,7 @@ fn product(a: Lhs, w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epil
 /// builds [`Panels`] there; [`crate::kernels::Weight`] keeps f32 weights on such CPUs): the
 /// same terms summed in the same order, though `vdpbf16ps` rounds within a pair in its own way,
 /// so the two agree to f32 rounding rather than bit for bit.
-fn portable(a: Lhs, w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epilogue) {
+fn portable(a: Lhs, w: &Panels, m: usize, mut out: Out, then: Epilogue) {
     let widen = |v: u32| (f32::from_bits(v << 16), f32::from_bits(v & 0xffff_0000));
     let pairs = w.pairs;
     for (c, panel) in w.data.chunks_exact(pairs * NR).enumerate() {
@@ -332,7 +409,7 @@ fn portable(a: Lhs, w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epi
                     }
                 }
             }
-            store(&acc, out, ldo, i0, m, c * NR, w.rows, then);
+            store(&acc, &mut out, i0, m, c * NR, w.rows, then);
         }
     }
 }
@@ -340,23 +417,31 @@ fn portable(a: Lhs, w: &Panels, m: usize, out: &mut [f32], ldo: usize, then: Epi
 /// Writes a tile of sums (rows i0.., columns j0..) through the epilogue, skipping rows at or past
 /// `m` and columns at or past `n`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn store(acc: &[[f32; NR]; MR], out: &mut [f32], ldo: usize, i0: usize, m: usize, j0: usize, n: usize, then: Epilogue) {
+fn store(acc: &[[f32; NR]; MR], out: &mut Out, i0: usize, m: usize, j0: usize, n: usize, then: Epilogue) {
     let cols = NR.min(n - j0);
     let bias = then.bias.map(|b| &b[j0..j0 + cols]);
     for (r, acc) in acc.iter().enumerate().take(m.saturating_sub(i0)) {
-        let o = &mut out[(i0 + r) * ldo + j0..][..cols];
-        // One pass per step, each branch-free so that it vectorises.
-        if then.accumulate {
-            o.iter_mut().zip(acc).for_each(|(o, s)| *o += s);
-        } else {
-            o.copy_from_slice(&acc[..cols]);
+        let mut v = [0f32; NR];
+        let v = &mut v[..cols];
+        if let (true, Out::F32(o, ld)) = (then.accumulate, &*out) {
+            v.copy_from_slice(&o[(i0 + r) * ld + j0..][..cols]);
         }
+        // One pass per step, each branch-free so that it vectorises.
+        v.iter_mut().zip(acc).for_each(|(v, s)| *v += s);
         if let Some(b) = bias {
-            o.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            v.iter_mut().zip(b).for_each(|(v, b)| *v += b);
         }
         if then.gelu {
-            o.iter_mut().for_each(|v| *v = crate::epilogue::gelu(*v));
+            v.iter_mut().for_each(|v| *v = crate::epilogue::gelu(*v));
+        }
+        match out {
+            Out::F32(o, ld) => o[(i0 + r) * *ld + j0..][..cols].copy_from_slice(v),
+            Out::Pairs(o, ld) => {
+                let row = &mut o[(i0 + r) * *ld + j0 / 2..][..cols.div_ceil(2)];
+                for (q, o) in row.iter_mut().enumerate() {
+                    *o = pair(v[2 * q], v.get(2 * q + 1).copied().unwrap_or(0.0));
+                }
+            }
         }
     }
 }
@@ -366,7 +451,7 @@ fn store(acc: &[[f32; NR]; MR], out: &mut [f32], ldo: usize, i0: usize, m: usize
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR, Panels};
+    use super::{MR, NR, Out, Panels};
     use crate::epilogue::Epilogue;
 
     /// [`super::round_row`] with `vcvtne2ps2bf16` (the same rounding; a subnormal input becomes
@@ -488,18 +573,10 @@ mod avx512 {
     /// [`super::product`] on `vdpbf16ps`, for rows of pairs at `a`, `stride` pairs apart.
     ///
     /// # Safety
-    /// The `m` rows at `a`, every output row (`ldo` apart, `w.rows` values) and the
+    /// The `m` rows at `a`, every output row (`w.rows` values, or their pairs) and the
     /// epilogue's bias are inside their buffers, as [`super::product`] asserts.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn product(
-        a: *const u32,
-        stride: usize,
-        w: &Panels,
-        m: usize,
-        out: &mut [f32],
-        ldo: usize,
-        then: Epilogue,
-    ) {
+    pub(super) unsafe fn product(a: *const u32, stride: usize, w: &Panels, m: usize, mut out: Out, then: Epilogue) {
         let (pairs, n) = (w.pairs, w.rows);
         for (c, panel) in w.data.chunks_exact(pairs * NR).enumerate() {
             for i0 in (0..m).step_by(MR) {
@@ -507,9 +584,14 @@ mod avx512 {
                 // stream is read there, and a store that misses stalls the loop behind it.
                 let j0 = c * NR;
                 for i in i0..m.min(i0 + MR) {
-                    let p = out[i * ldo + j0..].as_ptr();
-                    _mm_prefetch::<_MM_HINT_T0>(p.cast());
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(NR - 1).cast());
+                    match &out {
+                        Out::F32(o, ld) => {
+                            let p = o[i * ld + j0..].as_ptr();
+                            _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(NR - 1).cast());
+                        }
+                        Out::Pairs(o, ld) => _mm_prefetch::<_MM_HINT_T0>(o[i * ld + j0 / 2..].as_ptr().cast()),
+                    }
                 }
                 // SAFETY: the caller's promise covers the tile's rows (the last tile's missing
                 // rows read as its last row).
@@ -518,7 +600,7 @@ mod avx512 {
                     tile_sums(rows, panel, pairs)
                 };
                 // SAFETY: as above, for the output rows and the bias.
-                unsafe { store_tile(&acc, out, ldo, i0, m, j0, n, then) };
+                unsafe { store_tile(&acc, &mut out, i0, m, j0, n, then) };
             }
         }
     }
@@ -558,15 +640,13 @@ mod avx512 {
     /// each row written with (masked) vector stores.
     ///
     /// # Safety
-    /// Output rows i0..min(m, i0 + MR) hold columns j0..min(n, j0 + NR) at stride `ldo`, and
-    /// the bias (if any) holds n values.
+    /// Output rows i0..min(m, i0 + MR) hold columns j0..min(n, j0 + NR) (in pairs for
+    /// [`Out::Pairs`]), and the bias (if any) holds n values.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn store_tile(
         acc: &[[__m512; 2]; MR],
-        out: &mut [f32],
-        ldo: usize,
+        out: &mut Out,
         i0: usize,
         m: usize,
         j0: usize,
@@ -574,43 +654,70 @@ mod avx512 {
         then: Epilogue,
     ) {
         let cols = NR.min(n - j0);
-        let mask = |half: usize| -> __mmask16 {
-            let lanes = cols.saturating_sub(16 * half).min(16);
-            if lanes == 16 { u16::MAX } else { (1u16 << lanes) - 1 }
-        };
-        let masks = [mask(0), mask(1)];
+        let lanes = |count: usize| -> __mmask16 { if count >= 16 { u16::MAX } else { (1u16 << count) - 1 } };
+        let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
+        let pair_mask = lanes(cols.div_ceil(2));
         let bias = then.bias.map(|b| {
             // SAFETY: the bias holds n ≥ j0 + cols values; masked lanes are not read.
             std::array::from_fn::<__m512, 2, _>(|h| unsafe {
                 _mm512_maskz_loadu_ps(masks[h], b.as_ptr().add(j0 + 16 * h))
             })
         });
-        for (r, acc) in acc.iter().enumerate().take(m.min(i0 + MR) - i0) {
-            // SAFETY: the caller's promise; masked lanes are neither read nor written.
-            unsafe {
-                let o = out.as_mut_ptr().add((i0 + r) * ldo + j0);
-                for h in 0..2 {
-                    if masks[h] == 0 {
-                        continue;
+        let rows = m.min(i0 + MR) - i0;
+        match out {
+            Out::F32(o, ld) => {
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    // SAFETY: the caller's promise: row i0 + r holds columns j0.. of the tile.
+                    let o = unsafe { o.as_mut_ptr().add((i0 + r) * *ld + j0) };
+                    for h in 0..2 {
+                        if masks[h] == 0 {
+                            continue;
+                        }
+                        let mut v = acc[h];
+                        if then.accumulate {
+                            // SAFETY: as above; masked lanes are not read.
+                            v = _mm512_add_ps(unsafe { _mm512_maskz_loadu_ps(masks[h], o.add(16 * h)) }, v);
+                        }
+                        let v = finish(v, bias.map(|b| b[h]), then.gelu);
+                        // SAFETY: as above; masked lanes are not written.
+                        unsafe { _mm512_mask_storeu_ps(o.add(16 * h), masks[h], v) };
                     }
-                    let mut v = acc[h];
-                    if then.accumulate {
-                        v = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[h], o.add(16 * h)), v);
-                    }
-                    if let Some(b) = &bias {
-                        v = _mm512_add_ps(v, b[h]);
-                    }
-                    if then.gelu {
-                        // In the register (a fixed 16 lanes, which LLVM keeps there): reading
-                        // back a masked store would stall on the forwarding that fails.
-                        let mut lanes = std::mem::transmute::<__m512, [f32; 16]>(v);
-                        lanes.iter_mut().for_each(|x| *x = crate::epilogue::gelu(*x));
-                        v = std::mem::transmute::<[f32; 16], __m512>(lanes);
-                    }
-                    _mm512_mask_storeu_ps(o.add(16 * h), masks[h], v);
+                }
+            }
+            Out::Pairs(o, ld) => {
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    // Both halves, even one past n: its sums, bias and GELU are zero there,
+                    // the zero high halves that pairs need past an odd n.
+                    let [lo, hi] = [0, 1].map(|h| finish(acc[h], bias.map(|b| b[h]), then.gelu));
+                    // SAFETY: 512 bits of plain data either way.
+                    let v = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) };
+                    // SAFETY: the caller's promise: row i0 + r holds pairs j0/2.. of the tile;
+                    // masked lanes are not written.
+                    unsafe {
+                        _mm512_mask_storeu_epi32(o.as_mut_ptr().add((i0 + r) * *ld + j0 / 2).cast(), pair_mask, v)
+                    };
                 }
             }
         }
+    }
+
+    /// The bias and GELU of the epilogue on one register of sums.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn finish(mut v: __m512, bias: Option<__m512>, gelu: bool) -> __m512 {
+        if let Some(b) = bias {
+            v = _mm512_add_ps(v, b);
+        }
+        if gelu {
+            // In the register (a fixed 16 lanes, which LLVM keeps there): reading back a
+            // masked store would stall on the forwarding that fails.
+            // SAFETY: 512 bits of plain data either way.
+            let mut lanes = unsafe { std::mem::transmute::<__m512, [f32; 16]>(v) };
+            lanes.iter_mut().for_each(|x| *x = crate::epilogue::gelu(*x));
+            // SAFETY: as above.
+            v = unsafe { std::mem::transmute::<[f32; 16], __m512>(lanes) };
+        }
+        v
     }
 }
 
@@ -644,11 +751,39 @@ mod tests {
                 let mut first = None;
                 for threads in [false, true] {
                     let mut got = start.clone();
-                    linear(Mat::new(&x, m, k), &w, &mut got, ldo, then, threads);
+                    linear(Input::Rows(Mat::new(&x, m, k)), &w, Out::F32(&mut got, ldo), then, threads);
                     let dot =
                         |i: usize, j: usize| -> f64 { (0..k).map(|p| bf16(x[i * k + p]) * bf16(wv[j * k + p])).sum() };
                     let what = format!("({m},{k},{n}) {then:?} threads={threads}");
                     assert_epilogue(&got, &start, (m, n, ldo), then, dot, 2e-6 * k as f64, &what);
+                    // Rows already in pairs give the same bits; so do the outputs as pairs,
+                    // which are the f32 outputs rounded.
+                    let ap = k.div_ceil(2) + 1;
+                    let mut rows = vec![0u32; m * ap];
+                    round_rows(Mat::new(&x, m, k), &mut rows, ap);
+                    let mut again = start.clone();
+                    let input = Input::Pairs { a: Lhs { data: &rows, stride: ap }, rows: m };
+                    linear(input, &w, Out::F32(&mut again, ldo), then, threads);
+                    assert_eq!(got, again, "({m},{k},{n}) {then:?}: rows in pairs differ");
+                    if !then.accumulate {
+                        let op = n.div_ceil(2) + 2;
+                        let mut pairs = vec![u32::MAX; m * op];
+                        linear(Input::Rows(Mat::new(&x, m, k)), &w, Out::Pairs(&mut pairs, op), then, threads);
+                        for i in 0..m {
+                            let mut want = vec![0u32; n.div_ceil(2)];
+                            round_row(&got[i * ldo..][..n], &mut want);
+                            assert_eq!(
+                                pairs[i * op..][..want.len()],
+                                want[..],
+                                "({m},{k},{n}) {then:?}: row {i} in pairs"
+                            );
+                            assert_eq!(
+                                pairs[i * op + want.len()..][..2],
+                                [u32::MAX; 2],
+                                "({m},{k},{n}): past a row's pairs"
+                            );
+                        }
+                    }
                     match &first {
                         None => first = Some(got),
                         Some(f) => assert_eq!(f, &got, "({m},{k},{n}): the thread count changed the result"),
@@ -657,9 +792,9 @@ mod tests {
                 // The last row alone gives the same bits as in the batch.
                 let last = &x[(m - 1) * k..];
                 let mut one = start[(m - 1) * ldo..].to_vec();
-                linear(Mat::new(last, 1, k), &w, &mut one, ldo, then, false);
+                linear(Input::Rows(Mat::new(last, 1, k)), &w, Out::F32(&mut one, ldo), then, false);
                 let mut all = start.clone();
-                linear(Mat::new(&x, m, k), &w, &mut all, ldo, then, true);
+                linear(Input::Rows(Mat::new(&x, m, k)), &w, Out::F32(&mut all, ldo), then, true);
                 assert_eq!(one[..n], all[(m - 1) * ldo..][..n], "({m},{k},{n}): the last row alone differs");
             }
         }
@@ -679,11 +814,18 @@ mod tests {
         round_rows(Mat::new(&x, m, k), &mut rows, stride);
         let a = Lhs { data: &rows, stride };
         let (mut p, mut v) = (vec![0f32; m * n], vec![0f32; m * n]);
-        portable(a, &w, m, &mut p, n, Epilogue::overwrite(None));
-        product(a, &w, m, &mut v, n, Epilogue::overwrite(None));
+        portable(a, &w, m, Out::F32(&mut p, n), Epilogue::overwrite(None));
+        product(a, &w, m, Out::F32(&mut v, n), Epilogue::overwrite(None));
         for (p, v) in p.iter().zip(&v) {
             assert!((p - v).abs() < 1e-4, "{p} vs {v}");
         }
+        // Its pairs are its f32 outputs rounded (n odd: the last high half zero).
+        let np = n.div_ceil(2);
+        let mut pairs = vec![u32::MAX; m * np];
+        portable(a, &w, m, Out::Pairs(&mut pairs, np), Epilogue::overwrite(None));
+        let mut want = vec![0u32; m * np];
+        round_rows(Mat::new(&p, m, n), &mut want, np);
+        assert_eq!(pairs, want);
     }
 
     /// The softmax that attention's second product reads: each weight is e^(scale·(x − max))/Σ
