@@ -308,7 +308,7 @@ impl PackedBert {
             // thread, so that a block's intermediate activations stay in L2 from the first
             // product to the second (gemm's f32 path packs its weight per call, and would pay
             // for that on every block).
-            let block = if threads || !on_panels { total } else { MLP_ROWS };
+            let block = if threads || !on_panels { total.max(1) } else { MLP_ROWS };
             let up_then = Epilogue::overwrite(Some(&l.up_b)).gelu();
             let down_then = Epilogue::accumulate(Some(&l.down_b));
             for x in x.chunks_mut(block * h) {

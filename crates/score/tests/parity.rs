@@ -155,6 +155,7 @@ fn check_embedder(folder: &Path, golden: &Value, dtype: DType, min_cosine: f64) 
     for (t, c) in texts.iter().zip(cases) {
         assert_eq!(e.encode(t).unwrap(), u32s(&c["input_ids"]), "{t:?}");
     }
+    assert!(e.embed(&[], 1 << 20).unwrap().is_empty(), "no texts, no vectors");
     // Each text by itself, then all of them at once (one padded batch, or one group of rows on
     // the packed encoder) and in batches of one (on candle's BERT).
     let alone: Vec<Vec<f32>> = texts.iter().map(|t| e.embed(&[t], 1 << 20).unwrap().remove(0)).collect();
