@@ -466,6 +466,181 @@ pub fn matmul_t(x: Mat, w: &Packed, out: &mut [f32], ldo: usize, then: Epilogue,
     }
 }
 
+/// One thread's buffers for [`attention`], reused across calls.
+#[derive(Debug, Default)]
+pub struct AttentionScratch {
+    /// A head's queries, packed as blocks of rows (k = d).
+    q: Vec<u16>,
+    /// A head's keys as weight panels of 32 keys (k = d), in bf16 pairs.
+    k: Vec<u32>,
+    /// A head's values as weight panels of 32 dimensions (k = the keys), in bf16 pairs.
+    v: Vec<u32>,
+    /// One block of rows of attention weights, packed (k = the keys), in bf16 pairs.
+    p: Vec<u32>,
+    /// One block of rows of scores, f32.
+    s: Vec<f32>,
+    /// One row of weights as bf16 pairs.
+    pairs: Vec<u32>,
+}
+
+/// Whether [`attention`] takes heads of `d` dimensions: whole k steps.
+pub fn attention_fits(d: usize) -> bool {
+    d > 0 && d.is_multiple_of(BLOCK)
+}
+
+/// Bidirectional scaled dot-product attention over one packed row of `t` tokens, every head, on
+/// the tiles with bf16 operands and f32 sums: `q`, `k` and `v` are [t, heads·d] views; writes
+/// [t, heads·d] into `out` (row stride `ldo`). The scores and the softmax are f32; the weights
+/// are rounded to bf16 for the second product (as in [`crate::panels`]'s attention). Keys past
+/// `t` in the last panel are zero and get no weight. Each query's result depends only on its
+/// own row's keys and values.
+///
+/// Call only when [`available`] and [`attention_fits`]`(d)`. Panics when the views do not fit
+/// their buffers (a bug in the caller).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: Mat,
+    k: Mat,
+    v: Mat,
+    heads: usize,
+    d: usize,
+    out: &mut [f32],
+    ldo: usize,
+    s: &mut AttentionScratch,
+) {
+    let t = q.rows;
+    assert!(available(), "amx::attention without AMX");
+    assert!(attention_fits(d), "amx::attention: heads of {d} dimensions");
+    assert!(k.rows == t && v.rows == t, "amx::attention: queries, keys and values differ in length");
+    for m in [&q, &k, &v] {
+        assert!(m.cols >= heads * d && m.fits(), "amx::attention: a view exceeds its buffer");
+    }
+    if t == 0 || heads == 0 {
+        return;
+    }
+    assert!(
+        (t - 1) * ldo + heads * d <= out.len() && ldo >= heads * d,
+        "amx::attention: the output exceeds its buffer"
+    );
+    let scale = 1.0 / (d as f32).sqrt();
+    let padded = t.div_ceil(BLOCK) * BLOCK;
+    let (d_steps, t_steps) = (d / BLOCK, padded / BLOCK);
+    let AttentionScratch { q: qs, k: ks, v: vs, p: ps, s: scores, pairs } = s;
+    ks.resize(padded * d / 2, 0);
+    vs.resize(d * padded / 2, 0);
+    ps.resize(t_steps * STEP / 2, 0);
+    scores.resize(BLOCK * padded, 0.0);
+    with_tiles(|| {
+        let mut near = [0f32; BLOCK * BLOCK];
+        for h in 0..heads {
+            let col = h * d;
+            let qa = pack_rows(&q.data[col..], q.stride, d, Precision::Bf16, 0..t, qs);
+            pack_keys(k, col, d, ks, pairs);
+            pack_values(v, col, d, vs);
+            for (b, qb) in qa.chunks_exact(d_steps * STEP).enumerate() {
+                let (first, valid) = (b * BLOCK, (t - b * BLOCK).min(BLOCK));
+                // Scores of the block's queries against every key panel.
+                for (p, kp) in ks.chunks_exact(d_steps * STEP / 2).enumerate() {
+                    // SAFETY: `qb` and `kp` hold d_steps·STEP values; `scores` is 32 rows of
+                    // `padded` values, and this panel's columns p·32..p·32+32 lie inside them.
+                    unsafe {
+                        block(
+                            qb.as_ptr(),
+                            kp.as_ptr().cast(),
+                            d_steps,
+                            Init::Zero,
+                            scores.as_mut_ptr().add(p * BLOCK),
+                            padded,
+                        )
+                    };
+                }
+                // The softmax of each query's scores over the row's keys, as bf16 pairs into
+                // the packed weights (a query row's k step c: pairs 16c..16c+16).
+                let live = t.div_ceil(2);
+                pairs.resize(padded / 2, 0);
+                pairs[live..].fill(0);
+                for i in 0..valid {
+                    crate::panels::softmax_pairs(&mut scores[i * padded..][..t], scale, &mut pairs[..live]);
+                    let at = (i / 16) * 256 + (i % 16) * 16;
+                    for (step, row) in ps.chunks_exact_mut(STEP / 2).zip(pairs.chunks_exact(BLOCK / 2)) {
+                        step[at..][..BLOCK / 2].copy_from_slice(row);
+                    }
+                }
+                // Weights · values, a panel of 32 dimensions at a time.
+                for (p, vp) in vs.chunks_exact(t_steps * STEP / 2).enumerate() {
+                    // SAFETY: `ps` and `vp` hold t_steps·STEP values; a full block's rows
+                    // first..first+32 (≤ t) and columns col+p·32..+32 (≤ heads·d ≤ ldo) are
+                    // inside `out` by the assert above; `near` is 32×32.
+                    unsafe {
+                        let c = out.as_mut_ptr().add(first * ldo + col + p * BLOCK);
+                        if valid == BLOCK {
+                            block(ps.as_ptr().cast(), vp.as_ptr().cast(), t_steps, Init::Zero, c, ldo);
+                        } else {
+                            block(
+                                ps.as_ptr().cast(),
+                                vp.as_ptr().cast(),
+                                t_steps,
+                                Init::Zero,
+                                near.as_mut_ptr(),
+                                BLOCK,
+                            );
+                            for i in 0..valid {
+                                std::ptr::copy_nonoverlapping(near.as_ptr().add(i * BLOCK), c.add(i * ldo), BLOCK);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Keys `0..k.rows` of the head at column `col` (`d` wide) as weight panels of 32 keys (in
+/// [`Packed`]'s layout, as bf16 pairs), the keys past the last zero: panel p, k step c, tile half
+/// (keys 16·half..), pair row r and key j at `(p·steps + c)·STEP/2 + half·256 + r·16 + j`, holding
+/// dimensions 32c + 2r and 32c + 2r + 1. `row`: room for d/2 pairs.
+fn pack_keys(k: Mat, col: usize, d: usize, out: &mut [u32], row: &mut Vec<u32>) {
+    let steps = d / BLOCK;
+    row.resize(d / 2, 0);
+    for (p, panel) in out.chunks_exact_mut(steps * STEP / 2).enumerate() {
+        for kk in 0..BLOCK {
+            let key = p * BLOCK + kk;
+            if key < k.rows {
+                crate::panels::round_row(&k.data[key * k.stride + col..][..d], row);
+            } else {
+                row.fill(0);
+            }
+            let at = (kk / 16) * 256 + kk % 16;
+            for (step, pairs) in panel.chunks_exact_mut(STEP / 2).zip(row.chunks_exact(BLOCK / 2)) {
+                for (r, &pair) in pairs.iter().enumerate() {
+                    step[at + r * 16] = pair;
+                }
+            }
+        }
+    }
+}
+
+/// Values `0..v.rows` of the head at column `col` (`d` wide) as weight panels of 32 dimensions
+/// with the keys as k (in [`Packed`]'s layout, as bf16 pairs), the keys past the last zero: panel
+/// p, k step s, tile half (dimensions 16·half..), pair row r and dimension j at
+/// `(p·steps + s)·STEP/2 + half·256 + r·16 + j`, holding keys 32s + 2r and 32s + 2r + 1.
+fn pack_values(v: Mat, col: usize, d: usize, out: &mut [u32]) {
+    let steps = 2 * out.len() / d / BLOCK;
+    let row = |key: usize, dims: usize| (key < v.rows).then(|| &v.data[key * v.stride + col + dims..][..16]);
+    for (p, panel) in out.chunks_exact_mut(steps * STEP / 2).enumerate() {
+        for (s, step) in panel.chunks_exact_mut(STEP / 2).enumerate() {
+            for (r, pairs) in step.chunks_exact_mut(16).enumerate() {
+                // Row r of tile half r / 16: keys 32s + 2(r % 16) and the next, 16 dimensions.
+                let (key, dims) = (s * BLOCK + 2 * (r % 16), p * BLOCK + (r / 16) * 16);
+                match row(key, dims) {
+                    Some(lo) => crate::panels::interleave(lo, row(key + 1, dims), pairs),
+                    None => pairs.fill(0),
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,6 +750,52 @@ mod tests {
             let mut one = vec![0f32; n];
             matmul_t(Mat::new(&x[i * k..][..k], 1, k), &w, &mut one, n, Epilogue::default(), false);
             assert_eq!(one, all[i * n..][..n], "row {i}");
+        }
+    }
+
+    /// Attention on the tiles against f64 attention over the bf16-rounded queries, keys and
+    /// values: within the rounding of the weights to bf16 (2⁻⁸ of the largest value allowed),
+    /// for several heads, rows shorter and longer than a block and not a multiple of it, heads of
+    /// 32 and 64, and an output wider than the heads; columns past the heads stay as they were.
+    #[test]
+    fn attention_matches_an_f64_reference() {
+        if !available() {
+            return;
+        }
+        let mut r = lcg(13);
+        let mut s = AttentionScratch::default();
+        let round = |v: f32| f64::from(f32::from_bits(u32::from(bf16(v)) << 16));
+        for (t, heads, d) in [(1, 2, 32), (31, 2, 32), (32, 1, 64), (45, 3, 32), (70, 2, 64), (5, 1, 32)] {
+            let width = heads * d + 5;
+            let qkv: Vec<f32> = (0..t * 3 * width).map(|_| r()).collect();
+            let view = |c: usize| Mat { data: &qkv[c * width..], rows: t, cols: width, stride: 3 * width };
+            let ldo = heads * d + 2;
+            let mut out = vec![7f32; t * ldo];
+            attention(view(0), view(1), view(2), heads, d, &mut out, ldo, &mut s);
+            let at = |m: usize, i: usize, c: usize| round(qkv[i * 3 * width + m * width + c]);
+            let scale = 1.0 / (d as f64).sqrt();
+            for h in 0..heads {
+                let vmax = (0..t)
+                    .flat_map(|j| (0..d).map(move |c| (j, c)))
+                    .fold(0f64, |a, (j, c)| a.max(at(2, j, h * d + c).abs()));
+                for i in 0..t {
+                    let sc: Vec<f64> = (0..t)
+                        .map(|j| (0..d).map(|c| at(0, i, h * d + c) * at(1, j, h * d + c)).sum::<f64>() * scale)
+                        .collect();
+                    let max = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|v| (v - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..t).map(|j| e[j] / sum * at(2, j, h * d + c)).sum();
+                        let got = f64::from(out[i * ldo + h * d + c]);
+                        let what = format!("t={t} heads={heads} d={d} [{i},{h},{c}]");
+                        assert!((got - want).abs() <= vmax / 256.0, "{what}: {got} vs {want}");
+                    }
+                }
+            }
+            for i in 0..t {
+                assert_eq!(out[i * ldo + heads * d..][..2], [7.0, 7.0], "t={t}: a column past the heads changed");
+            }
         }
     }
 }

@@ -271,12 +271,17 @@ impl PackedBert {
         for l in &self.layers {
             // With bf16 panels for the linear layers, attention multiplies in bf16 as well.
             let on_panels = l.up_w.in_bf16() && !l.up_w.on_amx();
+            // With bf16 products on AMX tiles, attention's two products run on the tiles too.
+            let on_tiles = l.up_w.in_bf16() && l.up_w.on_amx() && tiles_take(d);
             kernels::linear(Mat::new(x, total, h), &l.qkv_w, qkv, 3 * h, Epilogue::overwrite(Some(&l.qkv_b)), threads);
             let qkv_ref = &*qkv;
             let one_row = |r: usize, out: &mut [f32], attn: &mut AttentionBuffers| {
                 let (s, t) = (offsets[r], offsets[r + 1] - offsets[r]);
                 let at = |c: usize| Mat { data: &qkv_ref[s * 3 * h + c..], rows: t, cols: h, stride: 3 * h };
-                if on_panels {
+                if on_tiles {
+                    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                    crate::amx::attention(at(0), at(h), at(2 * h), heads, d, out, h, &mut attn.amx);
+                } else if on_panels {
                     crate::panels::attention(at(0), at(h), at(2 * h), heads, d, out, h, &mut attn.bf16);
                 } else {
                     kernels::attention(
@@ -374,11 +379,25 @@ struct Scratch {
     attn: AttentionBuffers,
 }
 
-/// One thread's buffers for a row's attention, in f32 or on bf16 panels.
+/// One thread's buffers for a row's attention, in f32, on bf16 panels or on AMX tiles.
 #[derive(Default)]
 struct AttentionBuffers {
     f32: Vec<f32>,
     bf16: crate::panels::AttentionScratch,
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    amx: crate::amx::AttentionScratch,
+}
+
+/// Whether attention over heads of `d` dimensions can run on AMX tiles (only where the linear
+/// layers' weights are there already, which needs AMX).
+fn tiles_take(d: usize) -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    return crate::amx::attention_fits(d);
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        let _ = d;
+        false
+    }
 }
 
 #[cfg(test)]

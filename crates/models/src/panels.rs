@@ -107,7 +107,7 @@ fn pack_panels(x: Mat, pairs: usize, out: &mut [u32]) {
 
 /// `row` rounded to bf16 (to nearest, ties to even) as pairs into `out` (`row.len()`/2 rounded
 /// up; a missing last value is zero).
-fn round_row(row: &[f32], out: &mut [u32]) {
+pub(crate) fn round_row(row: &[f32], out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::lowp::dot_bf16_available() {
         // SAFETY: `dot_bf16_available` checked the features `avx512::round_row` is compiled for.
@@ -131,7 +131,7 @@ fn round_rows(x: Mat, out: &mut [u32], stride: usize) {
 }
 
 /// `out[j]` ← the pair (`lo[j]`, `hi[j]`) rounded to bf16 (`hi` zero when absent).
-fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+pub(crate) fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::lowp::dot_bf16_available() {
         // SAFETY: `dot_bf16_available` checked the features `avx512::interleave` is compiled for.
@@ -152,7 +152,7 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
 ///
 /// # Panics
 /// When `out` holds fewer than `x.len()`/2 (rounded up) pairs (a bug in the caller).
-fn softmax_pairs(x: &mut [f32], scale: f32, out: &mut [u32]) {
+pub(crate) fn softmax_pairs(x: &mut [f32], scale: f32, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::lowp::dot_bf16_available() {
         // SAFETY: `dot_bf16_available` checked the features `avx512::softmax_pairs` is compiled
