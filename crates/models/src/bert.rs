@@ -102,7 +102,8 @@ impl PackedBert {
     /// Loads the encoder from weights under `embeddings.` and `encoder.` (or under `bert.` /
     /// `<model_type>.`, as `BertModel::load` accepts). `bf16_products`: the linear layers
     /// multiply in bf16 where the CPU has AMX or AVX-512-BF16 (see [`Weight::bf16`]), in f32
-    /// otherwise; on AVX-512-BF16 without AMX, attention's two products do too.
+    /// otherwise; attention's two products do too (on AMX tiles for heads a multiple of 32
+    /// wide, on AVX-512-BF16 panels without AMX).
     pub fn load(vb: VarBuilder, cfg: &BertConfig, model_type: Option<&str>, bf16_products: bool) -> Result<Self> {
         let weight = if bf16_products { Weight::bf16 } else { Weight::new };
         let key = "embeddings.word_embeddings.weight";
