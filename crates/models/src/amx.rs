@@ -764,7 +764,6 @@ mod tests {
         }
         let mut r = lcg(13);
         let mut s = AttentionScratch::default();
-        let round = |v: f32| f64::from(f32::from_bits(u32::from(bf16(v)) << 16));
         for (t, heads, d) in [(1, 2, 32), (31, 2, 32), (32, 1, 64), (45, 3, 32), (70, 2, 64), (5, 1, 32)] {
             let width = heads * d + 5;
             let qkv: Vec<f32> = (0..t * 3 * width).map(|_| r()).collect();
@@ -772,30 +771,7 @@ mod tests {
             let ldo = heads * d + 2;
             let mut out = vec![7f32; t * ldo];
             attention(view(0), view(1), view(2), heads, d, &mut out, ldo, &mut s);
-            let at = |m: usize, i: usize, c: usize| round(qkv[i * 3 * width + m * width + c]);
-            let scale = 1.0 / (d as f64).sqrt();
-            for h in 0..heads {
-                let vmax = (0..t)
-                    .flat_map(|j| (0..d).map(move |c| (j, c)))
-                    .fold(0f64, |a, (j, c)| a.max(at(2, j, h * d + c).abs()));
-                for i in 0..t {
-                    let sc: Vec<f64> = (0..t)
-                        .map(|j| (0..d).map(|c| at(0, i, h * d + c) * at(1, j, h * d + c)).sum::<f64>() * scale)
-                        .collect();
-                    let max = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = sc.iter().map(|v| (v - max).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    for c in 0..d {
-                        let want: f64 = (0..t).map(|j| e[j] / sum * at(2, j, h * d + c)).sum();
-                        let got = f64::from(out[i * ldo + h * d + c]);
-                        let what = format!("t={t} heads={heads} d={d} [{i},{h},{c}]");
-                        assert!((got - want).abs() <= vmax / 256.0, "{what}: {got} vs {want}");
-                    }
-                }
-            }
-            for i in 0..t {
-                assert_eq!(out[i * ldo + heads * d..][..2], [7.0, 7.0], "t={t}: a column past the heads changed");
-            }
+            crate::epilogue::assert_attention(&qkv, width, t, heads, d, &out, ldo);
         }
     }
 }

@@ -166,3 +166,37 @@ pub(crate) fn uniform(seed: u64, half: f32) -> impl FnMut() -> f32 {
         ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * half
     }
 }
+
+/// Test support for the bf16 attention kernels: asserts that `out` ([t rows at stride `ldo`])
+/// holds attention over every head of `qkv` (t rows at stride 3·`width`; queries, keys and
+/// values from columns 0, `width` and 2·`width`), computed in f64 over the operands rounded to
+/// bf16, within the rounding of the weights to bf16 (2⁻⁹ of the largest value, 2⁻⁸ allowed),
+/// and that the two columns past the heads still hold 7.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn assert_attention(qkv: &[f32], width: usize, t: usize, heads: usize, d: usize, out: &[f32], ldo: usize) {
+    let at =
+        |m: usize, i: usize, c: usize| f64::from(half::bf16::from_f32(qkv[i * 3 * width + m * width + c]).to_f32());
+    let scale = 1.0 / (d as f64).sqrt();
+    for h in 0..heads {
+        let vmax =
+            (0..t).flat_map(|j| (0..d).map(move |c| (j, c))).fold(0f64, |a, (j, c)| a.max(at(2, j, h * d + c).abs()));
+        for i in 0..t {
+            let sc: Vec<f64> = (0..t)
+                .map(|j| (0..d).map(|c| at(0, i, h * d + c) * at(1, j, h * d + c)).sum::<f64>() * scale)
+                .collect();
+            let max = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = sc.iter().map(|v| (v - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for c in 0..d {
+                let want: f64 = (0..t).map(|j| e[j] / sum * at(2, j, h * d + c)).sum();
+                let got = f64::from(out[i * ldo + h * d + c]);
+                let what = format!("t={t} heads={heads} d={d} [{i},{h},{c}]");
+                assert!((got - want).abs() <= vmax / 256.0, "{what}: {got} vs {want}");
+            }
+        }
+    }
+    for i in 0..t {
+        assert_eq!(out[i * ldo + heads * d..][..2], [7.0, 7.0], "t={t}: a column past the heads changed");
+    }
+}
