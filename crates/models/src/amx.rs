@@ -537,6 +537,11 @@ pub fn attention(
             let qa = pack_rows(&q.data[col..], q.stride, d, Precision::Bf16, 0..t, qs);
             pack_keys(k, col, d, ks, pairs);
             pack_values(v, col, d, vs);
+            // A row's weights fill its first `live` pairs; the pairs of the padding keys stay
+            // zero for every block of the head.
+            let live = t.div_ceil(2);
+            pairs.resize(padded / 2, 0);
+            pairs[live..].fill(0);
             for (b, qb) in qa.chunks_exact(d_steps * STEP).enumerate() {
                 let (first, valid) = (b * BLOCK, (t - b * BLOCK).min(BLOCK));
                 // Scores of the block's queries against every key panel.
@@ -556,9 +561,6 @@ pub fn attention(
                 }
                 // The softmax of each query's scores over the row's keys, as bf16 pairs into
                 // the packed weights (a query row's k step c: pairs 16c..16c+16).
-                let live = t.div_ceil(2);
-                pairs.resize(padded / 2, 0);
-                pairs[live..].fill(0);
                 for i in 0..valid {
                     crate::panels::softmax_pairs(&mut scores[i * padded..][..t], scale, &mut pairs[..live]);
                     let at = (i / 16) * 256 + (i % 16) * 16;

@@ -163,10 +163,10 @@ impl PackedBert {
     /// Rows go through the encoder in groups of about [`GROUP_TOKENS`] tokens (twice that on AMX
     /// tiles), one group per thread from the embeddings to `each`: a group's activations stay
     /// in its core's L2 cache, no layer waits for the others' threads, and only the groups in
-    /// flight hold activations. The threads take the groups from one queue, the costliest first, so that
-    /// none waits long for the last. A batch too small to keep the pool busy that way runs as
-    /// one group with every product spread over the pool. A row's result does not depend on
-    /// the rows it is grouped with.
+    /// flight hold activations. The threads take the groups from one queue, the costliest
+    /// first, so that none waits long for the last. A batch too small to keep the pool busy
+    /// that way runs as one group with every product spread over the pool. A row's result does
+    /// not depend on the rows it is grouped with.
     pub fn forward<T: Send>(
         &self,
         rows: &[&[u32]],
